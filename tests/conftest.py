@@ -1,6 +1,42 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def _kernel_ok():
+    """Kernel tests run in the VM (MICROBROKER_VM=1), or as root where L2TP works."""
+    if os.environ.get("MICROBROKER_VM") == "1":
+        return True, ""
+    if os.geteuid() != 0:
+        return False, "needs root"
+    from microbroker import l2tp
+    ok, why = l2tp.available()
+    return ok, why
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any("kernel" in item.keywords for item in items):
+        return
+    ok, why = _kernel_ok()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason="kernel test (%s): run it in the VM with tests/vm/run, "
+                                   "as the README's test command does" % why)
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def netns():
+    """Fresh namespaces for one test, all removed after it."""
+    from nsutil import Namespaces
+    n = Namespaces()
+    yield n
+    n.cleanup()

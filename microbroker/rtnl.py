@@ -1,0 +1,334 @@
+"""rtnetlink: links, bridges and bridge ports, addresses, routes, tunnel links.
+
+Constants from include/uapi/linux/rtnetlink.h, if_link.h, if_addr.h,
+if_tunnel.h and if_bridge.h.
+"""
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections import namedtuple
+
+from . import netlink as nl
+
+# include/uapi/linux/rtnetlink.h
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTM_SETLINK = 19
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_GETADDR = 22
+RTM_NEWROUTE = 24
+RTM_DELROUTE = 25
+RTM_GETROUTE = 26
+
+RTA_DST = 1
+RTA_OIF = 4
+RTA_GATEWAY = 5
+RTA_PRIORITY = 6
+RTA_TABLE = 15
+
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RTPROT_STATIC = 4
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RTN_UNICAST = 1
+
+# include/uapi/linux/if_link.h
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINK = 5
+IFLA_MASTER = 10
+IFLA_PROTINFO = 12
+IFLA_STATS64 = 23
+IFLA_LINKINFO = 18
+IFLA_EXT_MASK = 29
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+IFLA_INFO_SLAVE_KIND = 4
+IFLA_BRPORT_ISOLATED = 33
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+
+# include/uapi/linux/if_tunnel.h
+IFLA_GRE_IKEY = 4
+IFLA_GRE_OKEY = 5
+IFLA_GRE_LOCAL = 6
+IFLA_GRE_REMOTE = 7
+IFLA_GRE_TTL = 8
+IFLA_GRE_IFLAGS = 2
+IFLA_GRE_OFLAGS = 3
+GRE_KEY = 0x2000          # __be16, sent in network order
+IFLA_IPTUN_LOCAL = 2
+IFLA_IPTUN_REMOTE = 3
+IFLA_IPTUN_TTL = 4
+IFLA_IPTUN_PROTO = 9
+
+# include/uapi/linux/if_addr.h
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+IFA_FLAGS = 8
+IFA_F_NODAD = 0x02
+
+# include/uapi/linux/if.h
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+
+AF_BRIDGE = 7
+IFINFOMSG = struct.Struct("=BxHiII")
+IFADDRMSG = struct.Struct("=BBBBI")
+RTMSG = struct.Struct("=BBBBBBBBI")
+
+Link = namedtuple("Link", "index name flags mtu master kind address")
+LinkStats = namedtuple("LinkStats", "rx_packets tx_packets rx_bytes tx_bytes")
+
+
+class LinkError(OSError):
+    """A kernel refusal naming the interface it concerns."""
+
+
+class LinkExists(LinkError):
+    pass
+
+
+class NoSuchLink(LinkError):
+    pass
+
+
+def _error(e, what):
+    code = e.errno
+    if code == errno.EEXIST:
+        cls, text = LinkExists, "%s already exists" % what
+    elif code == errno.ENODEV:
+        cls, text = NoSuchLink, "%s: no such interface" % what
+    elif code == errno.EPERM:
+        cls, text = LinkError, "%s: permission denied (needs CAP_NET_ADMIN)" % what
+    else:
+        cls, text = LinkError, "%s: %s" % (what, e.strerror)
+    if e.ext_msg:
+        text += " (%s)" % e.ext_msg
+    return cls(code, text)
+
+
+def check_ifname(name):
+    """Reject what the kernel would, and what would confuse a shell or a path."""
+    if not isinstance(name, str) or not name or len(name.encode()) > 15 or \
+            name in (".", "..") or any(c in name for c in "/:%") or \
+            any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError("bad interface name %r" % (name,))
+    return name
+
+
+def ifinfomsg(index=0, flags=0, change=0, family=socket.AF_UNSPEC, itype=0):
+    return IFINFOMSG.pack(family, itype, index, flags, change)
+
+
+def _mac_bytes(mac):
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError("bad MAC address %r" % (mac,))
+    return bytes(int(p, 16) for p in parts)
+
+
+def _mac_str(raw):
+    return ":".join("%02x" % b for b in raw)
+
+
+def _link(body):
+    _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
+    attrs = nl.parse_attrs(body, IFINFOMSG.size)
+    kind = None
+    if IFLA_LINKINFO in attrs:
+        kind = nl.get_str(nl.parse_attrs(attrs[IFLA_LINKINFO]), IFLA_INFO_KIND)
+    addr = attrs.get(IFLA_ADDRESS)
+    return Link(index, nl.get_str(attrs, IFLA_IFNAME), flags, nl.get_u32(attrs, IFLA_MTU),
+                nl.get_u32(attrs, IFLA_MASTER, 0), kind, _mac_str(addr) if addr else None)
+
+
+class Rtnl:
+    """An rtnetlink connection in the calling thread's network namespace."""
+
+    def __init__(self):
+        self.sock = nl.Socket(nl.NETLINK_ROUTE)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _do(self, mtype, flags, payload, what):
+        try:
+            return self.sock.request(mtype, flags, payload, what)
+        except nl.NetlinkError as e:
+            raise _error(e, what) from None
+
+    # -- reading --
+    def links(self):
+        """Every link in this netns."""
+        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        try:
+            return [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload, "links")]
+        except nl.NetlinkError as e:
+            raise _error(e, "link dump") from None
+
+    def link(self, name):
+        check_ifname(name)
+        payload = ifinfomsg() + nl.attr_str(IFLA_IFNAME, name) + \
+            nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        for _t, body in self._do(RTM_GETLINK, 0, payload, name):
+            return _link(body)
+        raise NoSuchLink(errno.ENODEV, "%s: no such interface" % name)
+
+    def ifindex(self, name):
+        return self.link(name).index
+
+    def stats(self, name):
+        check_ifname(name)
+        payload = ifinfomsg() + nl.attr_str(IFLA_IFNAME, name)
+        for _t, body in self._do(RTM_GETLINK, 0, payload, name):
+            raw = nl.parse_attrs(body, IFINFOMSG.size).get(IFLA_STATS64)
+            if raw:
+                # struct rtnl_link_stats64 starts rx_packets, tx_packets, rx_bytes, tx_bytes
+                return LinkStats(*struct.unpack_from("=QQQQ", raw))
+        return LinkStats(0, 0, 0, 0)
+
+    def port_isolated(self, name):
+        """The bridge port's isolated flag, None if name is not a bridge port."""
+        index = self.ifindex(name)
+        try:
+            parts = self.sock.dump(RTM_GETLINK, ifinfomsg(family=AF_BRIDGE), "bridge ports")
+            found = None
+            for _t, body in parts:
+                if IFINFOMSG.unpack_from(body)[2] != index:
+                    continue
+                attrs = nl.parse_attrs(body, IFINFOMSG.size)
+                if IFLA_PROTINFO in attrs:
+                    found = bool(nl.get_u8(nl.parse_attrs(attrs[IFLA_PROTINFO]),
+                                           IFLA_BRPORT_ISOLATED, 0))
+            return found
+        except nl.NetlinkError as e:
+            raise _error(e, name) from None
+
+    # -- changing links --
+    def _set(self, name, flags=0, change=0, attrs=b"", what=None):
+        check_ifname(name)
+        payload = ifinfomsg(0, flags, change) + nl.attr_str(IFLA_IFNAME, name) + attrs
+        self._do(RTM_NEWLINK, 0, payload, what or name)
+
+    def set_up(self, name, up=True):
+        # change must name IFF_UP: change 0 would mean "all flags".
+        self._set(name, IFF_UP if up else 0, IFF_UP)
+
+    def set_mtu(self, name, mtu):
+        if not 68 <= int(mtu) <= 65535:
+            raise ValueError("MTU %r out of range" % (mtu,))
+        self._set(name, attrs=nl.attr_u32(IFLA_MTU, int(mtu)), what="%s mtu %d" % (name, mtu))
+
+    def set_mac(self, name, mac):
+        self._set(name, attrs=nl.attr(IFLA_ADDRESS, _mac_bytes(mac)),
+                  what="%s address %s" % (name, mac))
+
+    def set_master(self, name, master):
+        """Enslave name to bridge master; master None or "" detaches."""
+        index = self.ifindex(master) if master else 0
+        self._set(name, attrs=nl.attr_u32(IFLA_MASTER, index),
+                  what="%s master %s" % (name, master or "none"))
+
+    def setup_port(self, name, master, mtu=None, mac=None, up=True):
+        """MTU, MAC, master and up in one message: the hot path of a lease."""
+        attrs = b""
+        if mtu:
+            attrs += nl.attr_u32(IFLA_MTU, int(mtu))
+        if mac:
+            attrs += nl.attr(IFLA_ADDRESS, _mac_bytes(mac))
+        if master:
+            attrs += nl.attr_u32(IFLA_MASTER, self.ifindex(master))
+        self._set(name, IFF_UP if up else 0, IFF_UP, attrs, "%s port of %s" % (name, master))
+
+    def set_isolated(self, name, on=True):
+        """IFLA_BRPORT_ISOLATED through IFLA_PROTINFO, as `bridge link set isolated`."""
+        index = self.ifindex(name)
+        payload = ifinfomsg(index, family=AF_BRIDGE) + \
+            nl.attr_nest(IFLA_PROTINFO, nl.attr_u8(IFLA_BRPORT_ISOLATED, 1 if on else 0))
+        self._do(RTM_SETLINK, 0, payload, "%s isolated" % name)
+
+    def _new(self, name, kind, data=b"", extra=b""):
+        check_ifname(name)
+        info = nl.attr_str(IFLA_INFO_KIND, kind)
+        if data:
+            info += nl.attr_nest(IFLA_INFO_DATA, data)
+        payload = ifinfomsg() + nl.attr_str(IFLA_IFNAME, name) + extra + \
+            nl.attr_nest(IFLA_LINKINFO, info)
+        self._do(RTM_NEWLINK, nl.NLM_F_CREATE | nl.NLM_F_EXCL, payload, "%s %s" % (kind, name))
+
+    def add_bridge(self, name):
+        self._new(name, "bridge")
+
+    def add_veth(self, name, peer):
+        check_ifname(peer)
+        # VETH_INFO_PEER (1) carries an ifinfomsg and the peer's attributes.
+        data = nl.attr(1, ifinfomsg() + nl.attr_str(IFLA_IFNAME, peer))
+        self._new(name, "veth", data)
+
+    def add_ip6gretap(self, name, local, remote, ikey, okey, ttl=64):
+        """An Ethernet-over-GRE-over-IPv6 link with keys both ways."""
+        la, ra = ipaddress.IPv6Address(local), ipaddress.IPv6Address(remote)
+        data = (nl.attr(IFLA_GRE_LOCAL, la.packed) + nl.attr(IFLA_GRE_REMOTE, ra.packed) +
+                nl.attr(IFLA_GRE_IFLAGS, struct.pack("!H", GRE_KEY)) +
+                nl.attr(IFLA_GRE_OFLAGS, struct.pack("!H", GRE_KEY)) +
+                nl.attr(IFLA_GRE_IKEY, struct.pack("!I", ikey)) +
+                nl.attr(IFLA_GRE_OKEY, struct.pack("!I", okey)) +
+                nl.attr_u8(IFLA_GRE_TTL, ttl))
+        self._new(name, "ip6gretap", data)
+
+    def add_ip6tnl(self, name, local, remote, proto=0, ttl=64):
+        """An IP-in-IPv6 tunnel; proto 0 carries IPv4 and IPv6 (ip6tnl 'any')."""
+        la, ra = ipaddress.IPv6Address(local), ipaddress.IPv6Address(remote)
+        data = (nl.attr(IFLA_IPTUN_LOCAL, la.packed) + nl.attr(IFLA_IPTUN_REMOTE, ra.packed) +
+                nl.attr_u8(IFLA_IPTUN_TTL, ttl) + nl.attr_u8(IFLA_IPTUN_PROTO, proto))
+        self._new(name, "ip6tnl", data)
+
+    def delete_link(self, name):
+        """RTM_DELLINK. l2tpeth links cannot go this way: delete their session."""
+        check_ifname(name)
+        self._do(RTM_DELLINK, 0, ifinfomsg() + nl.attr_str(IFLA_IFNAME, name), name)
+
+    # -- addresses and routes --
+    def add_address(self, name, cidr, nodad=True):
+        iface = ipaddress.ip_interface(cidr)
+        index = self.ifindex(name)
+        family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
+        payload = IFADDRMSG.pack(family, iface.network.prefixlen,
+                                 IFA_F_NODAD if nodad and iface.version == 6 else 0, 0, index)
+        payload += nl.attr(IFA_LOCAL, iface.ip.packed) + nl.attr(IFA_ADDRESS, iface.ip.packed)
+        self._do(RTM_NEWADDR, nl.NLM_F_CREATE | nl.NLM_F_EXCL, payload, "%s address %s" %
+                 (name, cidr))
+
+    def _route(self, mtype, flags, prefix, dev=None, via=None, table=RT_TABLE_MAIN):
+        net = ipaddress.ip_network(prefix, strict=True)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        scope = RT_SCOPE_LINK if via is None and net.version == 4 else RT_SCOPE_UNIVERSE
+        payload = RTMSG.pack(family, net.prefixlen, 0, 0, table, RTPROT_STATIC, scope,
+                             RTN_UNICAST, 0)
+        payload += nl.attr(RTA_DST, net.network_address.packed)
+        if via:
+            payload += nl.attr(RTA_GATEWAY, ipaddress.ip_address(via).packed)
+        if dev:
+            payload += nl.attr_u32(RTA_OIF, self.ifindex(dev))
+        what = "route %s%s%s" % (prefix, " via %s" % via if via else "",
+                                  " dev %s" % dev if dev else "")
+        self._do(mtype, flags, payload, what)
+
+    def add_route(self, prefix, dev=None, via=None, replace=True):
+        flags = nl.NLM_F_CREATE | (nl.NLM_F_REPLACE if replace else nl.NLM_F_EXCL)
+        self._route(RTM_NEWROUTE, flags, prefix, dev, via)
+
+    def delete_route(self, prefix, dev=None, via=None):
+        self._route(RTM_DELROUTE, 0, prefix, dev, via)

@@ -1,0 +1,106 @@
+"""Network-namespace helpers for the kernel tests (run as root in the VM)."""
+
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+import time
+
+CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def setns(fd):
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@contextlib.contextmanager
+def inside(name):
+    """Run the block with this thread in netns `name`; sockets made there stay there."""
+    orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    fd = os.open("/run/netns/%s" % name, os.O_RDONLY)
+    try:
+        setns(fd)
+        try:
+            yield
+        finally:
+            setns(orig)
+    finally:
+        os.close(fd)
+        os.close(orig)
+
+
+def run(*argv, ns=None, check=True, timeout=60):
+    """argv in netns ns (via `ip netns exec`), stdout as text; never a shell."""
+    argv = [str(a) for a in argv]
+    if ns:
+        argv = ["ip", "netns", "exec", ns] + argv
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError("%s -> %d: %s%s" % (" ".join(argv), p.returncode, p.stdout,
+                                                  p.stderr))
+    return p.stdout if check else p
+
+
+def ping(ns, addr, count=3, timeout=2):
+    """busybox ping (iputils is not in the VM); True if any reply came."""
+    bb = shutil.which("busybox") or "/bin/busybox"
+    fam = "-6" if ":" in addr else "-4"
+    p = run(bb, "ping", fam, "-c", count, "-W", timeout, addr, ns=ns, check=False,
+            timeout=count * timeout + 10)
+    return p.returncode == 0
+
+
+def wait_for(pred, timeout=5.0, step=0.05):
+    """Poll pred until true: L2TP deletes finish on a workqueue, not at once."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > end:
+            return v
+        time.sleep(step)
+
+
+class Namespaces:
+    """Creates namespaces with unique names and removes them all at the end."""
+
+    counter = 0
+
+    def __init__(self):
+        self.names = []
+
+    def add(self, label):
+        Namespaces.counter += 1
+        name = "mb%d%s%d" % (os.getpid() % 10000, label, Namespaces.counter)
+        run("ip", "netns", "add", name)
+        run("ip", "link", "set", "lo", "up", ns=name)
+        self.names.append(name)
+        return name
+
+    def link(self, a, b, addr_a=None, addr_b=None, name_a="veth0", name_b="veth0"):
+        """A veth pair between netns a and b, with optional nodad addresses."""
+        tmp_a, tmp_b = "mbv%da" % Namespaces.counter, "mbv%db" % Namespaces.counter
+        Namespaces.counter += 1
+        run("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        run("ip", "link", "set", tmp_a, "netns", a, "name", name_a)
+        run("ip", "link", "set", tmp_b, "netns", b, "name", name_b)
+        for ns, dev, addr in ((a, name_a, addr_a), (b, name_b, addr_b)):
+            if addr:
+                extra = ["nodad"] if ":" in addr else []
+                run("ip", "addr", "add", addr, "dev", dev, *extra, ns=ns)
+            run("ip", "link", "set", dev, "up", ns=ns)
+
+    def cleanup(self):
+        for name in reversed(self.names):
+            run("ip", "netns", "del", name, check=False)
+        self.names = []
