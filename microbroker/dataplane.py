@@ -1,0 +1,218 @@
+"""What a lease is in the exit's kernel, and keeping kernel and lease file agreed.
+
+A lease is an L2TPv3 tunnel + Ethernet session whose interface joins the
+service's bridge, isolated from the other ports, with cjdns beacons dropped
+and, for restricted services, a filter profile. Netlink first; filters go
+through nft or ebtables, whichever is present.
+"""
+
+import os
+import time
+
+from . import filters, l2tp, rtnl
+
+
+class KernelUnavailable(Exception):
+    """This host cannot build tunnels (not root, no l2tp modules)."""
+
+
+STATUS_TTL = 10.0
+
+
+def bridge_name(service):
+    """The service's bridge: configured (e.g. OpenWrt's br-exit) or derived."""
+    return service.bridge or rtnl.check_ifname(("br-" + service.name)[:15])
+
+
+def restrict_profile(service):
+    r = getattr(service, "restrict", "none") or "none"
+    return None if r == "none" else service.name
+
+
+def profile_ports(service):
+    return list(getattr(service, "ports", None) or [80, 443])
+
+
+class Dataplane:
+    """The exit's kernel side, through our netlink modules."""
+
+    def __init__(self, config):
+        self.config = config
+        self._status = None
+        self._filters = False     # not probed yet
+        self._ready = set()       # services whose bridge and filters exist
+
+    # -- capability --
+    def status(self):
+        now = time.monotonic()
+        if self._status and now - self._status[0] < STATUS_TTL:
+            return self._status[1]
+        ok, why = l2tp.available()
+        if ok and os.geteuid() != 0:
+            why = "running as uid %d (needs CAP_NET_ADMIN)" % os.geteuid()
+        self._status = (now, (ok, why))
+        return ok, why
+
+    def filters(self):
+        if self._filters is False:
+            self._filters = filters.probe(getattr(self.config, "filter", None) or None)
+        return self._filters
+
+    # -- per service --
+    def ensure_service(self, service, rt=None):
+        """Bridge up and filter profile in place; cheap after the first call."""
+        if service.name in self._ready:
+            return
+        own = rt is None
+        rt = rt or rtnl.Rtnl()
+        try:
+            br = bridge_name(service)
+            try:
+                rt.add_bridge(br)
+            except rtnl.LinkExists:
+                pass
+            rt.set_up(br)
+        finally:
+            if own:
+                rt.close()
+        f = self.filters()
+        if f is not None:
+            profiles = {}
+            if restrict_profile(service):
+                profiles[service.name] = profile_ports(service)
+            f.ensure(profiles)
+        elif restrict_profile(service):
+            raise KernelUnavailable("service %s is restricted but neither nft nor ebtables "
+                                    "is installed" % service.name)
+        self._ready.add(service.name)
+
+    # -- per lease --
+    def up(self, lease, service):
+        """Build the lease in the kernel; on failure leave nothing behind."""
+        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+            self.ensure_service(service, rt)
+            try:
+                self._tunnel(l2, lease)
+                self._session(l2, lease)
+                rt.setup_port(lease.ifname, bridge_name(service), mtu=lease.mtu)
+                iso_fallback = False
+                if getattr(service, "isolate", True):
+                    try:
+                        rt.set_isolated(lease.ifname, True)
+                    except rtnl.LinkError:
+                        iso_fallback = True   # kernel < 4.18: filter rules do it
+                f = self.filters()
+                if f is not None:
+                    f.add_port(lease.ifname, restrict_profile(service), iso_fallback,
+                               profile_ports(service))
+            except Exception:
+                self._down(l2, lease)
+                raise
+
+    def _tunnel(self, l2, lease):
+        try:
+            l2.create_tunnel(lease.tunnel_id, lease.peer_tunnel_id, lease.local, lease.remote,
+                             encap=lease.encap, udp_sport=lease.udp_port,
+                             udp_dport=lease.peer_udp_port)
+        except l2tp.Exists:
+            # Ours already (a retry, a reconcile) if it points the same way.
+            t = l2.get_tunnel(lease.tunnel_id)
+            if (t.peer_tunnel_id, t.remote, t.local) != (lease.peer_tunnel_id, lease.remote,
+                                                         lease.local):
+                raise
+
+    def _session(self, l2, lease):
+        try:
+            l2.create_session(lease.tunnel_id, lease.session_id, lease.peer_session_id,
+                              ifname=lease.ifname)
+        except l2tp.Exists:
+            try:
+                s = l2.get_session(lease.tunnel_id, lease.session_id)
+            except l2tp.NotFound:
+                raise l2tp.Exists(17, "session id %d or interface %s is taken by another "
+                                  "tunnel" % (lease.session_id, lease.ifname)) from None
+            if (s.peer_session_id, s.ifname) != (lease.peer_session_id, lease.ifname):
+                raise
+
+    def down(self, lease):
+        with l2tp.L2TP() as l2:
+            self._down(l2, lease)
+
+    def _down(self, l2, lease):
+        f = self.filters()
+        if f is not None:
+            try:
+                f.remove_port(lease.ifname)
+            except (filters.FilterError, ValueError):
+                pass
+        try:
+            l2.delete_tunnel(lease.tunnel_id)
+        except l2tp.NotFound:
+            pass
+
+    def counters(self, lease):
+        with l2tp.L2TP() as l2:
+            try:
+                s = l2.get_session(lease.tunnel_id, lease.session_id).stats
+            except l2tp.NotFound:
+                return {}
+        return {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
+                "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes}
+
+    def kernel_ids(self):
+        """(tunnel_id, session_id) of every session, and (tunnel_id, 0) of bare tunnels."""
+        with l2tp.L2TP() as l2:
+            ids = {(s.tunnel_id, s.session_id) for s in l2.sessions()}
+            have = {t for t, _ in ids}
+            ids |= {(t.tunnel_id, 0) for t in l2.tunnels() if t.tunnel_id not in have}
+        return ids
+
+    # -- reconcile --
+    def reconcile(self, store, services):
+        """Make the kernel match the live leases; idempotent.
+
+        Live leases missing in the kernel are rebuilt, tunnels in our id
+        range that no live lease owns removed. The broker sweeps expired
+        leases first (so their down hooks run).
+        """
+        report = {"rebuilt": [], "removed": [], "failed": []}
+        by_name = {s.name: s for s in services}
+        live = store.leases()
+        lo, hi = self.config.tunnel_ids
+        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+            tunnels = {t.tunnel_id: t for t in l2.tunnels()}
+            sessions = {(s.tunnel_id, s.session_id): s for s in l2.sessions()}
+            links = {l.name: l for l in rt.links()}
+            owned = set()
+            for lease in live:
+                owned.add(lease.tunnel_id)
+                svc = by_name.get(lease.service)
+                if svc is None:
+                    continue
+                t = tunnels.get(lease.tunnel_id)
+                s = sessions.get((lease.tunnel_id, lease.session_id))
+                link = links.get(lease.ifname)
+                if t is not None and s is not None and link is not None and \
+                        t.remote == lease.remote and link.mtu == lease.mtu and \
+                        link.flags & rtnl.IFF_UP and link.master:
+                    continue
+                try:
+                    if t is not None and t.remote != lease.remote:
+                        l2.delete_tunnel(lease.tunnel_id)
+                    self.up(lease, svc)
+                    report["rebuilt"].append(lease.lease_id)
+                except (OSError, ValueError, KernelUnavailable) as e:
+                    report["failed"].append("%s: %s" % (lease.lease_id, e))
+            for tid in sorted(tunnels):
+                if lo <= tid <= hi and tid not in owned:
+                    try:
+                        l2.delete_tunnel(tid)
+                    except l2tp.NotFound:
+                        pass
+                    report["removed"].append(tid)
+        f = self.filters()
+        if f is not None:
+            names = {l.ifname for l in live}
+            for ifname in f.ports() - names:
+                f.remove_port(ifname)
+        return report
