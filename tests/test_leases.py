@@ -1,0 +1,714 @@
+"""Lease store rules (issue 3), run on every dbm backend this Python has.
+
+Concurrency and crash tests are in test_leases_hostile.py."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from microbroker import leases as L
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T0 = 1_000_000.0
+
+
+def have(name):
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = [pytest.param(b, id=b.split(".")[1], marks=pytest.mark.skipif(
+    not have(b), reason=f"{b} is not in this Python ({sys.executable})"))
+    for b in L.BACKENDS]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "leases")
+
+
+@pytest.fixture
+def mk(path, backend):
+    def make(**kw):
+        kw.setdefault("backend", backend)
+        return L.LeaseStore(path, **kw)
+    return make
+
+
+def grant(store, client="fc00::1", service="mesh", lifetime=600, now=T0, encap="ip", mtu=1450,
+          **kw):
+    return store.allocate(client, service, "l2tpv3", encap, "fc00::ff", mtu, lifetime,
+                          now=now, **kw)
+
+
+def files_of(path):
+    d, base = os.path.split(path)
+    return [os.path.join(d, f) for f in os.listdir(d) if f.startswith(base)]
+
+
+def damage(store, name, which="newest"):
+    """Flip a payload byte in the newest (or both) slots of a record, as a torn write would."""
+    with store._txn(True) as tx:
+        tx.read(name)
+        newest = tx.slots[name][0]
+        for i in ((newest,) if which == "newest" else (0, 1)):
+            key = name + (b".a", b".b")[i] + (b".0" if store.chunk else b"")
+            raw = bytearray(tx.db[key])
+            raw[4] ^= 0xFF                      # the checksum
+            tx.db[key] = bytes(raw)
+    store._meta_raw = None
+
+
+def bucket_of(store, lease):
+    return int(lease.lease_id[:2], 16) % store.buckets
+
+
+def rewrite_meta(store, **changes):
+    with store._txn(True) as tx:
+        meta = json.loads(tx.read(b"meta")[2])
+        meta.update(changes)
+        tx.write(b"meta", json.dumps(meta).encode())
+
+
+# -- a lease ------------------------------------------------------------
+
+def test_allocate_fills_every_field(mk, path, backend):
+    st = mk()
+    lease, secret, reused = grant(st, mtu=1450)
+    assert reused is False
+    assert re.fullmatch(r"[0-9a-f]{16}", lease.lease_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", secret)
+    assert lease.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+    assert (lease.client, lease.remote, lease.service) == ("fc00::1", "fc00::1", "mesh")
+    assert (lease.kind, lease.encap, lease.local, lease.mtu) == ("l2tpv3", "ip", "fc00::ff", 1450)
+    assert lease.tunnel_id >= 1 and lease.session_id >= 1
+    assert lease.peer_tunnel_id >= 1 and lease.peer_session_id >= 1
+    assert lease.ifname == f"mb{lease.tunnel_id}"
+    assert (lease.created, lease.renewed, lease.expires) == (T0, T0, T0 + 600)
+    assert lease.state == "pending"
+    assert (lease.rx_packets, lease.rx_bytes, lease.tx_packets, lease.tx_bytes) == (0, 0, 0, 0)
+    assert (lease.mac, lease.udp_port, lease.peer_udp_port, lease.extra) == ("", 0, 0, {})
+    assert st.get(lease.lease_id) == lease
+    # a new instance (a later CGI process) finds it and the backend by itself
+    again = L.LeaseStore(path)
+    assert again.backend == backend
+    assert again.get(lease.lease_id) == lease
+
+
+def test_only_a_hash_of_the_secret_is_stored(mk, path):
+    st = mk()
+    _, secret, _ = grant(st)
+    for f in files_of(path):
+        with open(f, "rb") as fh:
+            assert secret.encode() not in fh.read(), f
+
+
+def test_dataclass_matches_the_schema_row():
+    assert tuple(L.Lease.__dataclass_fields__) == L.FIELDS
+
+
+def test_lease_file_is_private(mk, path):
+    st = mk()
+    grant(st)
+    for f in files_of(path):
+        assert os.stat(f).st_mode & 0o077 == 0, f
+
+
+# -- reuse ----------------------------------------------------------------
+
+def test_same_client_same_service_gets_its_lease_back_with_a_new_secret(mk):
+    st = mk()
+    a, s1, _ = grant(st)
+    b, s2, reused = grant(st, now=T0 + 10)
+    assert reused is True
+    assert b.lease_id == a.lease_id and b.tunnel_id == a.tunnel_id
+    assert b.session_id == a.session_id and b.ifname == a.ifname
+    assert s2 != s1
+    assert b.expires == T0 + 10 + 600
+    with pytest.raises(L.Forbidden):
+        st.authorize(a.lease_id, s1, "fc00::1")
+    assert st.authorize(a.lease_id, s2, "fc00::1").lease_id == a.lease_id
+    assert st.count() == 1
+
+    other_service, _, r1 = grant(st, service="other")
+    other_client, _, r2 = grant(st, client="fc00::2")
+    assert not r1 and not r2
+    assert len({a.tunnel_id, other_service.tunnel_id, other_client.tunnel_id}) == 3
+    assert st.count() == 3
+
+
+def test_a_closing_lease_is_not_handed_back(mk):
+    st = mk()
+    a, _, _ = grant(st)
+    st.update(a.lease_id, state="closing")
+    b, _, reused = grant(st)
+    assert not reused and b.lease_id != a.lease_id and b.tunnel_id != a.tunnel_id
+
+
+# -- ids ------------------------------------------------------------------
+
+def test_ids_are_unique_never_zero_and_run_out_cleanly(mk):
+    st = mk(tunnel_ids=(1, 5), session_ids=(1, 5))
+    got = [grant(st, client=f"fc00::{i}")[0] for i in range(5)]
+    assert sorted(x.tunnel_id for x in got) == [1, 2, 3, 4, 5]
+    assert sorted(x.session_id for x in got) == [1, 2, 3, 4, 5]
+    with pytest.raises(L.Exhausted) as e:
+        grant(st, client="fc00::99")
+    assert e.value.code == "ids_exhausted" and "1-5" in str(e.value)
+    assert st.count() == 5
+    gone = got[2]
+    lease, secret, _ = grant(st, client=gone.client)          # reuse, no new ids
+    st.release(gone.lease_id, secret, gone.client)
+    fresh, _, _ = grant(st, client="fc00::99")
+    assert fresh.tunnel_id == gone.tunnel_id and fresh.session_id == gone.session_id
+
+
+def test_session_ids_come_from_their_own_range(mk):
+    st = mk(tunnel_ids=(100, 199), session_ids=(5000, 5009))
+    got = [grant(st, client=f"fc00::{i}")[0] for i in range(10)]
+    assert all(100 <= x.tunnel_id <= 199 for x in got)
+    assert sorted(x.session_id for x in got) == list(range(5000, 5010))
+    with pytest.raises(L.Exhausted, match="session"):
+        grant(st, client="fc00::99")
+
+
+def test_a_released_id_is_not_handed_out_again_at_once(mk):
+    st = mk()
+    a, s, _ = grant(st)
+    st.release(a.lease_id, s, a.client)
+    b, _, _ = grant(st, client="fc00::2")
+    assert b.tunnel_id != a.tunnel_id
+
+
+def test_ids_the_kernel_still_holds_are_skipped(mk):
+    st = mk(tunnel_ids=(1, 10), session_ids=(1, 10))
+    asked = []
+
+    def in_kernel(t, s):
+        asked.append((t, s))
+        return t in (1, 2) or s in (1, 2, 3)
+    lease, _, _ = grant(st, in_kernel=in_kernel)
+    assert lease.tunnel_id not in (1, 2) and lease.session_id not in (1, 2, 3)
+    assert asked[-1] == (lease.tunnel_id, lease.session_id)
+
+    with pytest.raises(L.Exhausted, match="kernel"):
+        grant(st, client="fc00::2", in_kernel=lambda t, s: True)
+    assert st.count() == 1
+
+
+def test_clients_propose_their_own_ids_and_collisions_are_named(mk):
+    st = mk()
+    a, _, _ = grant(st, service="s1", peer_tunnel_id=7, peer_session_id=9)
+    assert (a.peer_tunnel_id, a.peer_session_id) == (7, 9)
+    with pytest.raises(L.Conflict) as e:
+        grant(st, service="s2", peer_tunnel_id=7)
+    assert e.value.code == "id_conflict" and "tunnel_id 7" in str(e.value)
+    with pytest.raises(L.Conflict, match="session_id 9"):
+        grant(st, service="s2", peer_session_id=9)
+    assert st.count() == 1
+    # another client's kernel is another namespace
+    b, _, _ = grant(st, client="fc00::2", service="s1", peer_tunnel_id=7, peer_session_id=9)
+    assert (b.peer_tunnel_id, b.peer_session_id) == (7, 9)
+    for bad in (0, -1, 2 ** 32, "7", True):
+        with pytest.raises(L.BadRequest) as e:
+            grant(st, client="fc00::3", peer_tunnel_id=bad)
+        assert e.value.code == "bad_request" and isinstance(e.value, ValueError)
+
+
+def test_default_client_ids_avoid_the_clients_own_proposals(mk):
+    st = mk(tunnel_ids=(1, 100), session_ids=(1, 100))
+    a, _, _ = grant(st, service="s1", peer_tunnel_id=2, peer_session_id=2)
+    assert a.tunnel_id == 1
+    b, _, _ = grant(st, service="s2")
+    assert b.tunnel_id == 2
+    assert b.peer_tunnel_id != 2 and b.peer_session_id != 2
+    c, _, _ = grant(st, service="s3")
+    peers = [(x.peer_tunnel_id, x.peer_session_id) for x in (a, b, c)]
+    assert len({p[0] for p in peers}) == 3 and len({p[1] for p in peers}) == 3
+    assert all(p[0] >= 1 and p[1] >= 1 for p in peers)
+
+
+def test_interface_names_come_from_ids_and_fit_ifnamsiz(path, backend):
+    for bad in ("", "a/b", "x y", "l2tp:"):
+        with pytest.raises(ValueError):
+            L.LeaseStore(path, ifname_prefix=bad, backend=backend)
+    with pytest.raises(ValueError, match="15"):
+        L.LeaseStore(path, ifname_prefix="longprefix", tunnel_ids=(1, L.U32), backend=backend)
+    st = L.LeaseStore(path, ifname_prefix="l2tp", tunnel_ids=(4294967000, L.U32),
+                      backend=backend)
+    lease, _, _ = grant(st)
+    assert lease.ifname == f"l2tp{lease.tunnel_id}" and len(lease.ifname) <= 15
+    for client in ("fc00::1; reboot", "a" * 100, "", "fc00::1\n", None, "ф::1"):
+        with pytest.raises(L.BadRequest):
+            grant(st, client=client)
+
+
+def test_bad_arguments_are_refused_before_touching_the_file(mk):
+    st = mk()
+    with pytest.raises(L.BadRequest):
+        st.allocate("fc00::1", "mesh", "l2tpv3", "gre", "fc00::ff", 1450, 600)
+    with pytest.raises(L.BadRequest):
+        st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 10, 600)
+    with pytest.raises(L.BadRequest):
+        st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 1450, 0)
+    with pytest.raises(L.BadRequest):
+        st.allocate("fc00::1", "me'sh", "l2tpv3", "ip", "fc00::ff", 1450, 600)
+    assert st.count() == 0
+    with pytest.raises(ValueError):
+        L.LeaseStore(st.path + "x", tunnel_ids=(0, 10))
+    with pytest.raises(ValueError):
+        L.LeaseStore(st.path + "x", session_ids=(5, 2 ** 32))
+
+
+# -- renew, release, sweep ---------------------------------------------------
+
+def test_renew_pushes_expires_and_checks_secret_and_address(mk):
+    st = mk()
+    a, s, _ = grant(st)
+    b = st.renew(a.lease_id, s, "fc00::1", 300, now=T0 + 100)
+    assert (b.renewed, b.expires) == (T0 + 100, T0 + 400)
+    assert st.get(a.lease_id).expires == T0 + 400
+    with pytest.raises(L.Forbidden) as e:
+        st.renew(a.lease_id, "0" * 32, "fc00::1", 300)
+    assert e.value.code == "forbidden"
+    with pytest.raises(L.Forbidden):
+        st.renew(a.lease_id, s, "fc00::2", 300)
+    with pytest.raises(L.Forbidden):
+        st.renew(a.lease_id, None, "fc00::1", 300)
+    for bad in ("0" * 16, "zz" * 8, "short", None):
+        with pytest.raises(L.NotFound) as e:
+            st.renew(bad, s, "fc00::1", 300)
+        assert e.value.code == "not_found"
+    with pytest.raises(L.BadRequest):
+        st.renew(a.lease_id, s, "fc00::1", 0)
+    assert st.get(a.lease_id).expires == T0 + 400
+    st.update(a.lease_id, state="closing")
+    with pytest.raises(L.NotFound, match="closing"):
+        st.renew(a.lease_id, s, "fc00::1", 300)
+
+
+def test_release_ends_the_lease_and_frees_its_ids(mk):
+    st = mk(tunnel_ids=(1, 1), session_ids=(1, 1))
+    a, s, _ = grant(st)
+    with pytest.raises(L.Forbidden):
+        st.release(a.lease_id, "0" * 32, a.client)
+    assert st.get(a.lease_id) == a
+    gone = st.release(a.lease_id, s, a.client)
+    assert gone == a
+    with pytest.raises(L.NotFound):
+        st.get(a.lease_id)
+    with pytest.raises(L.NotFound):
+        st.release(a.lease_id, s, a.client)
+    assert st.count() == 0 and st.check()["ok"]
+    b, _, _ = grant(st, client="fc00::2")
+    assert b.tunnel_id == 1
+
+
+def test_sweep_returns_every_expired_lease_exactly_once(mk):
+    st = mk()
+    got = {}
+    for i in range(1, 11):
+        lease, secret, _ = grant(st, client=f"fc00::{i}", lifetime=10 * i)
+        got[lease.lease_id] = (lease, secret)
+    assert st.sweep(now=T0 + 5) == []
+    first = st.sweep(now=T0 + 30)                 # expires == now counts as expired
+    assert sorted(x.expires - T0 for x in first) == [10, 20, 30]
+    assert st.sweep(now=T0 + 30) == []
+    for x in first:
+        with pytest.raises(L.NotFound):
+            st.get(x.lease_id)
+    keep = next(lid for lid, (x, _) in got.items() if x.expires == T0 + 40)
+    st.renew(keep, got[keep][1], got[keep][0].client, 1000, now=T0 + 35)
+    second = st.sweep(now=T0 + 100)
+    assert sorted(x.expires - T0 for x in second) == [50, 60, 70, 80, 90, 100]
+    assert [x.lease_id for x in st.leases()] == [keep]
+    assert st.count() == 1 and st.check()["ok"] and st.check()["leaked_ids"] == 0
+    ids = {x.lease_id for x in first + second}
+    assert len(ids) == 9 and keep not in ids
+
+
+def test_an_expired_lease_asked_for_again_is_revived_not_doubled(mk):
+    st = mk()
+    a, _, _ = grant(st, lifetime=10)
+    b, _, reused = grant(st, now=T0 + 50)
+    assert reused and b.lease_id == a.lease_id and b.expires == T0 + 650
+    assert st.sweep(now=T0 + 100) == []
+
+
+# -- quotas ---------------------------------------------------------------
+
+def test_per_client_quota(mk):
+    st = mk(max_per_client=2)
+    grant(st, service="s1", lifetime=100)
+    grant(st, service="s2", lifetime=50)
+    with pytest.raises(L.TooMany) as e:
+        grant(st, service="s3", now=T0 + 10)
+    assert e.value.code == "too_many" and 1 <= e.value.retry_after <= 41
+    assert grant(st, service="s1")[2] is True              # reuse still works at the limit
+    grant(st, client="fc00::2", service="s3")               # others are not affected
+    st.sweep(now=T0 + 60)
+    grant(st, service="s3", now=T0 + 60)
+
+
+def test_total_quota(mk):
+    st = mk(max_leases=3)
+    for i in range(3):
+        grant(st, client=f"fc00::{i}", lifetime=100 + i)
+    with pytest.raises(L.Full) as e:
+        grant(st, client="fc00::9", now=T0 + 20)
+    assert e.value.code == "full" and 1 <= e.value.retry_after <= 81
+    assert grant(st, client="fc00::1")[2] is True
+    st.sweep(now=T0 + 100.5)
+    grant(st, client="fc00::9", now=T0 + 101)
+
+
+# -- update, remove, listing ------------------------------------------------
+
+def test_update_changes_state_and_counters_only(mk):
+    st = mk()
+    a, _, _ = grant(st)
+    b = st.update(a.lease_id, state="up", rx_packets=5, rx_bytes=700, tx_packets=3,
+                  tx_bytes=300, seen=T0 + 5, mac="02:00:00:00:00:01", udp_port=4000,
+                  peer_udp_port=4001, extra={"addr": ["fd00::2/64"]})
+    assert st.get(a.lease_id) == b
+    assert (b.state, b.rx_packets, b.tx_bytes, b.seen) == ("up", 5, 300, T0 + 5)
+    assert b.extra == {"addr": ["fd00::2/64"]} and b.mac == "02:00:00:00:00:01"
+    for field in ("tunnel_id", "session_id", "peer_tunnel_id", "client", "lease_id", "ifname",
+                  "secret_hash", "remote", "nosuchfield"):
+        with pytest.raises(ValueError):
+            st.update(a.lease_id, **{field: 1})
+    for bad in (dict(state="gone"), dict(rx_packets="x"), dict(rx_bytes=-1),
+                dict(extra={"x": object()}), dict(encap="gre")):
+        with pytest.raises(ValueError):
+            st.update(a.lease_id, **bad)
+    with pytest.raises(L.NotFound):
+        st.update("0" * 16, state="up")
+    assert st.get(a.lease_id) == b
+    st.update(a.lease_id, expires=T0 + 1)                   # the broker may cut a lease short
+    assert [x.lease_id for x in st.sweep(now=T0 + 2)] == [a.lease_id]
+
+
+def test_remove_needs_no_secret(mk):
+    st = mk()
+    a, _, _ = grant(st)
+    assert st.remove(a.lease_id) == a
+    assert st.remove(a.lease_id) is None
+    assert st.count() == 0 and st.check()["leaked_ids"] == 0
+
+
+def test_counts_and_listing(mk):
+    st = mk()
+    for i, (client, service) in enumerate([("fc00::1", "a"), ("fc00::1", "b"),
+                                           ("fc00::2", "a"), ("fc00::3", "a")]):
+        grant(st, client=client, service=service, now=T0 + i)
+    assert st.count() == 4
+    assert st.count(service="a") == 3 and st.count(service="zz") == 0
+    assert st.count(client="fc00::1") == 2
+    assert st.count(service="a", client="fc00::1") == 1
+    assert st.count(client="fc00::9") == 0
+    assert [(x.client, x.service) for x in st.leases()] == [
+        ("fc00::1", "a"), ("fc00::1", "b"), ("fc00::2", "a"), ("fc00::3", "a")]
+    st.sweep(now=T0 + 1000)
+    assert st.count() == 0 and st.count(service="a") == 0 and st.leases() == []
+
+
+def test_hundreds_of_leases_in_shared_buckets(mk):
+    """More leases than buckets: records grow through several size classes."""
+    st = mk(fsync=False)
+    got = {}
+    for i in range(400):
+        lease, secret, _ = grant(st, client=f"fc00::{i:x}", service=f"s{i % 3}")
+        got[lease.lease_id] = (lease, secret)
+    assert len({x.tunnel_id for x, _ in got.values()}) == 400
+    assert len({x.ifname for x, _ in got.values()}) == 400
+    for lid, (lease, secret) in list(got.items())[::7]:
+        assert st.authorize(lid, secret, lease.client) == lease
+    report = st.check()
+    assert report["ok"] and report["leases"] == 400 and report["leaked_ids"] == 0
+    assert st.count(service="s1") == len([1 for i in range(400) if i % 3 == 1])
+    assert len(st.sweep(now=T0 + 10 ** 6)) == 400
+    assert st.check()["leases"] == 0
+
+
+def test_threads_sharing_a_store_do_not_collide(mk):
+    st, st2 = mk(fsync=False), mk(fsync=False)
+    held, errors = {}, []
+
+    def worker(n):
+        store = (st, st2)[n % 2]
+        try:
+            for i in range(25):
+                lease, secret, _ = grant(store, client=f"fc00::{n}:{i}")
+                held[lease.lease_id] = (lease, secret)
+                if i % 3 == 0:
+                    store.release(lease.lease_id, secret, lease.client)
+                    del held[lease.lease_id]
+                elif i % 3 == 1:
+                    store.renew(lease.lease_id, secret, lease.client, 900)
+        except Exception as e:            # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    live = st.leases()
+    assert {x.lease_id for x in live} == set(held)
+    assert len({x.tunnel_id for x in live}) == len(live)
+    assert len({x.session_id for x in live}) == len(live)
+    assert st.check()["ok"]
+
+
+# -- backend, schema, damage ---------------------------------------------------
+
+def test_default_backend_is_the_best_available(tmp_path):
+    avail = L.available_backends()
+    assert avail and list(avail) == [b for b in L.BACKENDS if b in avail]
+    assert L.LeaseStore(str(tmp_path / "x")).backend == avail[0]
+
+
+def test_the_backend_is_recorded_and_never_switched_silently(mk, path, backend):
+    st = mk()
+    grant(st)
+    assert L.LeaseStore(path).backend == backend
+    assert L.LeaseStore(path, backend=backend.split(".")[1]).backend == backend
+    for other in L.available_backends():
+        if other != backend:
+            with pytest.raises(L.StoreError, match=re.escape(backend)):
+                L.LeaseStore(path, backend=other)
+    rewrite_meta(st, backend="dbm.other")
+    with pytest.raises(L.Corrupt, match="dbm.other"):
+        L.LeaseStore(path).count()
+
+
+def test_a_file_this_python_cannot_read_is_reported(tmp_path, monkeypatch):
+    if not have("dbm.gnu"):
+        pytest.skip("needs dbm.gnu to write the file")
+    path = str(tmp_path / "leases")
+    grant(L.LeaseStore(path, backend="gnu"))
+    monkeypatch.setitem(sys.modules, "dbm.gnu", None)       # as on a Python without _gdbm
+    with pytest.raises(L.StoreError, match="lacks") as e:
+        L.LeaseStore(path)
+    assert e.value.code == "store" and path in str(e.value)
+
+
+def test_a_newer_schema_is_refused(mk, path):
+    st = mk()
+    grant(st)
+    rewrite_meta(st, schema=L.SCHEMA + 1)
+    with pytest.raises(L.StoreError, match="newer"):
+        L.LeaseStore(path).count()
+
+
+def test_not_a_lease_file(mk, path):
+    st = mk()
+    rewrite_meta(st, format="something-else")
+    with pytest.raises(L.Corrupt, match="not a microbroker lease file"):
+        L.LeaseStore(path).count()
+
+
+def test_a_torn_slot_falls_back_to_the_previous_copy(mk):
+    st = mk()
+    a, s, _ = grant(st)
+    st.renew(a.lease_id, s, a.client, 100, now=T0 + 1)       # newest copy: expires T0+101
+    damage(st, b"b%02x" % bucket_of(st, a))
+    assert st.get(a.lease_id).expires == T0 + 600              # the copy before the renew
+    assert st.check()["ok"]
+    st.renew(a.lease_id, s, a.client, 200, now=T0 + 2)        # writes over the damaged slot
+    assert st.get(a.lease_id).expires == T0 + 202
+
+
+def test_an_unreadable_bucket_is_reported_and_repair_keeps_the_rest(mk, path):
+    st = mk()
+    mine, s, _ = grant(st)
+    others = []
+    for i in range(40):
+        lease, _, _ = grant(st, client=f"fc00::{i + 2:x}")
+        if bucket_of(st, lease) != bucket_of(st, mine):
+            others.append(lease)
+    damage(st, b"b%02x" % bucket_of(st, mine), which="both")
+    with pytest.raises(L.Corrupt) as e:
+        st.get(mine.lease_id)
+    assert path in str(e.value) and "repair" in str(e.value) and e.value.code == "store"
+    assert st.get(others[0].lease_id) == others[0]            # the rest still works
+    with pytest.raises(L.Corrupt):
+        st.sweep(now=T0)
+    report = st.repair()
+    assert report["kept"] >= len(others) and report["lost_buckets"]
+    assert all(os.path.exists(f) for f in report["moved_to"])
+    for lease in others:
+        assert st.get(lease.lease_id) == lease
+    with pytest.raises(L.NotFound):
+        st.get(mine.lease_id)
+    assert st.check()["ok"]
+    fresh, _, _ = grant(st, client="fc00::ffff")
+    assert fresh.tunnel_id not in {x.tunnel_id for x in others}
+
+
+def test_a_garbage_file_is_reported_and_repair_starts_anew(mk, path, backend):
+    st = mk()
+    grant(st)
+    main = {"dbm.gnu": path, "dbm.ndbm": path + ".db", "dbm.dumb": path + ".dir"}[backend]
+    with open(main, "r+b") as f:
+        f.write(b"\x00garbage" * 64)
+    with pytest.raises(L.Corrupt) as e:
+        L.LeaseStore(path, backend=backend).count()
+    assert path in str(e.value)
+    report = L.LeaseStore(path, backend=backend).repair()
+    assert report["kept"] == 0 and report["moved_to"]
+    st = L.LeaseStore(path, backend=backend)
+    assert st.count() == 0 and grant(st)[0].tunnel_id >= 1
+
+
+def test_the_ids_record_is_rebuilt_from_the_leases(mk):
+    st = mk(tunnel_ids=(1, 4), session_ids=(1, 4))
+    held = {grant(st, client=f"fc00::{i}")[0].tunnel_id for i in range(3)}
+    damage(st, b"ids", which="both")
+    assert st.count() == 3 and st.check()["ok"]             # rebuilt on the fly
+    st.sweep(now=T0)                                          # and written back
+    with st._txn(False) as tx:
+        assert tx.read(b"ids") is not None
+    fresh, _, _ = grant(st, client="fc00::9")
+    assert fresh.tunnel_id not in held
+    assert st.check()["ok"] and st.count() == 4
+
+
+def test_a_held_lock_times_out_as_locked(mk, path):
+    import fcntl
+    st = mk(lock_timeout=0.2)
+    grant(st)
+    fd = os.open(path + ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(L.Locked) as e:
+            st.count()
+        assert e.value.code == "store"
+    finally:
+        os.close(fd)
+    assert st.count() == 1
+
+
+# -- dbm.dumb's own index after a crash in its commit ------------------------------
+
+dumb_only = pytest.mark.skipif(not have("dbm.dumb"), reason="needs dbm.dumb")
+
+
+@dumb_only
+def test_dumb_index_missing_or_torn_is_restored_from_its_backup(path):
+    st = L.LeaseStore(path, backend="dumb")
+    got = [grant(st, client=f"fc00::{i}")[0] for i in range(5)]
+    d, bak = path + ".dir", path + ".bak"
+
+    def same():
+        st2 = L.LeaseStore(path)
+        assert sorted(x.lease_id for x in st2.leases()) == sorted(x.lease_id for x in got)
+        assert st2.check()["ok"]
+
+    # 1. killed between rename(.dir, .bak) and the new .dir
+    os.replace(d, bak)
+    same()
+    # 2. killed while writing the new .dir: a torn prefix, mid-line or at a line end
+    for cut in (lambda text: text[:len(text) // 2],
+                lambda text: b"".join(text.splitlines(True)[:-3]), lambda text: b""):
+        shutil.copy(d, bak)
+        with open(d, "rb") as f:
+            text = f.read()
+        with open(d, "wb") as f:
+            f.write(cut(text))
+        same()
+
+
+@dumb_only
+def test_dumb_index_without_a_good_backup_is_corrupt(path):
+    st = L.LeaseStore(path, backend="dumb")
+    grant(st)
+    with open(path + ".dir", "r+b") as f:
+        f.truncate(100)
+    if os.path.exists(path + ".bak"):
+        os.unlink(path + ".bak")
+    with pytest.raises(L.Corrupt, match="index"):
+        L.LeaseStore(path).count()
+    assert L.LeaseStore(path).repair()["moved_to"]
+    assert L.LeaseStore(path).count() == 0
+
+
+@dumb_only
+def test_dumb_interrupted_creation_starts_again(path):
+    with open(path + ".dat", "wb") as f:
+        f.write(b"\0" * 1024)
+    st = L.LeaseStore(path)
+    assert st.backend == "dbm.dumb" and st.count() == 0
+    assert os.path.exists(path + ".dat.incomplete")
+
+
+# -- other interpreters, imports ------------------------------------------------
+
+def other_python():
+    exe = shutil.which("python3")
+    if not exe:
+        return None
+    real = subprocess.run([exe, "-c", "import sys; print(sys.executable)"],
+                          capture_output=True, text=True).stdout.strip()
+    if not real or os.path.realpath(real) == os.path.realpath(sys.executable):
+        return None
+    return exe
+
+
+def test_works_under_the_python3_on_path(tmp_path):
+    """The pyenv python3 on PATH here has only dbm.dumb (a stripped-down router Python)."""
+    exe = other_python()
+    if exe is None:
+        pytest.skip("python3 on PATH is this interpreter")
+    code = """if 1:
+        import sys, time
+        from microbroker import leases as L
+        st = L.LeaseStore(sys.argv[1])
+        lease, secret, _ = st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 1450, 60)
+        st.renew(lease.lease_id, secret, "fc00::1", 120)
+        assert st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 1450, 60)[2]
+        assert st.check()["ok"] and st.count() == 1
+        assert len(st.sweep(now=time.time() + 1000)) == 1
+        print(st.backend, ",".join(L.available_backends()))
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([exe, "-c", code, str(tmp_path / "a")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    backend, avail = r.stdout.split()
+    assert backend == avail.split(",")[0]
+    if have("dbm.gnu") and "dbm.gnu" not in avail:
+        # a file written by a Python with dbm.gnu: a clear error there, not a silent new file
+        grant(L.LeaseStore(str(tmp_path / "g"), backend="gnu"))
+        r = subprocess.run([exe, "-c", code, str(tmp_path / "g")], capture_output=True,
+                           text=True, env=env, timeout=60)
+        assert r.returncode != 0 and "lacks" in r.stderr and "StoreError" in r.stderr
+
+
+def test_imports_only_the_standard_library():
+    code = """if 1:
+        import sys, json
+        before = set(sys.modules)
+        import microbroker.leases
+        print(json.dumps(sorted(set(sys.modules) - before)))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+    new = {m.split(".")[0] for m in json.loads(r.stdout)}
+    stdlib = set(getattr(sys, "stdlib_module_names", ())) | {"microbroker"}
+    assert not stdlib - {"microbroker"} or new <= stdlib, new - stdlib
