@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Benchmark the front door: python bench/broker.py [--leases N] [--requests N]
+
+- offer and renew against the standalone server on loopback with N live
+  leases (default 1000): requests per second and median latency, one
+  client and four concurrent clients;
+- resident memory of that server against a bare interpreter's;
+- wall time and peak memory of one CGI request (offer, renew) against a
+  bare `python3 -I -S -c pass`, measured in the same run, interleaved.
+
+Goals: CGI request <= 1.5x the bare interpreter, server RSS with the
+leases <= 1.5x a bare interpreter's. The data plane is `none` (no kernel
+work is measured here; that is bench/ of the kernel layer). Clients are
+127.1.x.y so that each lease has its own source address on loopback.
+"""
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BOOT = ("import sys; sys.path.insert(0, %r); "
+        "from microbroker.__main__ import main; sys.exit(main())" % ROOT)
+CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
+            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+
+CONFIG = """
+config broker
+	option dataplane 'none'
+	option state_dir '%(state)s'
+	list listen '127.0.0.1:%(port)d'
+	option max_leases '%(max)d'
+	option max_per_client '4'
+	option sweep_interval '3600'
+	option max_connections '256'
+	option log_level 'warning'
+
+config service 'v4'
+	option family '4'
+	option endpoint '127.0.0.1'
+	option lifetime '3600'
+"""
+
+
+def client_addr(i):
+    return "127.1.%d.%d" % (i // 250, i % 250 + 1)
+
+
+def populate(cfg, n):
+    """n leases through the broker itself, one per client address."""
+    from microbroker import broker
+    b = broker.make_broker(cfg, dataplane=broker.NullDataplane())
+    out = []
+    for i in range(n):
+        c = client_addr(i)
+        v = b.lease(c, "v4", local="127.0.0.1")
+        out.append((c, v["lease_id"], v["secret"]))
+    return out
+
+
+def http(port, source, data):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(data)
+    chunks = []
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        chunks.append(c)
+    s.close()
+    raw = b"".join(chunks)
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+    return raw
+
+
+def offer_req():
+    return b"GET /offer HTTP/1.1\r\nHost: b\r\n\r\n"
+
+
+def renew_req(lease_id, secret):
+    body = ("lease_id=%s&secret=%s" % (lease_id, secret)).encode()
+    return (b"POST /renew HTTP/1.1\r\nHost: b\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n"
+            % len(body)) + body
+
+
+def load(port, leases, kind, n, threads):
+    """(requests per second, median latency in ms)."""
+    lat = []
+    lock = threading.Lock()
+    per = n // threads
+
+    def work(t):
+        mine = []
+        for k in range(per):
+            i = (t * per + k) % len(leases)
+            c, lid, sec = leases[i]
+            data = offer_req() if kind == "offer" else renew_req(lid, sec)
+            t0 = time.perf_counter()
+            http(port, c, data)
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    return len(lat) / wall, statistics.median(lat) * 1000
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def bare_resident(code="pass"):
+    """RSS of an idle interpreter after `code`, read the same way as the
+    server's."""
+    p = subprocess.Popen([sys.executable, "-I", "-S", "-c",
+                          "import sys; sys.path.insert(0, %r); %s; "
+                          "sys.stdin.read()" % (ROOT, code)],
+                         stdin=subprocess.PIPE)
+    time.sleep(0.3)
+    try:
+        return rss_kib(p.pid)
+    finally:
+        p.stdin.close()
+        p.wait()
+
+
+# Peak memory: a child's ru_maxrss would include the RSS of the forked
+# benchmark process before exec, so the child reports its own VmHWM (the
+# high-water mark of its post-exec address space) on a pipe instead. Bare and
+# CGI runs do this the same way; wall times come from runs without it.
+HWM = ("import os; f = open('/proc/self/status', 'rb'); "
+       "os.write(%d, [l for l in f.read().split(b'\\n') "
+       "if l.startswith(b'VmHWM')][0].split()[1])")
+
+
+def measured_child(argv, env, stdin, hwm=False):
+    """Wall seconds (or, with hwm, peak KiB) of one child process."""
+    if hwm:
+        r3, w3 = os.pipe()
+        argv = argv[:-1] + ["try:\n %s\nfinally:\n %s" % (
+            argv[-1].replace("; ", "\n "), HWM % w3)]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         pass_fds=(w3,) if hwm else ())
+    _, err = p.communicate(stdin)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit("child failed: %s" % err.decode())
+    if not hwm:
+        return wall
+    os.close(w3)
+    with os.fdopen(r3, "rb") as f:
+        return int(f.read())
+
+
+def cgi_env(cfgpath, method, path, client, body=b""):
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
+           "REMOTE_ADDR": client, "SERVER_ADDR": "127.0.0.1",
+           "HTTP_HOST": "b", "MICROBROKER_CONFIG": cfgpath,
+           "GATEWAY_INTERFACE": "CGI/1.1"}
+    if body:
+        env["CONTENT_TYPE"] = "application/x-www-form-urlencoded"
+        env["CONTENT_LENGTH"] = str(len(body))
+    return env
+
+
+def main():
+    n_leases = 1000
+    n_req = 2000
+    rounds = 15
+    args = sys.argv[1:]
+    while args:
+        a = args.pop(0)
+        if a == "--leases":
+            n_leases = int(args.pop(0))
+        elif a == "--requests":
+            n_req = int(args.pop(0))
+        elif a == "--rounds":
+            rounds = int(args.pop(0))
+        else:
+            sys.exit(__doc__)
+
+    from microbroker import config
+    tmp = tempfile.mkdtemp(prefix="mb-bench-")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cfgpath = os.path.join(tmp, "microbroker")
+    with open(cfgpath, "w") as f:
+        f.write(CONFIG % {"state": tmp + "/state", "port": port,
+                          "max": n_leases + 100})
+    cfg = config.load(cfgpath)
+    assert not cfg.problems, cfg.problems
+
+    from microbroker.broker import log
+    log.configure("stderr", "warning")
+    t0 = time.perf_counter()
+    leases = populate(cfg, n_leases)
+    t_pop = time.perf_counter() - t0
+    from microbroker.leases import LeaseStore
+    backend = LeaseStore(cfg.lease_path).backend
+
+    print("python %s (%s), lease store %s, %d leases (made in %.1f s)"
+          % (sys.version.split()[0], sys.executable, backend, n_leases,
+             t_pop))
+
+    # -- CGI against the bare interpreter, interleaved
+    py = os.path.realpath(sys.executable)
+    bare = ([py, "-I", "-S", "-c", "pass"], {}, b"")
+    c, lid, sec = leases[0]
+    body = ("lease_id=%s&secret=%s" % (lid, sec)).encode()
+    cgi_offer = ([py, "-I", "-S", "-c", CGI_BOOT],
+                 cgi_env(cfgpath, "GET", "/offer", c), b"")
+    cgi_renew = ([py, "-I", "-S", "-c", CGI_BOOT],
+                 cgi_env(cfgpath, "POST", "/renew", c, body), body)
+    res = {"bare": [], "offer": [], "renew": []}
+    for job in (bare, cgi_offer, cgi_renew):   # warm the page cache, pyc
+        measured_child(*job)
+    for _ in range(rounds):
+        for name, job in (("bare", bare), ("offer", cgi_offer),
+                          ("renew", cgi_renew)):
+            res[name].append((measured_child(*job),
+                              measured_child(*job, hwm=True)))
+    # Where a CGI request's time goes: the import of each part alone.
+    parts = [
+        ("front door (cgi, web, config, broker)",
+         "import microbroker.cgi, microbroker.web"),
+        ("lease store (microbroker.leases)", "import microbroker.leases"),
+        ("  of which dataclasses", "import dataclasses"),
+        ("  of which json", "import json"),
+        ("  hmac, hashlib (renew's secret check)", "import hmac"),
+        ("kernel data plane (dataplane 'kernel')",
+         "import microbroker.dataplane"),
+    ]
+    imports = {}
+    for label, code in parts:
+        job = ([py, "-I", "-S", "-c", "import sys; sys.path.insert(0, %r); "
+                % ROOT + code], {}, b"")
+        measured_child(*job)
+        imports[label] = statistics.median(
+            measured_child(*job) for _ in range(max(5, rounds // 2)))
+
+    def med(name, i):
+        return statistics.median(x[i] for x in res[name])
+
+    # -- the server
+    srv = subprocess.Popen([py, "-I", "-S", "-c", BOOT, "-c", cfgpath,
+                            "serve"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.time() > deadline or srv.poll() is not None:
+                    raise SystemExit("server did not start: %s"
+                                     % srv.stderr.read().decode())
+                time.sleep(0.05)
+        rss_idle = rss_kib(srv.pid)
+        http(port, "127.0.0.1", offer_req())
+        results = {}
+        for kind in ("offer", "renew"):
+            for threads in (1, 4):
+                results[(kind, threads)] = load(port, leases, kind, n_req,
+                                                threads)
+        rss = rss_kib(srv.pid)
+        hwm = rss_kib(srv.pid, "VmHWM")
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+    bare_rss = bare_resident()
+    stack_rss = [
+        ("RSS: import of the server's front door",
+         bare_resident("import microbroker.server")),
+        ("RSS: + lease store, dbm, hmac",
+         bare_resident("import microbroker.server, microbroker.leases, "
+                       "hmac, dbm.%s" % backend.split(".")[1])),
+    ]
+
+    bw, bm = med("bare", 0) * 1000, med("bare", 1)
+    print()
+    print("%-44s %12s %12s %8s" % ("measure", "value", "baseline", "ratio"))
+    print("-" * 79)
+    for name in ("offer", "renew"):
+        w, m = med(name, 0) * 1000, med(name, 1)
+        print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
+            "CGI %s: wall time (median of %d)" % (name, rounds), w, bw,
+            w / bw))
+        print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
+            "CGI %s: peak memory" % name, m / 1024, bm / 1024, m / bm))
+    for label, wall in imports.items():
+        print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
+            "import " + label if not label.startswith(" ") else label,
+            wall * 1000, bw, wall * 1000 / bw))
+    print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
+        "server RSS, %d leases, idle" % n_leases, rss_idle / 1024,
+        bare_rss / 1024, rss_idle / bare_rss))
+    print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
+        "server RSS, %d leases, after load" % n_leases, rss / 1024,
+        bare_rss / 1024, rss / bare_rss))
+    print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
+        "server peak RSS (VmHWM)", hwm / 1024, bare_rss / 1024,
+        hwm / bare_rss))
+    for label, kib in stack_rss:
+        print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
+            label, kib / 1024, bare_rss / 1024, kib / bare_rss))
+    for (kind, threads), (rps, ms) in results.items():
+        print("%-44s %9.0f /s %9.2f ms %8s" % (
+            "server %s, %d client%s: req/s, median" % (
+                kind, threads, "s" if threads > 1 else ""), rps, ms, ""))
+    print()
+    print("goals: CGI wall <= 1.5x bare interpreter; server RSS <= 1.5x "
+          "bare interpreter")
+    subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    main()

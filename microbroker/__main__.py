@@ -1,0 +1,202 @@
+"""Command line: python3 -m microbroker COMMAND (console script
+`microbroker`). Imports are lazy, and the options are read by hand
+(argparse costs more start-up time than a CGI request may take)."""
+
+import sys
+
+USAGE = """\
+usage: microbroker [options] COMMAND
+
+commands:
+  serve          run the standalone HTTP server (until SIGTERM/SIGINT)
+  cgi            answer one CGI request from the environment
+  offer          print the offer
+  sweep          remove expired leases and their tunnels (for cron)
+  reconcile      make the kernel match the lease store
+  check-config   report every problem in the config, with its line
+  version        print the version
+
+options:
+  -c, --config FILE      config file (default $MICROBROKER_CONFIG or
+                         /etc/config/microbroker; built-in defaults if
+                         that does not exist)
+  -s, --set SEC.OPT=VAL  override an option: broker.max_leases=10,
+                         location.city=Berlin, service.NAME.mtu=1400
+  -l, --listen ADDR      listen address, repeatable: [::]:8053, 0.0.0.0:8053
+  --state-dir DIR        where the lease file lives
+  --dataplane MODE       kernel (default) or none (grant leases, build
+                         nothing: tests and dry runs)
+  --log TARGET           stderr (default) or syslog
+  --log-level LEVEL      debug, info, warning, error
+  -f, --format FMT       json (default) or sh, for `offer`
+  -h, --help             this text
+"""
+
+COMMANDS = ("serve", "cgi", "offer", "sweep", "reconcile", "check-config",
+            "version")
+# option -> (override key or None, takes a value)
+OPTIONS = {
+    "-c": "config", "--config": "config", "-s": "set", "--set": "set",
+    "-l": "listen", "--listen": "listen", "--state-dir": "state_dir",
+    "--dataplane": "dataplane", "--log": "log", "--log-level": "log_level",
+    "-f": "format", "--format": "format",
+}
+
+
+class Usage(Exception):
+    pass
+
+
+def parse_args(argv):
+    """-> (command, config path or None, [overrides], format, [args])."""
+    command, path, overrides, fmt, listen, rest = None, None, [], "json", \
+        [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            raise Usage("")
+        name, eq, value = a.partition("=") if a.startswith("--") \
+            else (a, "", "")
+        if name in OPTIONS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise Usage("%s needs a value" % a)
+                value = argv[i]
+            key = OPTIONS[name]
+            if key == "config":
+                path = value
+            elif key == "set":
+                overrides.append(value)
+            elif key == "listen":
+                listen.append(value)
+            elif key == "format":
+                if value not in ("json", "sh"):
+                    raise Usage("--format is json or sh")
+                fmt = value
+            else:
+                overrides.append("broker.%s=%s" % (key, value))
+        elif a.startswith("-") and a != "-":
+            raise Usage("unknown option %s" % a)
+        elif command is None:
+            if a not in COMMANDS:
+                raise Usage("unknown command %r" % a)
+            command = a
+        else:
+            rest.append(a)
+        i += 1
+    if listen:
+        overrides.append("broker.listen=" + " ".join(listen))
+    if command is None:
+        raise Usage("no command given")
+    return command, path, overrides, fmt, rest
+
+
+def _load(path, overrides):
+    from microbroker import config
+    return config.load(path, overrides)
+
+
+def _report(cfg, out):
+    for where, msg in cfg.problems:
+        out.write("%s: %s\n" % (where, msg) if where else msg + "\n")
+
+
+def cmd_check_config(path, overrides, rest):
+    if rest:
+        if len(rest) > 1 or path:
+            raise Usage("check-config takes one file")
+        path = rest[0]
+    cfg = _load(path, overrides)
+    if cfg.problems:
+        _report(cfg, sys.stdout)
+        sys.stdout.write("%d problem%s\n" % (len(cfg.problems), "" if len(
+            cfg.problems) == 1 else "s"))
+        return 1
+    svcs = cfg.enabled_services()
+    src = cfg.path or "built-in defaults (no %s)" % (
+        path or "/etc/config/microbroker")
+    sys.stdout.write(
+        "ok: %s\n  listen %s\n  leases in %s (max %d, %d per client)\n"
+        "  dataplane %s\n  services: %s\n" % (
+            src, " ".join(cfg.listen), cfg.lease_path, cfg.max_leases,
+            cfg.max_per_client, cfg.dataplane,
+            ", ".join("%s (%s encap %s over IPv%d, mtu %d)" % (
+                s.name, s.kind, s.encap, s.family, s.mtu) for s in svcs)))
+    return 0
+
+
+def _app(path, overrides):
+    cfg = _load(path, overrides)
+    if cfg.problems:
+        _report(cfg, sys.stderr)
+        sys.stderr.write("microbroker: config has problems, see above (or "
+                         "run check-config)\n")
+        return None
+    from microbroker.broker import log
+    log.configure(cfg.log, cfg.log_level)
+    from microbroker.web import App
+    return App(cfg)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, path, overrides, fmt, rest = parse_args(argv)
+        if rest and command != "check-config":
+            raise Usage("%s takes no arguments" % command)
+    except Usage as e:
+        if str(e):
+            sys.stderr.write("microbroker: %s\n\n" % e)
+        (sys.stderr if str(e) else sys.stdout).write(USAGE)
+        return 2 if str(e) else 0
+
+    if command == "version":
+        from microbroker import __version__
+        sys.stdout.write("microbroker %s\n" % __version__)
+        return 0
+    if command == "cgi":
+        if path:
+            import os
+            os.environ["MICROBROKER_CONFIG"] = path
+        if overrides:
+            sys.stderr.write("microbroker: cgi takes its settings from the "
+                             "config file only\n")
+            return 2
+        from microbroker.cgi import main as cgi_main
+        return cgi_main()
+    if command == "check-config":
+        return cmd_check_config(path, overrides, rest)
+
+    app = _app(path, overrides)
+    if app is None:
+        return 1
+    from microbroker.broker import BrokerError, log
+    try:
+        if command == "serve":
+            from microbroker.server import serve
+            serve(app)
+            return 0
+        b = app.broker
+        if command == "offer":
+            status, headers, body = app.answer(200, b.offer(), fmt)
+            sys.stdout.write(body.decode("utf-8"))
+        elif command == "sweep":
+            for lease in b.sweep():
+                sys.stdout.write("expired %s %s %s\n" % (
+                    lease.lease_id, lease.service, lease.client))
+        elif command == "reconcile":
+            from microbroker.web import to_json
+            sys.stdout.write(to_json(b.reconcile() or {}) + "\n")
+        return 0
+    except BrokerError as e:
+        log("error", "%s: %s", e.code, e.message)
+        return 1
+    except OSError as e:
+        log("error", "%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

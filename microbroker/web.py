@@ -1,0 +1,471 @@
+"""The one request handler behind both front doors (server.py, cgi.py).
+
+    App(config).handle(method, path, query, headers, body, remote, local,
+                       content_length) -> (status, [(name, value)], bytes)
+
+Everything a request can get wrong is decided here, so the standalone
+server and the CGI entry answer byte for byte the same. This module never
+imports http.server, email, urllib, json (only to read JSON bodies) nor
+anything kernel-related: on OpenWrt those are separate packages, and each
+import is start-up time for every CGI request.
+"""
+
+from microbroker import broker as _broker
+from microbroker.broker import BrokerError, log
+from microbroker.config import parse_addr, format_addr, addr_kind
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+    429: "Too Many Requests", 500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+# path -> (allowed methods, required fields, optional fields)
+ROUTES = {
+    "/offer": (("GET", "POST"), (), ()),
+    "/lease": (("POST",), ("service",),
+               ("tunnel_id", "session_id", "udp_sport", "token")),
+    "/renew": (("POST",), ("lease_id", "secret"), ()),
+    "/release": (("POST",), ("lease_id", "secret"), ()),
+    "/status": (("GET", "POST"), ("lease_id", "secret"), ()),
+}
+
+_HEX = frozenset("0123456789abcdef")
+_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                  "0123456789_")
+MAX_FIELD = 256
+
+
+def show(s, n=40):
+    """Client-supplied text for a message: printable ASCII, shortened."""
+    t = "".join(c if " " <= c <= "~" and c not in "'\\" else "?"
+                for c in s[:n])
+    return t + "..." if len(s) > n else t
+
+
+def _u32(name, v):
+    if not v.isdigit() or len(v) > 10 or not 1 <= int(v) <= 0xFFFFFFFF:
+        raise BrokerError("bad_request", "%s needs a number from 1 to "
+                          "4294967295" % name)
+    return int(v)
+
+
+def _check_field(name, v):
+    """Syntax of every field; returns the typed value."""
+    if name in ("tunnel_id", "session_id"):
+        return _u32(name, v)
+    if name == "udp_sport":
+        if not v.isdigit() or len(v) > 5 or not 1 <= int(v) <= 65535:
+            raise BrokerError("bad_request", "udp_sport needs a port from "
+                              "1 to 65535")
+        return int(v)
+    if name == "service":
+        if not 1 <= len(v) <= 32 or not set(v) <= _NAME:
+            raise BrokerError("bad_request", "service names are 1-32 "
+                              "letters, digits or _")
+        return v
+    if name == "lease_id":
+        if len(v) != 16 or not set(v) <= _HEX:
+            raise BrokerError("bad_request", "lease_id is 16 lowercase hex "
+                              "digits")
+        return v
+    if name == "secret":
+        if len(v) != 32 or not set(v) <= _HEX:
+            raise BrokerError("bad_request", "secret is 32 lowercase hex "
+                              "digits")
+        return v
+    if name == "token":
+        if len(v) > 128 or any(not "!" <= c <= "~" or c in "'\"\\"
+                               for c in v):
+            raise BrokerError("bad_request", "tokens are up to 128 "
+                              "printable characters without blanks or "
+                              "quotes")
+        return v
+    if name == "format":
+        if v not in ("json", "sh"):
+            raise BrokerError("bad_request", "format is json or sh")
+        return v
+    raise BrokerError("bad_request", "unknown field %s" % show(name))
+
+
+# ---------------------------------------------------------------- decoding
+
+def _unquote(b):
+    """Form-urlencoded bytes -> str; '+' is a blank, %XX a byte."""
+    b = b.replace(b"+", b" ")
+    if b"%" in b:
+        parts = b.split(b"%")
+        out = [parts[0]]
+        for p in parts[1:]:
+            h = p[:2]
+            if len(h) != 2 or not all(c in b"0123456789abcdefABCDEF"
+                                      for c in h):
+                raise BrokerError("bad_request", "bad %-escape in form data")
+            out.append(bytes((int(h, 16),)))
+            out.append(p[2:])
+        b = b"".join(out)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BrokerError("bad_request", "form data is not UTF-8")
+
+
+def parse_form(data):
+    """Decode application/x-www-form-urlencoded (bytes) into pairs."""
+    pairs = []
+    for part in data.split(b"&"):
+        if not part:
+            continue
+        k, _, v = part.partition(b"=")
+        pairs.append((_unquote(k), _unquote(v)))
+    return pairs
+
+
+def parse_json_body(body):
+    import json  # only clients that send JSON pay for it
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BrokerError("bad_request", "body is not valid JSON")
+    if not isinstance(obj, dict):
+        raise BrokerError("bad_request", "JSON body must be an object")
+    pairs = []
+    for k, v in obj.items():
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise BrokerError("bad_request", "field %s must be a string or "
+                              "a whole number" % show(k))
+        pairs.append((k, str(v)))
+    return pairs
+
+
+def _collect(pairs, fields):
+    for k, v in pairs:
+        if k in fields:
+            raise BrokerError("bad_request", "field %s given twice" % show(k))
+        if len(v) > MAX_FIELD:
+            raise BrokerError("bad_request", "field %s is too long" % show(k))
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise BrokerError("bad_request", "field %s contains control "
+                              "characters" % show(k))
+        fields[k] = v
+
+
+def answer_format(query):
+    """The format a query string asks for, for errors found before the
+    request reaches App.handle."""
+    return "sh" if "format=sh" in query.split("&") else "json"
+
+
+# ---------------------------------------------------------------- encoding
+
+_JSON_PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
+                        "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+def _jstr(s):
+    """A JSON string, ASCII only."""
+    if set(s) <= _JSON_PLAIN:
+        return '"' + s + '"'
+    out = ['"']
+    for c in s:
+        if c in _JSON_PLAIN:
+            out.append(c)
+        elif c == '"' or c == "\\":
+            out.append("\\" + c)
+        else:
+            o = ord(c)
+            if o >= 0x10000:
+                o -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 | (o >> 10),
+                                               0xDC00 | (o & 0x3FF)))
+            else:
+                out.append("\\u%04x" % o)
+    out.append('"')
+    return "".join(out)
+
+
+def to_json(obj):
+    """A small JSON encoder for our own answers (dict, list, str, int,
+    float, bool, None): the json module costs more to import than a whole
+    request needs."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, str):
+        return _jstr(obj)
+    if isinstance(obj, int):
+        return str(int(obj))
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            return "null"
+        return repr(obj)
+    if isinstance(obj, dict):
+        return "{" + ",".join(_jstr(str(k)) + ":" + to_json(v)
+                              for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(to_json(v) for v in obj) + "]"
+    raise TypeError("cannot encode %r" % type(obj))
+
+
+_SH_KEY0 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SH_KEY = _SH_KEY0 | frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_SH_DROP = {i: None for i in list(range(32)) + [39, 127]}
+
+
+def sh_value(v):
+    """A value safe between single quotes on one line: quotes, newlines,
+    NUL and other control characters are dropped."""
+    if v is None:
+        return ""
+    if v is True or v is False:
+        return "1" if v else "0"
+    if isinstance(v, (list, tuple)):
+        v = " ".join(sh_value(x) for x in v)
+    elif isinstance(v, float):
+        v = repr(v)
+    return str(v).translate(_SH_DROP)
+
+
+def sh_key(k):
+    # Service names appear verbatim in SVC_<name>_<KEY>, so lowercase is
+    # allowed after the first character.
+    if not k or k[0] not in _SH_KEY0 or not set(k) <= _SH_KEY:
+        raise ValueError("bad shell key %r" % k)
+    return k
+
+
+def flatten(obj):
+    """Nested answer -> [(KEY, value)]: dict keys joined with '_' and
+    upper-cased; `services` become SERVICES plus SVC_<name>_<KEY>;
+    `counters` are not prefixed."""
+    out = []
+    for k, v in obj.items():
+        if k == "services":
+            out.append(("SERVICES", list(v)))
+            for name, svc in v.items():
+                for sk, sv in svc.items():
+                    out.append(("SVC_%s_%s" % (name, sk.upper()), sv))
+        elif isinstance(v, dict):
+            prefix = "" if k == "counters" else k.upper() + "_"
+            for sk, sv in v.items():
+                out.append((prefix + sk.upper(), sv))
+        else:
+            out.append((k.upper(), v))
+    return out
+
+
+def to_sh(pairs):
+    return "".join("%s='%s'\n" % (sh_key(k), sh_value(v)) for k, v in pairs)
+
+
+# ---------------------------------------------------------------- the app
+
+class App:
+    """One configured broker behind the HTTP surface. The broker (lease
+    store, data plane) is made on first use, so a bad path or method never
+    touches the disk."""
+
+    def __init__(self, config, broker=None, sweep_on_request=False):
+        import _thread
+        self.config = config
+        self._broker = broker
+        self._making = _thread.allocate_lock()
+        self.sweep_on_request = sweep_on_request
+
+    @property
+    def broker(self):
+        if self._broker is None:
+            with self._making:   # server threads: make exactly one
+                if self._broker is None:
+                    self._broker = _broker.make_broker(self.config)
+        return self._broker
+
+    def handle(self, method, path, query="", headers=None, body=b"",
+               remote="", local="", content_length=None):
+        """Answer one request. `headers` has lowercase names; `body` is
+        None when the adapter did not read it because content_length was
+        over the limit; `remote`/`local` are the peer's and our address."""
+        headers = headers or {}
+        # Errors use the answer format as far as it is known: a shell
+        # client must get its 200 even when the rest of the request is bad.
+        fmt = [answer_format(query)]
+        if body and b"format=sh" in body.split(b"&"):
+            fmt[0] = "sh"
+        try:
+            return self._handle(method, path, query, headers, body, remote,
+                                local, content_length, fmt)
+        except BrokerError as e:
+            return self.error(e, fmt[0])
+        except Exception as e:
+            log("error", "internal error on %s %s: %s: %s", method, path,
+                type(e).__name__, e)
+            if _broker.log.level <= 10:
+                import traceback
+                traceback.print_exc()
+            return self.error(BrokerError("internal", "internal error; see "
+                                          "the broker log"), fmt[0])
+
+    def _handle(self, method, path, query, headers, body, remote, local,
+                content_length, fmt):
+        cfg = self.config
+        size = len(path) + len(query) + sum(len(k) + len(v) + 4
+                                            for k, v in headers.items())
+        if size > cfg.max_header:
+            raise BrokerError("too_large", "request headers exceed %d bytes"
+                              % cfg.max_header)
+        if content_length is None:
+            content_length = len(body or b"")
+        if body is None or content_length > cfg.max_body or \
+                len(body) > cfg.max_body:
+            raise BrokerError("too_large", "request body exceeds %d bytes"
+                              % cfg.max_body)
+        route = "/offer" if path in ("", "/") else path
+        spec = ROUTES.get(route)
+        if spec is None:
+            raise BrokerError("not_found", "no such path %s; try /offer, "
+                              "/lease, /renew, /release, /status"
+                              % show(path))
+        methods, required, optional = spec
+        if method not in methods:
+            e = BrokerError("method_not_allowed", "%s needs %s"
+                            % (route, " or ".join(methods)))
+            e.allow = ", ".join(methods)
+            raise e
+        try:
+            family, packed = parse_addr(remote)
+        except ValueError:
+            raise BrokerError("bad_request", "cannot read the client "
+                              "address %s" % show(remote))
+        client = format_addr(family, packed)
+        try:
+            lfam, lpacked = parse_addr(local)
+            local = format_addr(lfam, lpacked)
+        except ValueError:
+            local = ""
+        _broker.check_client(cfg, family, packed)
+
+        fields = {}
+        if query:
+            _collect(parse_form(query.encode("latin-1", "replace")), fields)
+        if body:
+            ctype = headers.get("content-type", "").split(";")[0].strip() \
+                .lower()
+            if ctype == "application/x-www-form-urlencoded":
+                _collect(parse_form(body), fields)
+            elif ctype == "application/json":
+                _collect(parse_json_body(body), fields)
+            else:
+                raise BrokerError("bad_request", "send the body as "
+                                  "application/x-www-form-urlencoded or "
+                                  "application/json")
+        if fields.get("format") in ("json", "sh"):
+            fmt[0] = fields["format"]
+        args = {}
+        for k, v in fields.items():
+            if k != "format" and k not in required and k not in optional:
+                raise BrokerError("bad_request", "unknown field %s for %s"
+                                  % (show(k), route))
+            args[k] = _check_field(k, v)
+        args.pop("format", None)
+        for k in required:
+            if k not in args:
+                raise BrokerError("bad_request", "missing field %s" % k)
+
+        b = self.broker
+        if self.sweep_on_request:
+            self._maybe_sweep(b)
+        if route == "/offer":
+            answer = b.offer(local)
+        elif route == "/lease":
+            why = addr_kind(family, packed)
+            if why:
+                raise BrokerError("bad_request", "a %s address cannot be a "
+                                  "tunnel endpoint" % why)
+            answer = b.lease(client, local=local, **args)
+        elif route == "/renew":
+            answer = b.renew(client, **args)
+        elif route == "/release":
+            answer = b.release(client, **args)
+        else:
+            answer = b.status(client, **args)
+        return self.answer(200, answer, fmt[0])
+
+    def _maybe_sweep(self, b):
+        """Expiry without a daemon: at most one sweep per sweep_interval,
+        across all CGI processes, timed by a stamp file's mtime."""
+        import os
+        import time
+        stamp = self.config.state_dir.rstrip("/") + "/sweep.stamp"
+        now = time.time()
+        try:
+            if now - os.stat(stamp).st_mtime < self.config.sweep_interval:
+                return
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning", "sweep stamp %s: %s", stamp, e)
+            return
+        try:
+            with open(stamp, "a"):
+                pass
+            os.utime(stamp, (now, now))
+            b.sweep()
+        except BrokerError as e:
+            log("warning", "sweep: %s", e.message)
+        except OSError as e:
+            log("warning", "sweep stamp %s: %s", stamp, e)
+
+    # -- rendering
+
+    def answer(self, status, obj, fmt):
+        if fmt == "sh":
+            pairs = [("STATUS", status), ("ERROR", "")] + flatten(obj)
+            return 200, _headers("text/plain; charset=utf-8"), \
+                to_sh(pairs).encode("utf-8")
+        return status, _headers("application/json"), \
+            (to_json(obj) + "\n").encode("utf-8")
+
+    def error(self, e, fmt="json"):
+        extra = []
+        if e.retry_after is not None:
+            extra.append(("Retry-After", str(int(e.retry_after))))
+        allow = getattr(e, "allow", None)
+        if allow:
+            extra.append(("Allow", allow))
+        if fmt == "sh":
+            pairs = [("STATUS", e.status), ("ERROR", e.code),
+                     ("MESSAGE", e.message)]
+            if e.retry_after is not None:
+                pairs.append(("RETRY_AFTER", int(e.retry_after)))
+            return 200, _headers("text/plain; charset=utf-8") + extra, \
+                to_sh(pairs).encode("utf-8")
+        obj = {"error": {"code": e.code, "message": e.message}}
+        if e.retry_after is not None:
+            obj["error"]["retry_after"] = int(e.retry_after)
+        return e.status, _headers("application/json") + extra, \
+            (to_json(obj) + "\n").encode("utf-8")
+
+
+def _headers(ctype):
+    return [("Content-Type", ctype), ("Cache-Control", "no-store")]
+
+
+def config_error_app(problems):
+    """An App stand-in that answers every request with `unavailable`, for a
+    CGI whose config does not load: the client can still read why."""
+    n = len(problems)
+    msg = ("this broker's configuration has %d problem%s; its operator "
+           "should run microbroker check-config" % (n, "" if n == 1 else "s"))
+
+    class _Broken(App):
+        def __init__(self):
+            pass
+
+        def handle(self, method, path, query="", *a, **kw):
+            return self.error(BrokerError("unavailable", msg),
+                              answer_format(query or ""))
+    return _Broken()

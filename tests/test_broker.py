@@ -1,0 +1,424 @@
+"""Policy in broker.py with the real LeaseStore and recording fake data
+planes: a lease is only answered when the kernel side is built, failures
+roll back, and a host that cannot build tunnels says so."""
+
+import os
+import stat
+
+import pytest
+
+from microbroker import broker as mb
+from microbroker import config as mbconfig
+from microbroker import web
+from microbroker.leases import LeaseStore
+
+CONFIG = """
+config broker 'main'
+	option dataplane 'kernel'
+	option state_dir '%(state)s'
+	option max_leases '10'
+	option max_per_client '3'
+config service 'v6'
+	option endpoint 'fc00::1'
+config service 'u4'
+	option family '4'
+	option encap 'udp'
+	option udp_port '4000'
+	option endpoint '10.0.0.254'
+	option capacity '2'
+"""
+
+
+class FakeDataplane:
+    """Records calls; `fail` makes up() raise, `ok` drives status()."""
+
+    dry_run = False
+
+    def __init__(self, ok=True, reason="", fail=None):
+        self.ok, self.reason, self.fail = ok, reason, fail
+        self.calls = []
+        self.kernel = set()
+        self.stats = {}
+
+    def status(self):
+        return self.ok, self.reason
+
+    def up(self, lease, service):
+        self.calls.append(("up", lease.lease_id, lease.tunnel_id,
+                           service.name))
+        if self.fail:
+            raise self.fail
+
+    def down(self, lease):
+        self.calls.append(("down", lease.lease_id))
+
+    def counters(self, lease):
+        return self.stats
+
+    def kernel_ids(self):
+        return set(self.kernel)
+
+    def reconcile(self, store, services):
+        self.calls.append(("reconcile", [s.name for s in services]))
+        return {"rebuilt": []}
+
+
+class KernelUnavailable(Exception):
+    pass
+
+
+@pytest.fixture
+def setup(tmp_path):
+    def make(dp=None, extra=""):
+        path = tmp_path / "microbroker"
+        path.write_text(CONFIG % {"state": tmp_path / "state"} + extra)
+        cfg = mbconfig.load(str(path))
+        assert cfg.problems == []
+        dp = dp or FakeDataplane()
+        b = mb.make_broker(cfg, dataplane=dp)
+        assert isinstance(b.store, LeaseStore)
+        return b, dp
+    return make
+
+
+def test_lease_builds_then_answers(setup):
+    b, dp = setup()
+    v = b.lease("fc00::99", "v6", tunnel_id=5, session_id=6)
+    assert dp.calls == [("up", v["lease_id"], v["peer_tunnel_id"], "v6")]
+    assert (v["tunnel_id"], v["session_id"]) == (5, 6)
+    assert v["remote"] == "fc00::1" and v["local"] == "fc00::99"
+    assert b.store.get(v["lease_id"]).state == "up"
+    # The same client again: same lease, no second build.
+    v2 = b.lease("fc00::99", "v6")
+    assert v2["lease_id"] == v["lease_id"] and v2["secret"] != v["secret"]
+    assert len(dp.calls) == 1
+
+
+def test_kernel_failure_rolls_back(setup):
+    b, dp = setup(FakeDataplane(fail=OSError(17, "File exists")))
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "kernel" and e.value.status == 500
+    assert "rolled back" in e.value.message and "File exists" in \
+        e.value.message
+    assert b.store.count() == 0
+    assert [c[0] for c in dp.calls] == ["up", "down"]
+
+
+def test_kernel_unavailable_during_up_is_503(setup):
+    b, dp = setup(FakeDataplane(fail=KernelUnavailable("no nft")))
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "unavailable" and e.value.retry_after
+    assert b.store.count() == 0
+
+
+def test_host_that_cannot_build_tunnels(setup):
+    b, dp = setup(FakeDataplane(ok=False, reason="running as uid 1000"))
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "unavailable" and "uid 1000" in e.value.message
+    assert e.value.retry_after
+    assert dp.calls == [] and b.store.count() == 0
+    o = b.offer()
+    assert o["kernel"] is False and o["kernel_reason"] == "running as uid 1000"
+
+
+def test_missing_dataplane_module_is_reported_not_fatal(setup, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def fake(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "microbroker" and fromlist and "dataplane" in fromlist:
+            raise ImportError("no dataplane here")
+        return real(name, globals, locals, fromlist, level)
+    monkeypatch.setattr(builtins, "__import__", fake)
+    b, _ = setup()
+    dp = mb.make_dataplane(b.config)
+    assert isinstance(dp, mb.BrokenDataplane)
+    ok, why = dp.status()
+    assert not ok and "no dataplane here" in why
+
+
+def test_ids_in_the_kernel_are_skipped(setup):
+    dp = FakeDataplane()
+    dp.kernel = {(1, 1), (2, 2)}
+    b, _ = setup(dp)
+    v = b.lease("fc00::99", "v6")
+    assert v["peer_tunnel_id"] == 3
+
+
+def test_udp_ports_one_per_tunnel(setup):
+    b, dp = setup()
+    a = b.lease("10.0.0.1", "u4")
+    c = b.lease("10.0.0.2", "u4", udp_sport=5555)
+    assert (a["udp_dport"], a["udp_sport"]) == (4000, 4000)
+    assert (c["udp_dport"], c["udp_sport"]) == (4001, 5555)
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("10.0.0.3", "u4")      # capacity 2
+    assert e.value.code == "full"
+    b.release("10.0.0.1", a["lease_id"], a["secret"])
+    d = b.lease("10.0.0.3", "u4")
+    assert d["udp_dport"] == 4000
+
+
+def test_release_and_sweep_take_tunnels_down(setup):
+    t = [1000.0]
+    b, dp = setup()
+    b.clock = lambda: t[0]
+    a = b.lease("fc00::1:1", "v6")
+    c = b.lease("fc00::1:2", "v6")
+    b.release("fc00::1:1", a["lease_id"], a["secret"])
+    assert ("down", a["lease_id"]) in dp.calls
+    t[0] += 10000
+    gone = b.sweep()
+    assert [l.lease_id for l in gone] == [c["lease_id"]]
+    assert ("down", c["lease_id"]) in dp.calls
+    assert b.sweep() == []
+
+
+def test_traffic_keeps_a_lease_alive_until_it_falls_silent(setup):
+    t = [1000.0]
+    b, dp = setup()
+    b.clock = lambda: t[0]
+    a = b.lease("fc00::1:1", "v6")
+    lifetime = b.config.services["v6"].lifetime
+    dp.stats = {"rx_packets": 5, "rx_bytes": 500, "tx_packets": 1, "tx_bytes": 100}
+    t[0] += lifetime + 1
+    assert b.sweep() == []                      # packets came in: still alive
+    lease = b.store.get(a["lease_id"])
+    assert lease.expires == t[0] + lifetime and lease.rx_packets == 5
+    t[0] += lifetime + 1
+    gone = b.sweep()                            # no new packet for a lifetime
+    assert [l.lease_id for l in gone] == [a["lease_id"]]
+    assert ("down", a["lease_id"]) in dp.calls
+
+
+def test_traffic_keepalive_can_be_switched_off(setup):
+    t = [1000.0]
+    b, dp = setup(extra="config broker 'main'\n\toption traffic_keepalive '0'\n")
+    b.clock = lambda: t[0]
+    a = b.lease("fc00::1:1", "v6")
+    dp.stats = {"rx_packets": 5}
+    t[0] += b.config.services["v6"].lifetime + 1
+    assert [l.lease_id for l in b.sweep()] == [a["lease_id"]]
+
+
+def test_renew_and_errors(setup):
+    b, dp = setup()
+    a = b.lease("fc00::1:1", "v6")
+    r = b.renew("fc00::1:1", a["lease_id"], a["secret"])
+    assert r["lease_id"] == a["lease_id"] and "secret" not in r
+    for client, secret, code in (("fc00::1:2", a["secret"], "forbidden"),
+                                 ("fc00::1:1", "0" * 32, "forbidden")):
+        with pytest.raises(mb.BrokerError) as e:
+            b.renew(client, a["lease_id"], secret)
+        assert e.value.code == code
+    with pytest.raises(mb.BrokerError) as e:
+        b.renew("fc00::1:1", "ab" * 8, a["secret"])
+    assert e.value.code == "not_found"
+
+
+def test_renew_of_a_withdrawn_service(setup):
+    b, dp = setup()
+    a = b.lease("fc00::1:1", "v6")
+    b.config.services["v6"].enabled = False
+    with pytest.raises(mb.BrokerError) as e:
+        b.renew("fc00::1:2", a["lease_id"], a["secret"])
+    assert e.value.code == "forbidden"     # no hint to strangers
+    with pytest.raises(mb.BrokerError) as e:
+        b.renew("fc00::1:1", a["lease_id"], a["secret"])
+    assert e.value.code == "unknown_service"
+
+
+def test_status_refreshes_counters(setup):
+    b, dp = setup()
+    a = b.lease("fc00::1:1", "v6")
+    dp.stats = {"rx_packets": 5, "rx_bytes": 500, "tx_packets": 2,
+                "tx_bytes": 200}
+    s = b.status("fc00::1:1", a["lease_id"], a["secret"])
+    assert s["counters"] == dp.stats
+    stored = b.store.get(a["lease_id"])
+    assert stored.rx_packets == 5 and stored.seen > 0
+
+
+def test_tokens(setup):
+    b, _ = setup(extra="config broker 'main'\n\tlist token 'broker-wide-1'\n")
+    b.config.services["u4"].token = ["service-only-1"]
+    with pytest.raises(mb.BrokerError):
+        b.lease("fc00::1:1", "v6")
+    with pytest.raises(mb.BrokerError):
+        b.lease("fc00::1:1", "v6", token="service-only-1")
+    assert b.lease("fc00::1:1", "v6", token="broker-wide-1")
+    with pytest.raises(mb.BrokerError):
+        b.lease("10.0.0.1", "u4", token="broker-wide-1")
+    assert b.lease("10.0.0.1", "u4", token="service-only-1")
+
+
+def test_hook_runs_and_failing_up_hook_rolls_back(setup, tmp_path):
+    log = tmp_path / "hook.log"
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\necho \"$@\" >> %s\n[ \"$1\" = up ] && "
+                    "[ \"$4\" = u4 ] && { echo no bridge >&2; exit 3; }\n"
+                    "exit 0\n" % log)
+    hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+    b, dp = setup(extra="config broker 'main'\n\toption hook '%s'\n" % hook)
+    a = b.lease("fc00::1:1", "v6")
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("10.0.0.1", "u4")
+    assert e.value.code == "kernel" and "no bridge" in e.value.message
+    assert b.store.count() == 1
+    b.release("fc00::1:1", a["lease_id"], a["secret"])
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("up mb") and lines[0].endswith(
+        a["lease_id"] + " v6 fc00::1:1")
+    assert lines[1].startswith("up ") and lines[1].split()[3] == "u4"
+    assert lines[2].startswith("down ")   # the rollback
+    assert lines[3].startswith("down ") and a["lease_id"] in lines[3]
+
+
+def test_null_dataplane_grants_and_says_so(setup):
+    b, _ = setup(mb.NullDataplane())
+    assert b.lease("fc00::1:1", "v6")["state"] == "up"
+    o = b.offer()
+    assert o["kernel"] is False and "dry run" in o["kernel_reason"]
+
+
+# ---------------------------------------------------------------- via web
+
+def ask(app, method, path, body=b"", remote="fc00::99", query=""):
+    headers = {"content-type": "application/x-www-form-urlencoded"} \
+        if body else {}
+    status, hdrs, out = app.handle(method, path, query, headers, body,
+                                   remote, "fc00::1")
+    return status, dict(hdrs), out
+
+
+def test_web_kernel_unavailable_offer_and_lease(setup):
+    b, _ = setup(FakeDataplane(ok=False, reason="l2tp_ip6 missing"))
+    app = web.App(b.config, broker=b)
+    st, h, out = ask(app, "GET", "/offer", query="format=sh")
+    assert b"KERNEL='0'\nKERNEL_REASON='l2tp_ip6 missing'\n" in out
+    st, h, out = ask(app, "POST", "/lease", b"service=v6")
+    assert st == 503 and h["Retry-After"] and b'"unavailable"' in out
+    assert b"l2tp_ip6 missing" in out
+
+
+def test_web_kernel_error_answer(setup):
+    b, _ = setup(FakeDataplane(fail=OSError(101, "Network is unreachable")))
+    app = web.App(b.config, broker=b)
+    st, h, out = ask(app, "POST", "/lease", b"service=v6&format=sh")
+    assert st == 200
+    assert out.startswith(b"STATUS='500'\nERROR='kernel'\nMESSAGE='the "
+                          b"kernel refused the tunnel")
+
+
+def test_web_link_local_and_odd_clients(setup):
+    b, _ = setup()
+    app = web.App(b.config, broker=b)
+    for remote in ("fe80::1", "::", "ff02::1"):
+        st, _, out = ask(app, "POST", "/lease", b"service=v6", remote=remote)
+        assert st == 400, remote
+    st, _, out = ask(app, "GET", "/offer", remote="not-an-address")
+    assert st == 400
+
+
+def test_web_internal_error_is_answered(setup):
+    b, _ = setup()
+
+    def boom(*a, **kw):
+        raise ZeroDivisionError("oops")
+    b.offer = boom
+    app = web.App(b.config, broker=b)
+    st, _, out = ask(app, "GET", "/offer")
+    assert st == 500 and b'"internal"' in out and b"oops" not in out
+    st, _, out = ask(app, "GET", "/offer", query="format=sh")
+    assert st == 200 and out.startswith(b"STATUS='500'\nERROR='internal'")
+
+
+def test_web_sweeps_on_request_at_most_once_per_interval(setup):
+    b, dp = setup()
+    t = [1000.0]
+    b.clock = lambda: t[0]
+    a = b.lease("fc00::1:1", "v6")
+    t[0] += 100000
+    app = web.App(b.config, broker=b, sweep_on_request=True)
+    ask(app, "GET", "/offer")
+    assert ("down", a["lease_id"]) in dp.calls
+    c = b.lease("fc00::1:2", "v6")
+    t[0] += 100000
+    ask(app, "GET", "/offer")     # within sweep_interval of the last sweep
+    assert ("down", c["lease_id"]) not in dp.calls
+    stamp = os.path.join(b.config.state_dir, "sweep.stamp")
+    os.utime(stamp, (0, 0))
+    ask(app, "GET", "/offer")
+    assert ("down", c["lease_id"]) in dp.calls
+
+
+def test_sh_values_are_single_quote_safe():
+    pairs = [("A", "it's\nnot\x00ok\r"), ("B", ["x", "y'z"]), ("C", None),
+             ("D", True), ("SVC_name_X", 1.5)]
+    out = web.to_sh(pairs)
+    assert out == "A='itsnotok'\nB='x yz'\nC=''\nD='1'\nSVC_name_X='1.5'\n"
+    for bad in ("a", "1A", "A-B", "A'", ""):
+        with pytest.raises(ValueError):
+            web.to_sh([(bad, "v")])
+
+
+def test_json_encoder_matches_json_module():
+    import json
+    obj = {"a": [1, 2.5, None, True, False], "b": "q\"\\\n\u00e9\U0001f600",
+           "c": {"d": -3}}
+    assert json.loads(web.to_json(obj)) == obj
+
+
+def test_form_decoder():
+    assert web.parse_form(b"a=1&b=x+y&c=%41%42&&d=&e") == [
+        ("a", "1"), ("b", "x y"), ("c", "AB"), ("d", ""), ("e", "")]
+    for bad in (b"a=%4", b"a=%zz", b"a=%ff"):
+        with pytest.raises(mb.BrokerError):
+            web.parse_form(bad)
+
+
+# ---------------------------------------------------------------- commands
+
+def test_sweep_and_reconcile_commands(setup, tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    b, _ = setup(mb.NullDataplane())
+    b.clock = lambda: 1000.0
+    old = b.lease("fc00::1:1", "v6")
+    b.clock = __import__("time").time
+    new = b.lease("fc00::1:2", "v6")
+    cfgpath = str(tmp_path / "microbroker")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "microbroker", "-c",
+                               cfgpath, "--dataplane", "none"] + list(args),
+                              cwd=root, capture_output=True, text=True)
+    r = run("sweep")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "expired %s v6 fc00::1:1\n" % old["lease_id"]
+    assert run("sweep").stdout == ""
+    assert b.store.get(new["lease_id"])
+    r = run("reconcile")
+    assert r.returncode == 0 and r.stdout == "{}\n"
+
+
+def test_a_lease_being_built_elsewhere_is_not_built_twice(setup):
+    t = [1000.0]
+    b, dp = setup()
+    b.clock = lambda: t[0]
+    # A lease left pending, as by a CGI process that is still building it
+    # (or that died before it could finish).
+    lease, _, _ = b.store.allocate("fc00::1:1", "v6", "l2tpv3", "ip",
+                                   "fc00::1", 1280, 600, now=t[0])
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::1:1", "v6")
+    assert e.value.code == "unavailable" and e.value.retry_after == 2
+    assert dp.calls == []
+    t[0] += 60          # long dead: build it now
+    v = b.lease("fc00::1:1", "v6")
+    assert v["lease_id"] == lease.lease_id and v["state"] == "up"
+    assert dp.calls == [("up", lease.lease_id, lease.tunnel_id, "v6")]
