@@ -41,6 +41,8 @@ class Dataplane:
         self._status = None
         self._filters = False     # not probed yet
         self._ready = set()       # services whose bridge and filters exist
+        self._iso_fallback = False
+        self.prefix = getattr(config, "ifname_prefix", "mb") or "mb"
 
     # -- capability --
     def status(self):
@@ -80,7 +82,7 @@ class Dataplane:
             profiles = {}
             if restrict_profile(service):
                 profiles[service.name] = profile_ports(service)
-            f.ensure(profiles)
+            f.ensure(self.prefix, profiles, self._iso_fallback)
         elif restrict_profile(service):
             raise KernelUnavailable("service %s is restricted but neither nft nor ebtables "
                                     "is installed" % service.name)
@@ -95,16 +97,18 @@ class Dataplane:
                 self._tunnel(l2, lease)
                 self._session(l2, lease)
                 rt.setup_port(lease.ifname, bridge_name(service), mtu=lease.mtu)
-                iso_fallback = False
                 if getattr(service, "isolate", True):
                     try:
                         rt.set_isolated(lease.ifname, True)
                     except rtnl.LinkError:
-                        iso_fallback = True   # kernel < 4.18: filter rules do it
-                f = self.filters()
-                if f is not None:
-                    f.add_port(lease.ifname, restrict_profile(service), iso_fallback,
-                               profile_ports(service))
+                        # Kernel < 4.18: isolate every pseudo-wire by filter rule.
+                        if not self._iso_fallback and self.filters() is not None:
+                            self._iso_fallback = True
+                            self._ready.clear()
+                            self.ensure_service(service, rt)
+                profile = restrict_profile(service)
+                if profile:
+                    self.filters().add_port(lease.ifname, profile, profile_ports(service))
             except Exception:
                 self._down(l2, lease)
                 raise
@@ -140,7 +144,10 @@ class Dataplane:
 
     def _down(self, l2, lease):
         f = self.filters()
-        if f is not None:
+        services = getattr(self.config, "services", None) or {}
+        svc = services.get(lease.service) if isinstance(services, dict) else None
+        # Unrestricted leases have no per-port rule: save a subprocess.
+        if f is not None and (svc is None or restrict_profile(svc)):
             try:
                 f.remove_port(lease.ifname)
             except (filters.FilterError, ValueError):

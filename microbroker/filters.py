@@ -1,7 +1,9 @@
 """Bridge-layer filter rules for pseudo-wire ports: nftables or ebtables.
 
 Everything lives in a table (nft) or chains (ebtables) of our own, so the
-operator's rules are never touched. Commands are argv lists (never a shell);
+operator's rules are never touched. Beacon drop and fallback isolation match
+every pseudo-wire by the interface-name prefix (`mb*`), so they cost nothing
+per lease; only a restricted lease adds (and removes) one element or rule. Commands are argv lists (never a shell);
 interface and profile names are checked before they reach an argument.
 """
 
@@ -14,6 +16,7 @@ TABLE = "microbroker"
 BEACON_ETHERTYPE = "0xfc00"   # cjdns beacons never cross a pseudo-wire
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 _PROFILE = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
 
 
 class FilterError(Exception):
@@ -45,11 +48,7 @@ def _run(argv, stdin=None, check=True):
 
 
 class Nft:
-    """nftables bridge family: sets of our ports and a verdict map to profiles.
-
-    A lease adds its interface to a set (beacon drop) and, when restricted,
-    maps it to its profile's chain: one `nft` call per lease, no rule handles.
-    """
+    """nftables bridge family: static prefix rules and a verdict map ifname -> profile."""
 
     name = "nft"
 
@@ -59,80 +58,70 @@ class Nft:
     def _apply(self, script, check=True):
         return _run([self.nft, "-f", "-"], script, check)
 
-    def ensure(self, profiles):
-        """Create our table if missing and (re)write every profile chain."""
+    def ensure(self, prefix, profiles, isolate=False):
+        """Create our table if missing and (re)write every profile chain.
+
+        isolate adds the fallback port isolation for kernels without
+        IFLA_BRPORT_ISOLATED.
+        """
+        pw = '"%s*"' % _check(prefix, _PREFIX)
         lines = []
         if _run([self.nft, "list", "table", "bridge", TABLE], check=False).returncode != 0:
+            t = "bridge " + TABLE
             lines += [
-                "add table bridge %s" % TABLE,
-                "add set bridge %s pw { type ifname; }" % TABLE,
-                "add map bridge %s restrict { type ifname : verdict; }" % TABLE,
-                "add set bridge %s iso { type ifname; }" % TABLE,
-                "add chain bridge %s input { type filter hook input priority -200; }" % TABLE,
-                "add chain bridge %s forward { type filter hook forward priority -200; }" % TABLE,
-                "add chain bridge %s output { type filter hook output priority -200; }" % TABLE,
-                "add rule bridge %s input iifname @pw ether type %s drop" % (TABLE,
-                                                                           BEACON_ETHERTYPE),
-                "add rule bridge %s input iifname vmap @restrict" % TABLE,
-                "add rule bridge %s forward iifname @pw ether type %s drop" % (TABLE,
-                                                                             BEACON_ETHERTYPE),
-                "add rule bridge %s forward oifname @pw ether type %s drop" % (TABLE,
-                                                                             BEACON_ETHERTYPE),
-                # Fallback isolation for kernels without IFLA_BRPORT_ISOLATED.
-                "add rule bridge %s forward iifname @iso oifname @iso drop" % TABLE,
-                "add rule bridge %s forward iifname vmap @restrict" % TABLE,
-                "add rule bridge %s output oifname @pw ether type %s drop" % (TABLE,
-                                                                            BEACON_ETHERTYPE),
+                "add table %s" % t,
+                "add map %s restrict { type ifname : verdict; }" % t,
+                "add chain %s input { type filter hook input priority -200; }" % t,
+                "add chain %s forward { type filter hook forward priority -200; }" % t,
+                "add chain %s output { type filter hook output priority -200; }" % t,
+                "add chain %s isolate" % t,
+                "add rule %s input iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+                "add rule %s input iifname vmap @restrict" % t,
+                "add rule %s forward iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+                "add rule %s forward oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+                "add rule %s forward jump isolate" % t,
+                "add rule %s forward iifname vmap @restrict" % t,
+                "add rule %s output oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
             ]
+        lines += ["flush chain bridge %s isolate" % TABLE]
+        if isolate:
+            lines += ["add rule bridge %s isolate iifname %s oifname %s drop" % (TABLE, pw, pw)]
         for name, ports in sorted(profiles.items()):
             chain = "r_" + _check(name, _PROFILE)
             tcp = ", ".join(str(p) for p in [53] + [p for p in _ports(ports) if p != 53])
+            rule = "add rule bridge %s %s " % (TABLE, chain)
             lines += [
                 "add chain bridge %s %s" % (TABLE, chain),
                 "flush chain bridge %s %s" % (TABLE, chain),
-                "add rule bridge %s %s ether type arp accept" % (TABLE, chain),
+                rule + "ether type arp accept",
                 # ICMP and ICMPv6: neighbour discovery, RA and path MTU need them.
-                "add rule bridge %s %s ip protocol icmp accept" % (TABLE, chain),
-                "add rule bridge %s %s ip6 nexthdr ipv6-icmp accept" % (TABLE, chain),
-                "add rule bridge %s %s ip protocol udp udp dport { 53, 67 } accept" % (TABLE,
-                                                                                     chain),
-                "add rule bridge %s %s ip6 nexthdr udp udp dport { 53, 547 } accept" % (TABLE,
-                                                                                      chain),
-                "add rule bridge %s %s ip protocol tcp tcp dport { %s } accept" % (TABLE, chain,
-                                                                                 tcp),
-                "add rule bridge %s %s ip6 nexthdr tcp tcp dport { %s } accept" % (TABLE, chain,
-                                                                                 tcp),
-                "add rule bridge %s %s drop" % (TABLE, chain),
+                rule + "ip protocol icmp accept",
+                rule + "ip6 nexthdr ipv6-icmp accept",
+                rule + "ip protocol udp udp dport { 53, 67 } accept",
+                rule + "ip6 nexthdr udp udp dport { 53, 547 } accept",
+                rule + "ip protocol tcp tcp dport { %s } accept" % tcp,
+                rule + "ip6 nexthdr tcp tcp dport { %s } accept" % tcp,
+                rule + "drop",
             ]
-        if lines:
-            self._apply("\n".join(lines) + "\n")
-
-    def add_port(self, ifname, profile=None, isolate=False, ports=()):
-        _check(ifname)
-        lines = ["add element bridge %s pw { %s }" % (TABLE, ifname)]
-        if profile:
-            lines.append("add element bridge %s restrict { %s : jump r_%s }" %
-                         (TABLE, ifname, _check(profile, _PROFILE)))
-        if isolate:
-            lines.append("add element bridge %s iso { %s }" % (TABLE, ifname))
         self._apply("\n".join(lines) + "\n")
 
+    def add_port(self, ifname, profile, ports=()):
+        """Send a restricted port's traffic through its profile."""
+        self._apply("add element bridge %s restrict { %s : jump r_%s }\n" %
+                    (TABLE, _check(ifname), _check(profile, _PROFILE)))
+
     def remove_port(self, ifname):
-        _check(ifname)
-        # One call each: deleting an absent element fails its whole transaction.
-        for what in ("pw", "restrict", "iso"):
-            self._apply("delete element bridge %s %s { %s }\n" % (TABLE, what, ifname),
-                        check=False)
+        self._apply("delete element bridge %s restrict { %s }\n" % (TABLE, _check(ifname)),
+                    check=False)
 
     def ports(self):
-        """Interfaces in our port set (for reconcile)."""
-        p = _run([self.nft, "list", "set", "bridge", TABLE, "pw"], check=False)
-        if p.returncode != 0:
-            return set()
-        m = re.search(r"elements = \{([^}]*)\}", p.stdout)
+        """Interfaces mapped to a profile (for reconcile)."""
+        p = _run([self.nft, "list", "map", "bridge", TABLE, "restrict"], check=False)
+        m = re.search(r"elements = \{([^}]*)\}", p.stdout) if p.returncode == 0 else None
         if not m:
             return set()
-        return {e.strip().strip('"') for e in m.group(1).split(",") if e.strip()}
+        return {e.split(":")[0].strip().strip('"') for e in m.group(1).split(",")
+                if e.strip()}
 
 
 class Ebtables:
@@ -164,8 +153,22 @@ class Ebtables:
             r.append(("-p", "IPv6", "--ip6-proto", "tcp", "--ip6-dport", p))
         return r
 
+    @staticmethod
+    def static_rules(prefix, isolate):
+        pw = _check(prefix, _PREFIX) + "+"
+        r = [("MB-IN", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
+             ("MB-FWD", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
+             ("MB-FWD", "-o", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
+             ("MB-OUT", "-o", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP")]
+        if isolate:
+            r.append(("MB-FWD", "-i", pw, "-o", pw, "-j", "DROP"))
+        return r
+
     def _chains(self):
-        """{chain: (entries, rule lines)} from one `ebtables -L`."""
+        """{chain: [entries, rule argv lists]} from one `ebtables -L`.
+
+        ebtables-nft ignores --Lx, so parse the plain listing both print.
+        """
         out, chain = {}, None
         for line in self._e("-L", check=False).stdout.splitlines():
             if line.startswith("Bridge chain: "):
@@ -176,15 +179,26 @@ class Ebtables:
                 out[chain][1].append(line.split())
         return out
 
-    def ensure(self, profiles):
+    def ensure(self, prefix, profiles, isolate=False):
         """Our chains in place; one listing call when nothing needs doing
         (a CGI process calls this on every lease)."""
+        _check(prefix, _PREFIX)
+        for name, ports in profiles.items():
+            self.profile_chain(name, ports)
         have = self._chains()
+        fresh = False
         for builtin, ours in self.CHAINS:
             if ours not in have:
                 self._e("-N", ours, "-P", "RETURN")
+                fresh = True
             if ["-j", ours] not in have.get(builtin, [0, []])[1]:
                 self._e("-I", builtin, "-j", ours)
+        static = self.static_rules(prefix, isolate)
+        n = sum(have.get(c, [0])[0] for _, c in self.CHAINS)
+        if fresh or n < len(static):
+            for chain, *spec in static:
+                if self._e("-C", chain, *spec, check=False).returncode != 0:
+                    self._e("-A", chain, *spec)
         for name, ports in sorted(profiles.items()):
             chain = self.profile_chain(name, ports)
             rules = self.profile_rules(ports)
@@ -200,55 +214,30 @@ class Ebtables:
             for spec in reversed(rules):
                 self._e("-I", chain, "1", *spec, "-j", "ACCEPT")
 
-    def _rules(self, ifname, profile, isolate, ports=()):
-        r = [("MB-IN", "-i", ifname, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
-             ("MB-FWD", "-i", ifname, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
-             ("MB-FWD", "-o", ifname, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
-             ("MB-OUT", "-o", ifname, "-p", BEACON_ETHERTYPE, "-j", "DROP")]
-        if isolate:
-            # Fallback isolation: nothing from this port to another pseudo-wire.
-            r.append(("MB-FWD", "-i", ifname, "-o", "mb+", "-j", "DROP"))
-        if profile:
-            chain = self.profile_chain(profile, ports)
-            r += [("MB-IN", "-i", ifname, "-j", chain), ("MB-FWD", "-i", ifname, "-j", chain)]
-        return r
-
-    def add_port(self, ifname, profile=None, isolate=False, ports=()):
+    def add_port(self, ifname, profile, ports=()):
         _check(ifname)
+        chain = self.profile_chain(profile, ports)
         self.remove_port(ifname)    # a retry must not stack duplicates
-        for chain, *spec in self._rules(ifname, profile, isolate, ports):
-            self._e("-A", chain, *spec)
-
-    def _listing(self):
-        """(chain, rule argv) of every rule in our chains, from `ebtables -L`.
-
-        ebtables-nft ignores --Lx, so parse the plain listing both print.
-        """
-        chain = None
-        p = self._e("-L", check=False)
-        for line in p.stdout.splitlines():
-            if line.startswith("Bridge chain: "):
-                chain = line[len("Bridge chain: "):].split(",")[0]
-            elif line.strip() and chain and chain.startswith("MB-") and \
-                    not line.startswith("Bridge "):
-                yield chain, line.split()
+        self._e("-A", "MB-IN", "-i", ifname, "-j", chain)
+        self._e("-A", "MB-FWD", "-i", ifname, "-j", chain)
 
     def remove_port(self, ifname):
         _check(ifname)
-        for chain, parts in list(self._listing()):
-            if ifname in (_after(parts, "-i"), _after(parts, "-o")):
-                self._e("-D", chain, *parts, check=False)
+        for chain in ("MB-IN", "MB-FWD"):
+            for parts in self._chains().get(chain, [0, []])[1]:
+                if _after(parts, "-i") == ifname:
+                    self._e("-D", chain, *parts, check=False)
 
     def ports(self):
-        return {_after(parts, "-o") for chain, parts in self._listing()
-                if chain == "MB-OUT"} - {None}
+        return {_after(parts, "-i") for parts in self._chains().get("MB-IN", [0, []])[1]
+                if _after(parts, "-j", "").startswith("MB-R-")} - {None}
 
 
-def _after(parts, flag):
+def _after(parts, flag, default=None):
     try:
         return parts[parts.index(flag) + 1]
     except (ValueError, IndexError):
-        return None
+        return default
 
 
 def probe(prefer=None):

@@ -15,7 +15,7 @@ def fake(tmp_path, monkeypatch):
     for name in ("nft", "ebtables"):
         p = tmp_path / name
         p.write_text("#!/bin/sh\nprintf '%%s ' \"$0\" \"$@\" >> %s\necho >> %s\n"
-                     "[ \"$1\" = -f ] && cat >> %s\nexit 0\n" % (log, log, log))
+                     "[ \"$1\" = -f ] && cat >> %s\n[ \"$1\" = list ] && exit 1\nexit 0\n" % (log, log, log))
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
     return log
@@ -26,28 +26,35 @@ def test_names_from_anywhere_are_checked_before_any_command(fake, bad):
     for f in (filters.Nft(str(fake.parent / "nft")),
               filters.Ebtables(str(fake.parent / "ebtables"))):
         with pytest.raises(ValueError):
-            f.add_port(bad)
+            f.add_port(bad, "web", [80])
         with pytest.raises(ValueError):
             f.remove_port(bad)
+        with pytest.raises(ValueError):
+            f.ensure(bad if bad != "a" * 16 else "a*", {})
     assert not fake.exists()
 
 
 def test_bad_profile_name_and_ports_rejected(fake):
     nft = filters.Nft(str(fake.parent / "nft"))
     with pytest.raises(ValueError):
-        nft.ensure({"web; flush ruleset": [80]})
+        nft.ensure("mb", {"web; flush ruleset": [80]})
     with pytest.raises(ValueError):
-        nft.ensure({"web": [0]})
+        nft.ensure("mb", {"web": [0]})
 
 
-def test_nft_port_goes_into_our_table_only(fake):
+def test_nft_rules_go_into_our_table_only(fake):
     nft = filters.Nft(str(fake.parent / "nft"))
-    nft.add_port("mb101", "web", isolate=True)
+    nft.add_port("mb101", "web", [80])
     calls = fake.read_text()
-    assert "add element bridge microbroker pw { mb101 }" in calls
     assert "add element bridge microbroker restrict { mb101 : jump r_web }" in calls
-    assert "add element bridge microbroker iso { mb101 }" in calls
-    assert all("microbroker" in l for l in calls.splitlines() if l.startswith(("add", "delete")))
+    nft.ensure("mb", {"web": [80, 443]}, isolate=True)
+    calls = fake.read_text()
+    assert 'iifname "mb*" ether type 0xfc00 drop' in calls
+    assert 'oifname "mb*" ether type 0xfc00 drop' in calls
+    assert 'isolate iifname "mb*" oifname "mb*" drop' in calls
+    assert "tcp dport { 53, 80, 443 } accept" in calls
+    rules = [l for l in calls.splitlines() if l.startswith(("add", "delete", "flush"))]
+    assert rules and all(" bridge microbroker" in l for l in rules)
 
 
 def test_ebtables_profile_chain_names_fit_and_change_with_ports():

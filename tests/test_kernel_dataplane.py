@@ -1,0 +1,258 @@
+"""The exit dataplane in a real kernel: bridge, isolation, beacons, filters, reconcile."""
+
+import os
+import socket
+import struct
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from microbroker import dataplane, l2tp, rtnl
+from microbroker.leases import LeaseStore
+from nsutil import inside, ping, run, wait_for
+
+pytestmark = pytest.mark.kernel
+
+EXIT_BR = "10.99.0.1"
+
+
+def service(name="exit", restrict="none", ports=(), isolate=True):
+    return SimpleNamespace(name=name, bridge="", isolate=isolate, restrict=restrict,
+                           ports=list(ports), mtu=1280)
+
+
+@pytest.fixture
+def exit_net(netns, tmp_path):
+    """An exit with two clients, each on its own veth, and a lease store."""
+    ex = netns.add("x")
+    clients = []
+    for i in (1, 2):
+        c = netns.add("c")
+        netns.link(ex, c, "fc00:%d::1/64" % i, "fc00:%d::2/64" % i, name_a="up%d" % i)
+        clients.append(c)
+    cfg = SimpleNamespace(tunnel_ids=(100, 199), filter="")
+    store = LeaseStore(str(tmp_path / "leases"), tunnel_ids=(100, 199),
+                       session_ids=(100, 199))
+    return SimpleNamespace(ns=ex, clients=clients, dp=dataplane.Dataplane(cfg), store=store,
+                           cfg=cfg, netns=netns)
+
+
+def lease_for(net, i, svc):
+    lease, _secret, _ = net.store.allocate("fc00:%d::2" % i, svc.name, "l2tpv3", "ip",
+                                           "fc00:%d::1" % i, 1280, 600)
+    with inside(net.ns):
+        net.dp.up(lease, svc)
+        try:
+            rtnl.Rtnl().add_address(dataplane.bridge_name(svc), EXIT_BR + "/24")
+        except rtnl.LinkExists:
+            pass
+    return lease
+
+
+def client_end(net, i, lease, addr):
+    """The client's side, built with our module (the shell client is tested elsewhere)."""
+    with inside(net.clients[i - 1]), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+        l2.create_tunnel(lease.peer_tunnel_id, lease.tunnel_id, lease.remote, lease.local)
+        l2.create_session(lease.peer_tunnel_id, lease.peer_session_id, lease.session_id,
+                          ifname="pw0")
+        rt.set_mtu("pw0", lease.mtu)
+        rt.set_up("pw0")
+        rt.add_address("pw0", addr + "/24")
+
+
+def test_two_clients_reach_the_exit_but_not_each_other(exit_net):
+    svc = service()
+    l1, l2_ = lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)
+    client_end(exit_net, 1, l1, "10.99.0.11")
+    client_end(exit_net, 2, l2_, "10.99.0.12")
+    c1, c2 = exit_net.clients
+    assert ping(c1, EXIT_BR) and ping(c2, EXIT_BR)
+    assert not ping(c1, "10.99.0.12", count=2, timeout=1)
+    assert not ping(c2, "10.99.0.11", count=2, timeout=1)
+    out = run("bridge", "-d", "link", "show", "dev", l1.ifname, ns=exit_net.ns)
+    assert "isolated on" in out and "master br-exit" in out
+    # Teardown leaves no tunnel, interface or filter element behind.
+    with inside(exit_net.ns):
+        exit_net.dp.down(l1)
+        exit_net.dp.down(l2_)
+    assert wait_for(lambda: run("ip", "l2tp", "show", "tunnel", ns=exit_net.ns).strip() == "")
+    with inside(exit_net.ns):
+        assert exit_net.dp.filters().ports() == set()
+
+
+def listen(ns, addr, ports):
+    """TCP listeners inside ns that accept and close; returns the sockets."""
+    socks = []
+    with inside(ns):
+        for p in ports:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((addr, p))
+            s.listen(8)
+            socks.append(s)
+
+    def serve(s):
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            c.close()
+    for s in socks:
+        threading.Thread(target=serve, args=(s,), daemon=True).start()
+    return socks
+
+
+def reaches(ns, addr, port):
+    with inside(ns):
+        s = socket.socket()
+    s.settimeout(1.5)
+    try:
+        s.connect((addr, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("backend", ["nft", "ebtables"])
+def test_restricted_client_reaches_dns_and_web_only(exit_net, backend):
+    exit_net.cfg.filter = backend
+    svc = service("web", restrict="dns+web", ports=(80, 443))
+    srv = exit_net.netns.add("s")
+    exit_net.netns.link(exit_net.ns, srv, "10.98.0.1/24", "10.98.0.2/24", name_a="srv0")
+    run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=exit_net.ns)
+    run("ip", "route", "add", "default", "via", "10.98.0.1", ns=srv)
+    lease = lease_for(exit_net, 1, svc)
+    client_end(exit_net, 1, lease, "10.99.0.11")
+    c1 = exit_net.clients[0]
+    run("ip", "route", "add", "default", "via", EXIT_BR, ns=c1)
+    socks = listen(srv, "10.98.0.2", (53, 80, 443, 22, 8080))
+    with inside(exit_net.ns):
+        assert exit_net.dp.filters().ports() == {lease.ifname}
+    try:
+        assert reaches(c1, "10.98.0.2", 53)
+        assert reaches(c1, "10.98.0.2", 80)
+        assert reaches(c1, "10.98.0.2", 443)
+        assert not reaches(c1, "10.98.0.2", 22)
+        assert not reaches(c1, "10.98.0.2", 8080)
+        # The same service without restriction reaches 22: the filter did it.
+        with inside(exit_net.ns):
+            exit_net.dp.filters().remove_port(lease.ifname)
+        assert reaches(c1, "10.98.0.2", 22)
+        with inside(exit_net.ns):
+            assert exit_net.dp.filters().ports() == set()
+    finally:
+        for s in socks:
+            s.close()
+
+
+ETH_P_ALL = 3
+
+
+def raw_socket(ns, ifname):
+    with inside(ns):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((ifname, 0))
+    s.settimeout(0.2)
+    return s
+
+
+def frame(ethertype, tag):
+    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x99" + struct.pack("!H", ethertype) + \
+        tag.ljust(46, b"\0")
+
+
+def seen(sock, tag, tries=10):
+    for _ in range(tries):
+        try:
+            data = sock.recv(2048)
+        except socket.timeout:
+            continue
+        if tag in data:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("backend", ["nft", "ebtables"])
+def test_cjdns_beacons_never_cross_a_pseudowire(exit_net, backend):
+    exit_net.cfg.filter = backend
+    svc = service()
+    lease = lease_for(exit_net, 1, svc)
+    client_end(exit_net, 1, lease, "10.99.0.11")
+    c1 = exit_net.clients[0]
+    # Client -> exit: watch the exit's bridge.
+    watch = raw_socket(exit_net.ns, "br-exit")
+    send = raw_socket(c1, "pw0")
+    try:
+        send.send(frame(0x88B5, b"control-in"))
+        assert seen(watch, b"control-in")          # the path works...
+        send.send(frame(0xFC00, b"beacon-in"))
+        assert not seen(watch, b"beacon-in")       # ...but not for beacons
+    finally:
+        watch.close()
+        send.close()
+    with inside(exit_net.ns):
+        assert exit_net.dp.filters().name == backend
+    # Exit -> client: sent on the bridge, watched at the client's end.
+    watch = raw_socket(c1, "pw0")
+    send = raw_socket(exit_net.ns, "br-exit")
+    try:
+        send.send(frame(0x88B5, b"control-out"))
+        assert seen(watch, b"control-out")
+        send.send(frame(0xFC00, b"beacon-out"))
+        assert not seen(watch, b"beacon-out")
+    finally:
+        watch.close()
+        send.close()
+
+
+
+def test_reconcile_restores_leases_and_removes_strays(exit_net):
+    svc = service()
+    l1, l2_ = lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)
+    client_end(exit_net, 1, l1, "10.99.0.11")
+    ex = exit_net.ns
+    # By hand, while "the broker is down": lose one session, add a stray in range.
+    run("ip", "l2tp", "del", "session", "tunnel_id", l1.tunnel_id, "session_id", l1.session_id,
+        ns=ex)
+    run("ip", "l2tp", "add", "tunnel", "tunnel_id", 150, "peer_tunnel_id", 150, "encap", "ip",
+        "local", "fc00:1::1", "remote", "fc00:1::2", ns=ex)
+    # Out of our range: not ours to touch.
+    run("ip", "l2tp", "add", "tunnel", "tunnel_id", 5000, "peer_tunnel_id", 5000, "encap", "ip",
+        "local", "fc00:1::1", "remote", "fc00:1::2", ns=ex)
+    assert wait_for(lambda: l1.ifname not in run("ip", "link", ns=ex))
+    fresh = dataplane.Dataplane(exit_net.cfg)   # a restarted broker
+    with inside(ex):
+        report = fresh.reconcile(exit_net.store, [svc])
+    assert report["rebuilt"] == [l1.lease_id]
+    assert report["removed"] == [150]
+    assert not report["failed"]
+    tunnels = run("ip", "l2tp", "show", "tunnel", ns=ex)
+    assert "Tunnel 150," not in tunnels and "Tunnel 5000," in tunnels
+    out = run("ip", "link", "show", l1.ifname, ns=ex)
+    assert "master br-exit" in out and "mtu 1280" in out and "UP" in out
+    assert ping(exit_net.clients[0], EXIT_BR)
+    # Nothing left to do: a second pass changes nothing.
+    with inside(ex):
+        again = fresh.reconcile(exit_net.store, [svc])
+    assert again == {"rebuilt": [], "removed": [], "failed": []}
+    run("ip", "l2tp", "del", "tunnel", "tunnel_id", 5000, ns=ex)
+
+
+def test_up_failure_leaves_nothing_behind(exit_net):
+    svc = service()
+    lease, _s, _ = exit_net.store.allocate("fc00:1::2", "exit", "l2tpv3", "ip",
+                                           "fc00:9::1", 1280, 600)   # not our address
+    with inside(exit_net.ns):
+        with pytest.raises(l2tp.L2TPError, match="local address"):
+            exit_net.dp.up(lease, svc)
+        assert exit_net.dp.filters().ports() == set()
+    assert run("ip", "l2tp", "show", "tunnel", ns=exit_net.ns).strip() == ""
+
+
+def test_status_reports_capability():
+    ok, why = dataplane.Dataplane(SimpleNamespace(tunnel_ids=(1, 2), filter="")).status()
+    assert ok and why == "" if os.geteuid() == 0 else not ok
