@@ -1,0 +1,692 @@
+"""microbroker-client under BusyBox sh, on the host: canned broker answers
+from a small HTTP server, a PATH of BusyBox applets only, and stand-ins for
+`ip`, `nft`, `ebtables` and `ubus` that keep a fake kernel in files and log
+every call. The real kernel is in tests/test_kernel_client.py (VM)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from standins.clientutil import (BUSYBOX, CLIENT, ROOT, CannedBroker,
+                                 Sandbox, error_answer, lease_answer,
+                                 offer_answer, sh_answer, standard_answers,
+                                 wait_for)
+
+SCRIPTS = [CLIENT, os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
+           os.path.join(ROOT, "init.d", "microbroker"),
+           os.path.join(ROOT, "init.d", "microbroker-client")]
+
+
+@pytest.fixture
+def broker():
+    b = CannedBroker()
+    standard_answers(b)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def box(tmp_path):
+    return Sandbox(tmp_path)
+
+
+def test_busybox_is_there():
+    assert os.path.exists(BUSYBOX), "busybox-static is needed (tests/setup)"
+    out = subprocess.run([BUSYBOX, "--list"], stdout=subprocess.PIPE,
+                         text=True).stdout.split()
+    assert "wget" in out and "sh" in out
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_scripts_parse_under_busybox_sh(path):
+    p = subprocess.run([BUSYBOX, "sh", "-n", path], stderr=subprocess.PIPE,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+
+
+BASHISMS = [
+    (r"\[\[", "[[ ]]"), (r"^\s*function\s", "function keyword"),
+    (r"\$'", "$'...' quoting"), (r"\[ [^]]* == ", "== in test"),
+    (r"echo -e", "echo -e"), (r"\$\{[A-Za-z_][A-Za-z0-9_]*:[0-9]", "${var:offset}"),
+    (r"\$RANDOM", "$RANDOM"), (r"^\s*source\s", "source"),
+    (r"<<<", "here-string"), (r"\bdeclare\b|\btypeset\b", "declare"),
+    (r"(^\s*|[;&|(]\s*)timeout\s", "timeout (not in OpenWrt's BusyBox)"),
+    (r"\bcurl\b", "curl"), (r"&>", "&> redirection"),
+]
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_scripts_have_no_bashisms(path):
+    bad = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            code = line.split("#")[0] if not line.lstrip().startswith("#") \
+                else ""
+            for rx, what in BASHISMS:
+                if re.search(rx, code):
+                    bad.append("%s:%d: %s: %s" % (os.path.basename(path), n,
+                                                   what, line.strip()))
+    assert not bad, "\n".join(bad)
+
+
+def test_client_never_evaluates():
+    with open(CLIENT) as f:
+        code = [l for l in f if not l.lstrip().startswith("#")]
+    assert not [l for l in code if re.search(r"\beval\b", l)]
+    # and sources nothing but netifd's own library
+    sources = [l.strip() for l in code if re.match(r"\s*\.\s", l)]
+    assert sources == ['. "${NETIFD_MAIN_DIR:-/lib/netifd}/netifd-proto.sh"']
+
+
+def test_help_and_usage_errors(box):
+    p = box.run("-h")
+    assert "Usage:" in p.stdout and "ip-full" in p.stdout
+    p = box.run("frobnicate", check=False)
+    assert p.returncode == 2 and "Usage:" in p.stderr
+    for args, msg in [(("-s", "ftp://x", "up"), "-s needs a URL"),
+                      (("-s", "http://[::1]:1/ x", "up"), "-s needs a URL"),
+                      (("-i", "a" * 16, "up"), "-i needs an interface"),
+                      (("-i", "-x", "up"), "-i needs an interface"),
+                      (("-S", "a b", "up"), "-S needs a service"),
+                      (("-b", "br;x", "up"), "-b needs a bridge"),
+                      (("-k", "a'b", "up"), "-k needs a token"),
+                      (("-T", "0", "up"), "-T needs seconds"),
+                      (("-d", "rel", "up"), "-d needs an absolute path")]:
+        p = box.run(*args, check=False)
+        assert p.returncode == 1 and msg in p.stderr, (args, p.stderr)
+    assert box.calls("ip") == []
+
+
+def test_up_builds_the_tunnel_from_the_lease(box, broker):
+    box.add_link("br-lan")
+    broker.set("/lease", lambda f: lease_answer(f, MAC="02:00:5e:00:00:01"))
+    box.run("-s", broker.url, "-S", "exit", "-b", "br-lan", "up")
+
+    (req,) = broker.seen("/lease")
+    assert req.method == "POST"
+    assert req.ctype == "application/x-www-form-urlencoded"
+    assert set(req.fields) == {"format", "service", "tunnel_id",
+                               "session_id"}
+    assert req.fields["format"] == "sh" and req.fields["service"] == "exit"
+    tid = req.fields["tunnel_id"]
+    assert re.fullmatch(r"[1-9][0-9]*", tid) and int(tid) <= 65535
+    assert req.fields["session_id"] == tid
+    assert not broker.seen("/offer"), "one exit and -S: no offer needed"
+
+    changes = [c for c in box.calls("ip") if c[1:3] != ("l2tp", "help")
+               and c[1:3] != ("l2tp", "show") and c[1:3] != ("link", "show")]
+    assert changes == [
+        ("ip", "l2tp", "add", "tunnel", "tunnel_id", tid, "peer_tunnel_id",
+         "7", "encap", "ip", "local", "fc00::2", "remote", "fc00::1"),
+        ("ip", "l2tp", "add", "session", "name", "mb0", "tunnel_id", tid,
+         "session_id", tid, "peer_session_id", "70"),
+        ("ip", "link", "set", "dev", "mb0", "mtu", "1280"),
+        ("ip", "link", "set", "dev", "mb0", "address", "02:00:5e:00:00:01"),
+        ("ip", "link", "set", "dev", "mb0", "master", "br-lan"),
+        ("ip", "link", "set", "dev", "mb0", "up"),
+    ]
+    k = box.kernel()
+    assert k["tunnel." + tid].split() == [tid, "7", "ip", "fc00::2",
+                                          "fc00::1"]
+    table = k["nft.mbclient-mb0"]
+    for rule in ('iifname "mb0" ether type 0xfc00 drop',
+                 'oifname "mb0" ether type 0xfc00 drop'):
+        assert rule in table
+    for hook in ("hook input", "hook forward", "hook output"):
+        assert hook in table
+    st = box.read_state()
+    assert st["LEASE_ID"] == "0123456789abcdef"
+    assert st["SECRET"] == "0123456789abcdef0123456789abcdef"
+    assert st["SERVER"] == broker.url and st["TUNNEL_ID"] == tid
+    assert st["FILTER"] == "nft" and st["BRIDGE"] == "br-lan"
+    assert oct(os.stat(os.path.join(box.state, "mb0.state")).st_mode
+               & 0o777) == "0o600"
+
+
+def test_down_releases_and_leaves_nothing(box, broker):
+    box.add_link("br-lan")
+    box.run("-s", broker.url, "-S", "exit", "-b", "br-lan", "up")
+    before = set(box.kernel())
+    box.run("down")
+    (rel,) = broker.seen("/release")
+    assert rel.method == "POST"
+    assert rel.fields == {"format": "sh", "lease_id": "0123456789abcdef",
+                          "secret": "0123456789abcdef0123456789abcdef"}
+    assert set(box.kernel()) == {"link.br-lan"}, before
+    assert box.state_files() == []
+    # down again: nothing to do, no error
+    box.run("down")
+    assert len(broker.seen("/release")) == 1
+
+
+@pytest.mark.parametrize("fetch", ["busybox", "gnu", "uclient"])
+def test_each_http_client(tmp_path, broker, fetch):
+    if fetch == "gnu" and not os.path.exists("/usr/bin/wget"):
+        pytest.fail("GNU wget is expected on this machine")
+    box = Sandbox(tmp_path, fetch=fetch)
+    box.run("-s", broker.url, "-S", "exit", "up")
+    box.run("status")
+    box.run("down")
+    assert [r.path for r in broker.seen()] == ["/lease", "/status",
+                                              "/release"]
+    prog = "uclient-fetch" if fetch == "uclient" else "wget"
+    used = [c for c in box.calls(prog) if "-O" in c]  # not the probes
+    assert len(used) == 3
+    for c in used:
+        if fetch == "gnu":
+            assert "-t" in c and "-T" in c  # one try, and a timeout
+        elif fetch == "uclient":
+            assert "-T" in c and "-t" not in c
+        else:  # this BusyBox wget has no -T: the script's own watchdog
+            assert "-T" not in c and "-t" not in c
+
+
+def test_busybox_wget_without_timeout_is_stopped_by_the_watchdog(box, broker):
+    broker.set("/offer", "hang")
+    p = box.run("-s", broker.url, "-T", "1", "offers", timeout=25)
+    assert "no answer" in p.stdout
+
+
+def test_status_shows_counters(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    p = box.run("status")
+    assert "lease 0123456789abcdef (exit)" in p.stdout
+    assert "rx 5 packets 500 bytes, tx 6 packets 600 bytes" in p.stdout
+    assert "present" in p.stdout
+
+
+HOSTILE = {
+    "command in address": dict(LOCAL="fc00::2;touch PWNED"),
+    "substitution in address": dict(LOCAL="$(touch PWNED)"),
+    "backticks in remote": dict(REMOTE="`touch PWNED`"),
+    "option as address": dict(REMOTE="-batch"),
+    "two ids": dict(PEER_TUNNEL_ID="7 8"),
+    "negative id": dict(PEER_SESSION_ID="-1"),
+    "zero id": dict(PEER_TUNNEL_ID="0"),
+    "id too big": dict(PEER_TUNNEL_ID="4294967296"),
+    "mtu with more words": dict(MTU="1280 up"),
+    "mac with more words": dict(MAC="02:00:00:00:00:01 up"),
+    "other kind": dict(KIND="ip6gretap"),
+    "encap injection": dict(ENCAP="ip local ::"),
+    "udp without ports": dict(ENCAP="udp"),
+    "lease id": dict(LEASE_ID="../../etc/passwd"),
+    "service name": dict(SERVICE="x y"),
+}
+
+
+@pytest.mark.parametrize("over", HOSTILE.values(), ids=list(HOSTILE))
+def test_hostile_lease_answers_never_reach_ip(box, broker, over):
+    broker.set("/lease", lambda f: lease_answer(f, **over))
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False)
+    assert p.returncode == 1
+    assert "unusable lease" in p.stderr
+    assert box.ip_calls("l2tp", "add") == []
+    assert box.ip_calls("link", "set") == []
+    assert not os.path.exists(os.path.join(box.tmp, "PWNED"))
+    assert box.state_files() == []
+    if "LEASE_ID" not in over:
+        # a lease we cannot use is given back at once
+        assert [r.fields["lease_id"] for r in broker.seen("/release")] == \
+            ["0123456789abcdef"]
+
+
+def test_answer_lines_outside_the_format_are_ignored(box, broker):
+    def answer(f):
+        return ("# comment\n" + "LOCAL=fc00::66\n" + "lower='x'\n" +
+                "REMOTE='fc00::66' ; touch PWNED\n" + "MTU=\"9000\"\n" +
+                " TUNNEL_ID='1'\n" + "X-Y='1'\n" + lease_answer(f) +
+                "PEER_TUNNEL_ID='7'x\n" + "SECRET_EXTRA='$(touch PWNED)'\n")
+    broker.set("/lease", answer)
+    box.run("-s", broker.url, "-S", "exit", "up")
+    (add,) = box.ip_calls("l2tp", "add", "tunnel")
+    assert add[-4:] == ("local", "fc00::2", "remote", "fc00::1")
+    assert ("link", "set", "dev", "mb0", "mtu", "1280") in \
+        box.ip_calls("link", "set")
+    assert not os.path.exists(os.path.join(box.tmp, "PWNED"))
+
+
+def test_error_answers_are_reported_not_run(box, broker):
+    broker.set("/lease", error_answer("full", 503, "service exit is full "
+                                      "$(touch PWNED)", retry_after=30))
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False)
+    assert p.returncode == 1
+    assert "full: service exit is full $(touch PWNED)" in p.stderr
+    assert box.ip_calls("l2tp", "add") == []
+    assert not os.path.exists(os.path.join(box.tmp, "PWNED"))
+
+
+def test_http_error_without_shell_answer(box, broker):
+    broker.set("/lease", (500, "oops"))
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False)
+    assert p.returncode == 1 and "no answer from" in p.stderr
+    broker.set("/lease", "<html>captive portal</html>\n")
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False)
+    assert p.returncode == 1 and "shell format" in p.stderr
+
+
+def test_id_conflict_proposes_other_ids(box, broker):
+    broker.set("/lease", error_answer("id_conflict", 409, "taken"),
+               lambda f: lease_answer(f))
+    box.run("-s", broker.url, "-S", "exit", "up")
+    first, second = broker.seen("/lease")
+    assert first.fields["tunnel_id"] != second.fields["tunnel_id"]
+    tid = second.fields["tunnel_id"]
+    assert box.ip_calls("l2tp", "add", "tunnel")[0][4] == tid
+
+
+def test_proposed_ids_avoid_tunnels_already_here(box, broker):
+    # every id but one is taken in the fake kernel: the client finds it
+    with open(os.path.join(box.fake, "tunnel.1"), "w") as f:
+        f.write("1 2 ip fc00::2 fc00::9\n")
+    taken = set()
+    for _ in range(3):
+        box.run("-s", broker.url, "-S", "exit", "up")
+        (req,) = broker.seen("/lease")[-1:]
+        taken.add(req.fields["tunnel_id"])
+        box.run("down")
+    assert "1" not in taken
+
+
+def test_missing_ip_full_is_said_clearly(box, broker):
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False,
+                env={"FAKE_IP_NO_L2TP": "1"})
+    assert p.returncode == 1
+    assert "ip-full" in p.stderr and "opkg install ip-full" in p.stderr
+    assert broker.seen() == [], "no lease without a way to build it"
+
+
+def test_kernel_refusal_gives_the_lease_back(box, broker):
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False,
+                env={"FAKE_IP_FAIL_TUNNEL": "1"})
+    assert p.returncode == 1
+    assert "is fc00::2 an address of this host" in p.stderr
+    assert len(broker.seen("/release")) == 1
+    assert box.state_files() == []
+    assert [k for k in box.kernel() if not k.startswith("link.br")] == []
+
+
+def test_offers_and_the_least_loaded_exit(tmp_path):
+    busy, idle, other, broken = (CannedBroker() for _ in range(4))
+    try:
+        busy.set("/offer", offer_answer({"exit": (10, 9)}, name="busy"))
+        idle.set("/offer", offer_answer({"exit": (10, 2), "extra": (5, 0)},
+                                        name="idle"))
+        other.set("/offer", offer_answer({"extra": (10, 0)}, name="other"))
+        broken.set("/offer", (500, "down"))
+        for b in (busy, idle):
+            b.set("/lease", lambda f: lease_answer(f))
+        box = Sandbox(tmp_path)
+        urls = []
+        for b in (broken, busy, other, idle):
+            urls += ["-s", b.url]
+        p = box.run(*urls, "-S", "exit", "pick")
+        assert p.stdout.strip() == idle.url
+        assert "does not offer service exit" in p.stderr
+        p = box.run(*urls, "offers")
+        out = p.stdout
+        assert "%s: no answer" % broken.url in out
+        assert "%s: busy (microbroker 0.1.0), ready, 9 of 256" % busy.url \
+            in out
+        assert "  exit: l2tpv3/ip over IPv6, mtu 1280, lease 600s, 1 of 10 " \
+            "free" in out
+        assert "  extra: l2tpv3/ip over IPv6" in out
+        # without -S: each exit's first service; "other" offers extra only
+        assert out.rstrip().endswith("least loaded for service extra: %s"
+                                     % other.url)
+        box.run(*urls, "-S", "exit", "up")
+        assert [r.path for r in idle.seen()][-1] == "/lease"
+        assert busy.seen("/lease") == [] and other.seen("/lease") == []
+        assert box.read_state()["SERVER"] == idle.url
+    finally:
+        for b in (busy, idle, other, broken):
+            b.close()
+
+
+def test_next_exit_when_the_best_refuses(tmp_path):
+    a, b = CannedBroker(), CannedBroker()
+    try:
+        for x in (a, b):
+            standard_answers(x)
+        a.set("/offer", offer_answer({"exit": (10, 0)}))
+        b.set("/offer", offer_answer({"exit": (10, 5)}))
+        a.set("/lease", error_answer("forbidden", 403, "not you"))
+        box = Sandbox(tmp_path)
+        box.run("-s", a.url, "-s", b.url, "up")
+        assert len(a.seen("/lease")) == 1 and len(b.seen("/lease")) == 1
+        assert box.read_state()["SERVER"] == b.url
+    finally:
+        a.close()
+        b.close()
+
+
+def test_service_defaults_to_the_first_offered(box, broker):
+    broker.set("/offer", offer_answer({"fast": (4, 0), "slow": (4, 0)}))
+    box.run("-s", broker.url, "up")
+    (req,) = broker.seen("/lease")
+    assert req.fields["service"] == "fast"
+    (offer,) = broker.seen("/offer")
+    assert offer.method == "GET" and offer.fields == {"format": "sh"}
+
+
+def test_token_is_sent_urlencoded(box, broker):
+    token = "a&b=c%d+e/f?g#h"
+    box.run("-s", broker.url, "-S", "exit", "-k", token, "up")
+    (req,) = broker.seen("/lease")
+    assert req.fields["token"] == token
+
+
+def test_udp_encap(box, broker):
+    broker.set("/lease", lambda f: lease_answer(f, ENCAP="udp",
+                                                UDP_SPORT="40000",
+                                                UDP_DPORT="1701"))
+    box.run("-s", broker.url, "-S", "exit", "up")
+    (add,) = box.ip_calls("l2tp", "add", "tunnel")
+    assert add[-4:] == ("udp_sport", "40000", "udp_dport", "1701")
+
+
+def test_up_again_resumes_the_kept_lease(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    adds = len(box.ip_calls("l2tp", "add"))
+    p = box.run("up")
+    assert "resumed lease 0123456789abcdef" in p.stderr
+    assert [r.path for r in broker.seen()] == ["/lease", "/renew"]
+    assert broker.seen("/renew")[0].fields == {
+        "format": "sh", "lease_id": "0123456789abcdef",
+        "secret": "0123456789abcdef0123456789abcdef"}
+    assert len(box.ip_calls("l2tp", "add")) == adds
+    assert box.ip_calls("l2tp", "del") == []
+
+
+def test_resume_rebuilds_a_tunnel_that_is_gone(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    for f in os.listdir(box.fake):
+        os.unlink(os.path.join(box.fake, f))  # e.g. modules reloaded
+    box.run("up")
+    assert len(box.ip_calls("l2tp", "add", "tunnel")) == 2
+    assert "link.mb0" in box.kernel()
+
+
+def test_forgotten_lease_is_leased_again_keeping_the_tunnel(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    tid = box.read_state()["TUNNEL_ID"]
+    broker.set("/renew", error_answer("not_found", 404, "no such lease"))
+    broker.set("/lease", lambda f: lease_answer(
+        f, LEASE_ID="fedcba9876543210",
+        SECRET="fedcba9876543210fedcba9876543210"))
+    p = box.run("up")
+    assert "forgot lease 0123456789abcdef" in p.stderr
+    second = broker.seen("/lease")[1]
+    assert second.fields["tunnel_id"] == tid, "the same ids again"
+    # nothing changed in the tunnel: it stays as it is
+    assert box.ip_calls("l2tp", "del") == []
+    assert len(box.ip_calls("l2tp", "add", "tunnel")) == 1
+    st = box.read_state()
+    assert st["LEASE_ID"] == "fedcba9876543210"
+    assert st["SECRET"] == "fedcba9876543210fedcba9876543210"
+
+
+def test_forgotten_lease_with_new_exit_ids_rebuilds(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    broker.set("/renew", error_answer("not_found", 404, "no such lease"))
+    broker.set("/lease", lambda f: lease_answer(f, PEER_TUNNEL_ID="8",
+                                                PEER_SESSION_ID="80"))
+    box.run("up")
+    assert len(box.ip_calls("l2tp", "del", "tunnel")) == 1
+    add = box.ip_calls("l2tp", "add", "tunnel")[-1]
+    assert add[6] == "8"
+    assert box.ip_calls("l2tp", "add", "session")[-1][-1] == "80"
+
+
+def test_renew_command(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up")
+    box.run("renew")
+    assert len(broker.seen("/renew")) == 1
+    broker.set("/renew", error_answer("forbidden", 403, "wrong secret"))
+    p = box.run("renew", check=False)
+    assert p.returncode == 1 and "forgot lease" in p.stderr
+
+
+def test_down_without_state_cleans_up_by_interface_name(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "-f", "ebtables", "up")
+    os.unlink(os.path.join(box.state, "mb0.state"))  # e.g. /var/run lost
+    box.run("down")
+    k = box.kernel()
+    assert [n for n, v in k.items() if v] == [], k
+    assert broker.seen("/release") == []
+
+
+def test_ebtables_filter(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "-f", "ebtables", "up")
+    k = box.kernel()
+    assert k["ebchain.mbclient-mb0"] == "-p 0xfc00 -j DROP\n"
+    assert k["eb.INPUT"] == "-i mb0 -j mbclient-mb0\n"
+    assert sorted(k["eb.FORWARD"].splitlines()) == [
+        "-i mb0 -j mbclient-mb0", "-o mb0 -j mbclient-mb0"]
+    assert k["eb.OUTPUT"] == "-o mb0 -j mbclient-mb0\n"
+    assert not [n for n in k if n.startswith("nft.")]
+    assert box.read_state()["FILTER"] == "ebtables"
+    box.run("down")
+    k = box.kernel()
+    assert not [n for n in k if n.startswith(("ebchain.", "tunnel.", "link."))]
+    assert all(v == "" for n, v in k.items() if n.startswith("eb."))
+
+
+def test_filter_falls_back_from_nft_to_ebtables(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "up",
+            env={"FAKE_NFT_BROKEN": "1"})
+    assert box.read_state()["FILTER"] == "ebtables"
+    assert "ebchain.mbclient-mb0" in box.kernel()
+
+
+def test_forced_filter_that_fails_fails_up(box, broker):
+    p = box.run("-s", broker.url, "-S", "exit", "-f", "nft", "up",
+                check=False, env={"FAKE_NFT_BROKEN": "1"})
+    assert p.returncode == 1 and "kmod-nft-bridge" in p.stderr
+    assert "tunnel." not in "".join(box.kernel())
+    assert len(broker.seen("/release")) == 1
+
+
+def test_no_filter_tool_warns(box, broker):
+    os.unlink(os.path.join(box.bin, "nft"))
+    os.unlink(os.path.join(box.bin, "ebtables"))
+    p = box.run("-s", broker.url, "-S", "exit", "up")
+    assert "no 0xfc00 beacon filter" in p.stderr
+    box.run("down")
+    p = box.run("-s", broker.url, "-S", "exit", "-f", "none", "up")
+    assert "beacon" not in p.stderr
+
+
+def test_bridge_of_a_netifd_interface(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "-b", "@lan", "up")
+    assert box.calls("ubus") == [("ubus", "call", "network.interface.lan",
+                                  "add_device", '{ "name": "mb0" }')]
+    assert box.ip_calls("link", "set", "dev", "mb0", "master") == []
+    box.run("down")
+    assert box.calls("ubus")[-1] == ("ubus", "call", "network.interface.lan",
+                                     "remove_device", '{ "name": "mb0" }')
+
+
+def test_missing_bridge_fails_up(box, broker):
+    p = box.run("-s", broker.url, "-S", "exit", "-b", "br-nope", "up",
+                check=False)
+    assert p.returncode == 1 and "no bridge br-nope" in p.stderr
+    assert len(broker.seen("/release")) == 1
+    assert box.kernel() == {}
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_run_renews_releases_again_and_stops_cleanly(box, broker):
+    standard_answers(broker, RENEW_INTERVAL="1", LIFETIME="30")
+    proc = box.start("-s", broker.url, "-S", "exit", "-N", "exitvpn", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 2), \
+            proc.stderr.read() if proc.poll() is not None else "no renew"
+        pid = open(os.path.join(box.state, "mb0.pid")).read().strip()
+        assert pid == str(proc.pid)
+        # the exit forgets the lease: the client leases again
+        broker.set("/renew", error_answer("not_found", 404, "gone"),
+                   lambda f: lease_answer(f, secret=False,
+                                          RENEW_INTERVAL="1"))
+        assert wait_for(lambda: len(broker.seen("/lease")) >= 2)
+        # another client on the same interface is refused
+        p = box.run("-s", broker.url, "run", check=False)
+        assert p.returncode == 1 and "already running" in p.stderr
+        p = box.run("-s", broker.url, "up", check=False)
+        assert p.returncode == 1 and "keeps mb0" in p.stderr
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    assert "forgot lease" in err and "stopping" in err
+    assert broker.seen()[-1].path == "/release", (broker.seen(), err)
+    assert box.kernel() == {}
+    assert box.state_files() == []
+    # netifd heard of the link (once per lease and renew)
+    log = box.calls()
+    assert ("proto_init_update", "mb0", "1") in log
+    assert ("proto_send_update", "exitvpn") in log
+
+
+def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):
+    standard_answers(broker, RENEW_INTERVAL="1")
+    proc = box.start("-s", broker.url, "-S", "exit", "-N", "wan6", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 3)
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    assert netifd == [("proto_init_update", "mb0", "1"),
+                      ("proto_send_update", "wan6")]
+
+
+def test_run_backs_off_on_errors_and_honours_retry_after(box, broker):
+    broker.set("/lease", error_answer("full", 503, "full", retry_after=1),
+               error_answer("too_many", 429, "slow down", retry_after=1),
+               lambda f: lease_answer(f, RENEW_INTERVAL="30"))
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    try:
+        assert wait_for(lambda: "link.mb0" in box.kernel())
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0
+    assert len(broker.seen("/lease")) == 3
+    assert "no lease: full: full; next try in 1s" in err
+    assert box.kernel() == {}
+
+
+def test_run_survives_an_unreachable_exit_until_the_lease_runs_out(box,
+                                                                   broker):
+    standard_answers(broker, RENEW_INTERVAL="1", LIFETIME="3")
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    try:
+        assert wait_for(lambda: broker.seen("/renew"))
+        broker.set("/renew", (500, ""))  # like a broker being restarted
+        broker.set("/lease", (500, ""))
+        assert wait_for(lambda: box.kernel() == {}), \
+            "the tunnel goes once its lease has run out"
+        n = len(broker.seen("/lease"))
+        standard_answers(broker, RENEW_INTERVAL="1", LIFETIME="3")
+        assert wait_for(lambda: len(broker.seen("/lease")) > n and
+                        "link.mb0" in box.kernel())
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0
+    assert "renew failed: no answer" in err and "ran out" in err
+
+
+def test_run_resumes_after_its_own_restart(box, broker):
+    standard_answers(broker, RENEW_INTERVAL="1")
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    assert wait_for(lambda: broker.seen("/renew"))
+    proc.kill()  # no chance to clean up
+    proc.wait()
+    n = len(broker.seen("/lease"))
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 3)
+    finally:
+        rc, out, err = stop(proc)
+    assert "resumed lease" in err
+    assert len(broker.seen("/lease")) == n
+    assert len(box.ip_calls("l2tp", "add", "tunnel")) == 1
+
+
+def test_down_stops_a_run_loop(box, broker):
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    try:
+        assert wait_for(lambda: os.path.exists(os.path.join(box.state,
+                                                            "mb0.state")))
+        box.run("down")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert broker.seen()[-1].path == "/release"
+    assert box.kernel() == {} and box.state_files() == []
+
+
+def test_two_interfaces_side_by_side(box, broker):
+    box.run("-s", broker.url, "-S", "exit", "-i", "mb0", "up")
+    box.run("-s", broker.url, "-S", "exit", "-i", "mb1", "up")
+    t0, t1 = (box.read_state(i)["TUNNEL_ID"] for i in ("mb0", "mb1"))
+    assert t0 != t1
+    box.run("-i", "mb0", "down")
+    k = box.kernel()
+    assert "link.mb1" in k and "nft.mbclient-mb1" in k
+    assert "link.mb0" not in k and "nft.mbclient-mb0" not in k
+    box.run("-i", "mb1", "down")
+    assert box.kernel() == {}
+
+
+def test_against_the_real_broker_without_a_dataplane(box, tmp_path):
+    """The contract end to end: `microbroker serve --dataplane none`."""
+    import socket
+    s = socket.socket(socket.AF_INET6)
+    s.bind(("::1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    cfg = tmp_path / "microbroker"
+    cfg.write_text("config broker\n\toption dataplane 'none'\n"
+                   "config service 'default'\n\toption lifetime '600'\n")
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "microbroker", "-c", str(cfg), "serve",
+         "--listen", "[::1]:%d" % port, "--state-dir", str(tmp_path / "exit")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = "http://[::1]:%d" % port
+    try:
+        assert wait_for(lambda: "leases used" in box.run(
+            "-s", url, "offers", check=False).stdout or
+            srv.poll() is not None, timeout=30)
+        assert srv.poll() is None, srv.communicate()[1]
+        p = box.run("-s", url, "offers")
+        assert "default: l2tpv3/ip over IPv6, mtu 1280, lease 600s, 256 of " \
+            "256 free" in p.stdout
+        assert "cannot build tunnels now: dataplane none" in p.stdout
+        box.run("-s", url, "up")
+        st = box.read_state()
+        assert st["LOCAL"] == "::1" and st["REMOTE"] == "::1"
+        assert st["SERVICE"] == "default"
+        add = box.ip_calls("l2tp", "add", "tunnel")[0]
+        tid = add[4]
+        assert add[5:] == ("peer_tunnel_id", st["PEER_TUNNEL_ID"], "encap",
+                           "ip", "local", "::1", "remote", "::1")
+        assert st["TUNNEL_ID"] == tid
+        box.run("renew")
+        assert "lease %s (default)" % st["LEASE_ID"] in \
+            box.run("status").stdout
+        p = box.run("down")
+        assert "released lease %s" % st["LEASE_ID"] in p.stderr
+        assert box.kernel() == {} and box.state_files() == []
+        assert "0 of 256 leases used" in box.run("-s", url, "offers").stdout
+    finally:
+        srv.terminate()
+        srv.communicate(timeout=30)
