@@ -9,7 +9,7 @@ through nft or ebtables, whichever is present.
 import os
 import time
 
-from . import filters, l2tp, rtnl
+from . import l2tp, rtnl
 
 
 class KernelUnavailable(Exception):
@@ -56,7 +56,9 @@ class Dataplane:
         return ok, why
 
     def filters(self):
+        # Imported here: subprocess and re cost a CGI offer ~20 ms it never needs.
         if self._filters is False:
+            from . import filters
             self._filters = filters.probe(getattr(self.config, "filter", None) or None)
         return self._filters
 
@@ -150,7 +152,7 @@ class Dataplane:
         if f is not None and (svc is None or restrict_profile(svc)):
             try:
                 f.remove_port(lease.ifname)
-            except (filters.FilterError, ValueError):
+            except (OSError, ValueError, RuntimeError):
                 pass
         try:
             l2.delete_tunnel(lease.tunnel_id)

@@ -19,7 +19,7 @@ _PROFILE = re.compile(r"^[A-Za-z0-9_]{1,24}$")
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
 
 
-class FilterError(Exception):
+class FilterError(RuntimeError):
     pass
 
 
