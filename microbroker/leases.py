@@ -591,7 +591,10 @@ class _Txn:
         if first is None or len(first) < _HEAD.size:
             return first
         n = -(-(_HEAD.size + _HEAD.unpack_from(first)[3]) // chunk)
-        n = min(n, self.store.layout.get(name, 4096 * chunk) // chunk)
+        # A torn header must not send us probing for thousands of chunks.  meta
+        # is read before the layout is known (another process may have grown it).
+        bound = 4096 * chunk if name == b"meta" else self.store.layout.get(name, 4096 * chunk)
+        n = min(n, bound // chunk)
         parts = [first]
         for i in range(1, n):
             part = self._get(key + b".%d" % i)
@@ -732,13 +735,18 @@ class LeaseStore:
         self.mode = mode
         self.lock_path = self.path + ".lock"
         self._meta_raw = None
-        self.backend = self._choose_backend(_norm_backend(backend))
-        self._mod = _module(self.backend)
-        self.buckets = _BUCKETS[self.backend]   # replaced by the file's own value
-        self.fixed = self.backend in _CHUNK     # see _CHUNK
-        self.chunk = _CHUNK.get(self.backend, 0)
-        self.unit = _UNIT.get(self.backend, _MINCAP)
+        self._wanted = _norm_backend(backend)
+        self._use(self._choose_backend(self._wanted))
+
+    def _use(self, backend):
+        self.backend = backend
+        self._mod = _module(backend)
+        self.buckets = _BUCKETS[backend]        # replaced by the file's own value
+        self.fixed = backend in _CHUNK          # see _CHUNK
+        self.chunk = _CHUNK.get(backend, 0)
+        self.unit = _UNIT.get(backend, _MINCAP)
         self.layout = {}                        # record -> slot size, from meta
+        self._meta_raw = None
 
     @staticmethod
     def _range(r, name):
@@ -1403,8 +1411,16 @@ class _Call:
             if st.backend == "dbm.dumb":
                 st._fix_dumb_index()
             if not st._complete():
-                st._meta_raw, st.layout = None, {}
-                st._create()
+                # Another process may have created the file since we chose a
+                # backend: use what is there rather than start a second file.
+                found = st._present()
+                if found and found != [st.backend]:
+                    st._use(st._choose_backend(st._wanted))
+                    if st.backend == "dbm.dumb":
+                        st._fix_dumb_index()
+                if not st._complete():
+                    st._meta_raw, st.layout = None, {}
+                    st._create()
             self.tx = _Txn(st, self.writable)
             st._check_meta(self.tx)
             return self.tx
