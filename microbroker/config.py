@@ -530,7 +530,9 @@ BROKER = {
     "dataplane": (_choice("kernel", "none"), "kernel", False),
     "filter": (_choice("", "nft", "ebtables"), "", False),   # '': probe
     "sweep_interval": (_int(1, 86400), 30, False),  # seconds
-    "traffic_keepalive": (_bool, True, False),   # rising rx counters renew
+    # Rising rx counters renew a lease. Off by default: a client whose
+    # process died leaves a tunnel whose ND/MLD chatter would keep it alive.
+    "traffic_keepalive": (_bool, False, False),
     # HOOK up|down IFNAME LEASE_ID SERVICE CLIENT; a failing up fails the
     # lease
     "hook": (_opt_abspath, "", False),

@@ -179,7 +179,7 @@ def test_release_and_sweep_take_tunnels_down(setup):
 
 def test_traffic_keeps_a_lease_alive_until_it_falls_silent(setup):
     t = [1000.0]
-    b, dp = setup()
+    b, dp = setup(extra="config broker 'main'\n\toption traffic_keepalive '1'\n")
     b.clock = lambda: t[0]
     a = b.lease("fc00::1:1", "v6")
     lifetime = b.config.services["v6"].lifetime
@@ -194,9 +194,9 @@ def test_traffic_keeps_a_lease_alive_until_it_falls_silent(setup):
     assert ("down", a["lease_id"]) in dp.calls
 
 
-def test_traffic_keepalive_can_be_switched_off(setup):
+def test_traffic_keepalive_is_off_by_default(setup):
     t = [1000.0]
-    b, dp = setup(extra="config broker 'main'\n\toption traffic_keepalive '0'\n")
+    b, dp = setup()
     b.clock = lambda: t[0]
     a = b.lease("fc00::1:1", "v6")
     dp.stats = {"rx_packets": 5}
