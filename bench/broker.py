@@ -293,6 +293,8 @@ def main():
         srv.wait(timeout=30)
     bare_rss = bare_resident()
     stack_rss = [
+        ("RSS: import of http.server alone (+ ssl)",
+         bare_resident("import http.server")),
         ("RSS: import of the server's front door",
          bare_resident("import microbroker.server")),
         ("RSS: + lease store, dbm, hmac",

@@ -1,11 +1,19 @@
 """The standalone front door: `microbroker serve`.
 
-A threaded server on socketserver with its own small HTTP/1.1 request
-reader instead of http.server: http.server alone doubles the resident
-memory of the process and on OpenWrt pulls in python3-email and
-python3-urllib, while all we need is a request line, headers within a
-limit and a Content-Length body. Every decision about the request is
-web.App's, shared with the CGI entry.
+An `http.server` service: ThreadingHTTPServer listeners and a
+BaseHTTPRequestHandler subclass. http.server reads the request line and
+the headers; every decision about the request, errors included, is
+web.App's, shared with the CGI entry, so both doors answer byte for byte
+the same. http.server never answers on its own: its HTML error pages
+(send_error), its `Server:`/`Date:` headers and its stderr log lines are
+all replaced, and its own request-line dispatch (do_GET and friends, 501
+for other methods) is not used: the method is App's to judge.
+
+What http.server does not do by itself, and this module adds: one
+deadline for the whole request (a client trickling a byte at a time is
+dropped), a byte limit on the request head as a whole, strict header
+lines (no folding), a bounded number of connections (the rest get a short
+503), a body over max_body refused without being read.
 
 One request per connection (what wget and uclient-fetch do). IPv6 and
 IPv4 listeners; an IPv6 wildcard also takes IPv4 (mapped addresses are
@@ -13,12 +21,29 @@ normalised by web.py) unless an IPv4 listener shares its port.
 """
 
 import errno
+import io
 import os
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
+
+
+# http.client (imported by http.server) loads ssl when it can: libssl and
+# libcrypto, ~4 MiB of resident memory in a process that never speaks TLS.
+# OpenWrt's python3-light has no ssl at all, so there http.client is like
+# this anyway. Only when nothing here has loaded http.client or ssl yet;
+# `import ssl` works as usual afterwards (http.client just has no HTTPS).
+if "http.client" not in sys.modules and "ssl" not in sys.modules:
+    sys.modules["ssl"] = None    # makes `import ssl` an ImportError
+    try:
+        import http.server
+    finally:
+        del sys.modules["ssl"]
+import http.client  # noqa: E402
+import http.server  # noqa: E402
 
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_listen
@@ -47,177 +72,212 @@ def unquote_path(path):
         return None
 
 
-class _Reject(Exception):
-    """The request cannot be passed to the app; answer this error."""
+def encode_answer(answer):
+    """An App answer as the bytes of one HTTP/1.1 response."""
+    status, headers, body = answer
+    head = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error"))]
+    head += ["%s: %s" % h for h in headers]
+    head += ["Content-Length: %d" % len(body), "Connection: close", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body
 
-    def __init__(self, error):
-        self.error, self.fmt = error, "json"
 
-
-class _Reader:
-    """Lines and bytes from a socket, with one deadline for the whole
-    request (checked before every recv), so a client trickling a byte at
-    a time cannot hold a connection slot for long."""
+class _SocketInput(io.RawIOBase):
+    """The socket as a raw stream with one deadline for the whole
+    request, checked before every recv: a client trickling a byte at a
+    time cannot hold a connection slot for long."""
 
     def __init__(self, sock, timeout):
+        io.RawIOBase.__init__(self)
         self.sock = sock
         self.deadline = time.monotonic() + timeout
-        self.buf = b""
 
-    def _recv(self, n):
+    def readable(self):
+        return True
+
+    def readinto(self, b):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("request took too long")
         self.sock.settimeout(left)
-        return self.sock.recv(n)
-
-    def readline(self, limit):
-        while True:
-            i = self.buf.find(b"\n", 0, limit)
-            if i >= 0 or len(self.buf) >= limit:
-                end = i + 1 if i >= 0 else limit
-                line, self.buf = self.buf[:end], self.buf[end:]
-                return line
-            chunk = self._recv(8192)
-            if not chunk:
-                line, self.buf = self.buf, b""
-                return line
-            self.buf += chunk
-
-    def read(self, n):
-        while len(self.buf) < n:
-            chunk = self._recv(min(65536, n - len(self.buf)))
-            if not chunk:
-                break
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
+        return self.sock.recv_into(b)
 
 
-def _read_request(rfile, cfg):
-    """Read the request line and headers; None if the client went away,
-    else (method, target, headers, content_length, expect_100)."""
-    limit = max(HARD_HEADER_LIMIT, cfg.max_header)
-    line = rfile.readline(limit + 1)
-    if not line:
+class _RequestInput(io.BufferedReader):
+    """The handler's rfile. While the request head is read (`head` is a
+    list) every line is kept for checking and counted against one budget
+    for the whole head; past it, LineTooLong, which http.server answers
+    through send_error (-> 413 too_large)."""
+
+    def __init__(self, sock, timeout, head_limit):
+        io.BufferedReader.__init__(self, _SocketInput(sock, timeout))
+        self.head = []
+        self.head_left = head_limit
+
+    def readline(self, limit=-1):
+        line = io.BufferedReader.readline(self, limit)
+        if self.head is not None:
+            self.head.append(line)
+            self.head_left -= len(line)
+            if self.head_left < 0:
+                raise http.client.LineTooLong("request head")
+        return line
+
+
+def _check_head(lines):
+    """The header lines as read (request line first): None if the client
+    went away before the blank line, else a BrokerError or False (fine).
+    Stricter than http.client: a folded or malformed line is refused, not
+    joined to its neighbour or taken for the start of the body."""
+    if not lines or lines[-1] not in (b"\r\n", b"\n"):
         return None
-    total = len(line)
-    if total > limit:
-        raise _Reject(BrokerError("too_large", "request line too long"))
-    try:
-        method, target, version = line.decode("latin-1").rstrip("\r\n") \
-            .split(" ")
-    except ValueError:
-        raise _Reject(BrokerError("bad_request", "malformed request line"))
-    if version not in ("HTTP/1.0", "HTTP/1.1") or not target.startswith("/"):
-        raise _Reject(BrokerError("bad_request", "malformed request line"))
-    fmt = answer_format(target.partition("?")[2])
-    try:
-        return _read_rest(rfile, cfg, limit, total, method, target)
-    except _Reject as r:
-        r.fmt = fmt
-        raise
-
-
-def _read_rest(rfile, cfg, limit, total, method, target):
-    headers = {}
-    while True:
-        line = rfile.readline(limit + 1)
-        total += len(line)
-        if total > limit:
-            raise _Reject(BrokerError("too_large", "request headers exceed "
-                                      "%d bytes" % cfg.max_header))
-        if line in (b"\r\n", b"\n"):
-            break
-        if not line:
-            return None  # the client went away mid-request
+    for line in lines[1:-1]:
         if line[:1] in (b" ", b"\t"):
-            raise _Reject(BrokerError("bad_request", "folded header lines "
-                                      "are not accepted"))
-        name, colon, value = line.decode("latin-1").partition(":")
+            return BrokerError("bad_request", "folded header lines are not "
+                               "accepted")
+        name, colon, _ = line.decode("latin-1").partition(":")
         if not colon or not name or name != name.strip():
-            raise _Reject(BrokerError("bad_request", "malformed header "
-                                      "line"))
-        name, value = name.lower(), value.strip()
-        headers[name] = headers[name] + ", " + value if name in headers \
-            else value
-    if "transfer-encoding" in headers:
-        raise _Reject(BrokerError("bad_request", "send a Content-Length, "
-                                  "not a chunked body"))
-    cl = headers.get("content-length", "0")
-    if not cl.isdigit() or len(cl) > 15:
-        raise _Reject(BrokerError("bad_request", "bad Content-Length"))
-    n = int(cl)
-    expect = headers.get("expect", "").lower() == "100-continue"
-    return method, target, headers, n, expect
+            return BrokerError("bad_request", "malformed header line")
+    return False
 
 
-class _Handler(socketserver.BaseRequestHandler):
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One request per connection, read by http.server, answered by
+    web.App."""
+
+    protocol_version = "HTTP/1.1"   # our status lines, 100 Continue included
+    server_version = "microbroker"  # never sent: we write no Server header
+    sys_version = ""
+
+    def setup(self):
+        http.server.BaseHTTPRequestHandler.setup(self)
+        srv = self.server
+        self.rfile.close()
+        self.rfile = _RequestInput(self.connection, srv.timeout_s, max(
+            HARD_HEADER_LIMIT, srv.app.config.max_header))
+        self.fmt = "json"
+        self.request_version = "HTTP/1.1"   # for answers before parse_request
 
     def handle(self):
-        srv = self.server
-        app = srv.app
-        sock = self.request
-        rfile = _Reader(sock, srv.timeout_s)
-        drain = 0
+        self.close_connection = True
         try:
-            try:
-                req = _read_request(rfile, app.config)
-            except _Reject as r:
-                answer = app.error(r.error, r.fmt)
-                req = None
-            else:
-                if req is None:
-                    return
-            if req is not None:
-                method, target, headers, n, expect = req
-                path, _, query = target.partition("?")
-                path = unquote_path(path)
-                if n > app.config.max_body:
-                    body, drain = None, n
-                else:
-                    if n and expect:
-                        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    body = rfile.read(n) if n else b""
-                    if len(body) != n:
-                        return
-                if path is None:
-                    answer = app.error(BrokerError(
-                        "bad_request", "bad %-escape in path"),
-                        answer_format(query))
-                else:
-                    answer = app.handle(method, path, query, headers, body,
-                                        self.client_address[0],
-                                        sock.getsockname()[0], n)
-                log("debug", "%s %s %s -> %d", self.client_address[0],
-                    method, show(target), answer[0])
-            sock.settimeout(srv.timeout_s)   # a fresh budget for the answer
-            self._send(sock, answer)
-            if drain:
-                # Read what the client still sends so that closing does
-                # not reset the connection before it saw our answer.
-                sock.shutdown(socket.SHUT_WR)
-                sock.settimeout(2)
-                left = min(drain, DRAIN_LIMIT)
-                while left > 0:
-                    chunk = sock.recv(min(left, 65536))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
+            self.handle_one_request()
         except (OSError, ValueError):
             pass  # timeouts, resets: nobody left to answer
 
-    @staticmethod
-    def _send(sock, answer):
-        status, headers, body = answer
-        head = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error"))]
-        head += ["%s: %s" % h for h in headers]
-        head += ["Content-Length: %d" % len(body), "Connection: close",
-                 "", ""]
-        sock.sendall("\r\n".join(head).encode("latin-1") + body)
+    def handle_one_request(self):
+        app = self.server.app
+        try:
+            line = self.rfile.readline(self.rfile.head_left + 1)
+        except http.client.LineTooLong:
+            return self._error(BrokerError("too_large", "request line too "
+                                           "long"))
+        if not line:
+            return
+        # Stricter than http.server (which takes HTTP/0.9, other 1.x
+        # versions, any whitespace, absolute URIs), and checked before
+        # http.server reads headers, so a bad line is answered at once.
+        try:
+            method, target, version = line.decode("latin-1") \
+                .rstrip("\r\n").split(" ")
+        except ValueError:
+            version = target = ""
+        if version not in ("HTTP/1.0", "HTTP/1.1") or \
+                not target.startswith("/"):
+            return self._error(BrokerError("bad_request", "malformed request "
+                                           "line"))
+        self.fmt = answer_format(target.partition("?")[2])
+        self.raw_requestline = line
+        if not self.parse_request():    # it answered through send_error
+            return
+        self.close_connection = True
+        head, self.rfile.head = self.rfile.head, None
+        bad = _check_head(head)
+        if bad is None:
+            return  # the client went away mid-request
+        if not bad and (self.headers.defects or self.headers.get_payload()):
+            bad = BrokerError("bad_request", "malformed header line")
+        if bad:
+            return self._error(bad, self.fmt)
+        headers = {}
+        for name, value in self.headers.items():
+            name, value = name.lower(), value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers \
+                else value
+        if "transfer-encoding" in headers:
+            return self._error(BrokerError("bad_request", "send a "
+                                           "Content-Length, not a chunked "
+                                           "body"), self.fmt)
+        cl = headers.get("content-length", "0")
+        if not cl.isdigit() or len(cl) > 15:
+            return self._error(BrokerError("bad_request", "bad "
+                                           "Content-Length"), self.fmt)
+        n = int(cl)
+        path, _, query = target.partition("?")
+        path = unquote_path(path)
+        drain = 0
+        if n > app.config.max_body:
+            body, drain = None, n   # App answers too_large
+        else:
+            if n and headers.get("expect", "").lower() == "100-continue":
+                self.send_response_only(100)
+                self.end_headers()
+            body = self.rfile.read(n) if n else b""
+            if len(body) != n:
+                return
+        if path is None:
+            answer = app.error(BrokerError("bad_request", "bad %-escape in "
+                                           "path"), self.fmt)
+        else:
+            answer = app.handle(method, path, query, headers, body,
+                                self.client_address[0],
+                                self.connection.getsockname()[0], n)
+        log("debug", "%s %s %s -> %d", self.client_address[0], method,
+            show(target), answer[0])
+        self._write(answer)
+        if drain:
+            # Read what the client still sends so that closing does not
+            # reset the connection before it saw our answer.
+            sock = self.connection
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(2)
+            left = min(drain, DRAIN_LIMIT)
+            while left > 0:
+                chunk = sock.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    def handle_expect_100(self):
+        # Decided once the body's size is known: no 100 Continue for a
+        # body we will refuse unread.
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (header lines too long, too many)
+        in the API's error format, never its HTML page."""
+        if code in (413, 414, 431):
+            e = BrokerError("too_large", "request headers exceed %d bytes"
+                            % self.server.app.config.max_header)
+        else:
+            e = BrokerError("bad_request", "malformed request")
+        self._error(e, self.fmt)
+
+    def _error(self, e, fmt="json"):
+        self._write(self.server.app.error(e, fmt))
+
+    def _write(self, answer):
+        # One write for head and body: no Server or Date header (the CGI
+        # door has none either), and no second small segment on the wire.
+        self.close_connection = True
+        self.connection.settimeout(self.server.timeout_s)  # a fresh budget
+        self.wfile.write(encode_answer(answer))
+
+    def log_message(self, format, *args):
+        # http.server would write to stderr; ours goes to the broker log.
+        log("debug", "%s: %s", self.client_address[0], format % args)
 
 
-class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class _HTTPServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     # Requests in flight are counted by `slots` and waited for in
     # Server.stop(); non-daemon threads would also be kept in a list that
@@ -231,8 +291,8 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.app = app
         self.slots = slots
         self.timeout_s = timeout_s
-        socketserver.TCPServer.__init__(self, addr, _Handler,
-                                        bind_and_activate=False)
+        http.server.ThreadingHTTPServer.__init__(self, addr, _Handler,
+                                                 bind_and_activate=False)
         try:
             self.server_bind()
             self.server_activate()
@@ -244,7 +304,10 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if self.address_family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY,
                                    1 if self.v6only else 0)
+        # Not HTTPServer.server_bind: it asks DNS for our name (getfqdn),
+        # which can stall start-up on a router without a resolver.
         socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
         # A bounded number of connections: the rest get a short 503
@@ -252,18 +315,18 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         if not self.slots.acquire(blocking=False):
             try:
                 request.settimeout(1)
-                _Handler._send(request, self.app.error(BrokerError(
-                    "unavailable", "too many connections, try again", 5)))
+                request.sendall(encode_answer(self.app.error(BrokerError(
+                    "unavailable", "too many connections, try again", 5))))
             except OSError:
                 pass
             self.shutdown_request(request)
             return
-        socketserver.ThreadingMixIn.process_request(self, request,
-                                                    client_address)
+        http.server.ThreadingHTTPServer.process_request(self, request,
+                                                        client_address)
 
     def process_request_thread(self, request, client_address):
         try:
-            socketserver.ThreadingMixIn.process_request_thread(
+            http.server.ThreadingHTTPServer.process_request_thread(
                 self, request, client_address)
         finally:
             self.slots.release()
@@ -301,7 +364,7 @@ class Server:
                 family = socket.AF_INET6 if fam == 6 else socket.AF_INET
                 v6only = not (host == "::" and port not in v4ports)
                 try:
-                    srv = _TCPServer(family, (host, port), v6only, self.app,
+                    srv = _HTTPServer(family, (host, port), v6only, self.app,
                                      self.slots, cfg.timeout)
                 except OSError as e:
                     if e.errno == errno.EAFNOSUPPORT and len(parsed) > 1:

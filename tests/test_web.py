@@ -692,6 +692,94 @@ def test_server_rejects_what_cgi_servers_would(tmp_path):
         door.close()
 
 
+def test_server_is_http_server_but_never_answers_like_it(tmp_path, capfd):
+    """The listeners are http.server's; its own refusals (too many header
+    lines, a line over its limit, lines its parser would take for the
+    body, HTTP/0.9 or 2.0, absolute URIs, a blank request line) come in
+    the API's format, never as its HTML page, with no Server or Date
+    header, and it writes nothing to stderr."""
+    import http.server
+    from microbroker.broker import log
+    cfg, _ = make_config(tmp_path)
+    log.configure("stderr", "info")
+    door = ServerDoor(cfg)
+    try:
+        assert isinstance(door.srv.servers[0], http.server.HTTPServer)
+        capfd.readouterr()
+
+        def ask(data):
+            status, headers, body = parse_response(door.raw(V4, data), True)
+            assert b"<" not in body, body
+            names = [k for k, _ in headers]
+            assert "Server" not in names and "Date" not in names, headers
+            return status, headers, body
+
+        many = b"".join(b"X-H%d: v\r\n" % i for i in range(120))
+        long_line = b"X-Pad: " + b"p" * 66000 + b"\r\n"
+        for data, want, code in (
+                (b"GET /offer HTTP/1.1\r\n" + many + b"\r\n", 413,
+                 "too_large"),
+                (b"GET /offer HTTP/1.1\r\n" + long_line + b"\r\n", 413,
+                 "too_large"),
+                (b"POST /lease HTTP/1.1\r\nNot A Header: x\r\nContent-Type: "
+                 + FORM.encode() + b"\r\nContent-Length: 10\r\n\r\n"
+                 b"service=v4", 400, "bad_request"),
+                (b"GET /offer HTTP/1.1\r\nNoColon\r\n\r\n", 400,
+                 "bad_request"),
+                (b"GET /offer\r\n\r\n", 400, "bad_request"),
+                (b"GET /offer HTTP/2.0\r\n\r\n", 400, "bad_request"),
+                (b"GET /offer HTTP/1.1 x\r\n\r\n", 400, "bad_request"),
+                (b"GET http://broker/offer HTTP/1.1\r\n\r\n", 400,
+                 "bad_request"),
+                (b"\r\n", 400, "bad_request"),
+                (b"BREW /offer HTTP/1.1\r\n\r\n", 405,
+                 "method_not_allowed")):
+            st, headers, body = ask(data)
+            assert st == want, (data[:60], body)
+            assert dict(headers)["Content-Type"] == "application/json"
+            assert decode_answer(body, "json")["error"]["code"] == code
+        # ... and in the shell format when the request line asks for it
+        st, headers, body = ask(b"GET /offer?format=sh HTTP/1.1\r\n" + many
+                                + b"\r\n")
+        assert st == 200 and decode_answer(body, "sh")["STATUS"] == "413"
+        # A body over max_body with Expect: 100-continue gets no 100.
+        raw = door.raw(V4, b"POST /lease HTTP/1.1\r\nExpect: 100-continue"
+                       b"\r\nContent-Type: " + FORM.encode() +
+                       b"\r\nContent-Length: 5000\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 413 "), raw[:80]
+        # A keep-alive request is still answered once, then closed.
+        raw = door.raw(V4, b"GET /offer HTTP/1.1\r\nConnection: keep-alive"
+                       b"\r\n\r\nGET /offer HTTP/1.1\r\n\r\n")
+        assert raw.count(b"HTTP/1.1 200") == 1
+        assert b"\r\nConnection: close\r\n" in raw
+        out, err = capfd.readouterr()
+        assert out == "" and err == "", (out, err)
+    finally:
+        door.close()
+        log.configure("stderr", "info")
+
+
+def test_server_listens_on_several_addresses_and_dual_stack(tmp_path):
+    """[::] takes IPv4 too unless an IPv4 listener shares its port; every
+    listener answers."""
+    cfg, _ = make_config(tmp_path)
+    port = free_port()
+    door = ServerDoor(cfg, listen=["[::]:%d" % port, "127.0.0.1:%d" % port,
+                                   "[::1]:0"])
+    try:
+        assert door.bound[:2] == [("::", port), ("127.0.0.1", port)]
+        v6only = door.srv.servers[0].socket.getsockopt(
+            socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        assert v6only == 1
+        for dest, src in ((("::1", port), V6), (("127.0.0.1", port), V4),
+                          (door.bound[2], V6)):
+            st, _, body = parse_response(door.raw(
+                src, b"GET /offer HTTP/1.0\r\n\r\n", dest=dest), True)
+            assert st == 200 and "services" in decode_answer(body, "json")
+    finally:
+        door.close()
+
+
 def test_server_connection_limit(tmp_path):
     text = CONFIG.replace("option sweep_interval '3600'",
                           "option sweep_interval '3600'\n"
@@ -779,6 +867,9 @@ def test_serve_command_starts_and_stops_cleanly(tmp_path, sig):
         out, err = p.communicate(timeout=20)
         assert p.returncode == 0, err
         assert b"stopped" in err
+        # Every line is the broker's own: none of http.server's access log.
+        assert all(line.startswith(b"microbroker: ")
+                   for line in err.splitlines()), err
     finally:
         if p.poll() is None:
             p.kill()
