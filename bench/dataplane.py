@@ -28,9 +28,9 @@ def main():
         ex, cl = ns.add("x"), ns.add("c")
         ns.link(ex, cl, "fc00::1/64", "fc00::2/64")
         for restrict in ("none", "dns+web"):
-            cfg = SimpleNamespace(tunnel_ids=(1, 4000), filter="")
             svc = SimpleNamespace(name="exit", bridge="", isolate=True, restrict=restrict,
                                   ports=[80, 443], mtu=1280)
+            cfg = SimpleNamespace(tunnel_ids=(1, 4000), filter="", services={"exit": svc})
             store = LeaseStore(os.path.join(tmp, "leases-" + restrict), tunnel_ids=(1, 4000),
                                session_ids=(1, 4000), max_leases=n + 1, max_per_client=n + 1)
             leases = [store.allocate("fc00::%x" % (i + 2), "exit", "l2tpv3", "ip", "fc00::1",

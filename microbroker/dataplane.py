@@ -171,9 +171,9 @@ class Dataplane:
     def kernel_ids(self):
         """(tunnel_id, session_id) of every session, and (tunnel_id, 0) of bare tunnels."""
         with l2tp.L2TP() as l2:
-            ids = {(s.tunnel_id, s.session_id) for s in l2.sessions()}
+            ids = {(s.tunnel_id, s.session_id) for s in l2.sessions(stats=False)}
             have = {t for t, _ in ids}
-            ids |= {(t.tunnel_id, 0) for t in l2.tunnels() if t.tunnel_id not in have}
+            ids |= {(t.tunnel_id, 0) for t in l2.tunnels(stats=False) if t.tunnel_id not in have}
         return ids
 
     # -- reconcile --
@@ -189,8 +189,8 @@ class Dataplane:
         live = store.leases()
         lo, hi = self.config.tunnel_ids
         with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
-            tunnels = {t.tunnel_id: t for t in l2.tunnels()}
-            sessions = {(s.tunnel_id, s.session_id): s for s in l2.sessions()}
+            tunnels = {t.tunnel_id: t for t in l2.tunnels(stats=False)}
+            sessions = {(s.tunnel_id, s.session_id): s for s in l2.sessions(stats=False)}
             links = {l.name: l for l in rt.links()}
             owned = set()
             for lease in live:

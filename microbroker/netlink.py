@@ -112,20 +112,25 @@ def attr_nest(atype, *children):
     return attr(atype | NLA_F_NESTED, b"".join(children))
 
 
-def parse_attrs(data, offset=0, end=None):
+def parse_attrs(data, offset=0, end=None, wanted=None):
     """Attributes in data[offset:end] as {type: payload bytes}; last one wins.
 
     Types are masked: the kernel sends some nests without NLA_F_NESTED.
+    wanted, a set of types, skips copying the rest: a link dump carries
+    dozens of attributes per link and reconcile needs three.
     """
     out = {}
     if end is None:
         end = len(data)
-    while offset + NLATTR.size <= end:
-        n, atype = NLATTR.unpack_from(data, offset)
-        if n < NLATTR.size or offset + n > end:
+    unpack = NLATTR.unpack_from
+    while offset + 4 <= end:
+        n, atype = unpack(data, offset)
+        if n < 4 or offset + n > end:
             break
-        out[atype & NLA_TYPE_MASK] = bytes(data[offset + NLATTR.size:offset + n])
-        offset += align(n)
+        atype &= NLA_TYPE_MASK
+        if wanted is None or atype in wanted:
+            out[atype] = bytes(data[offset + 4:offset + n])
+        offset += (n + 3) & ~3
     return out
 
 
@@ -316,10 +321,10 @@ class GenlSocket(Socket):
             out.append(parse_attrs(body, GENLMSGHDR.size))
         return out
 
-    def dump_cmd(self, cmd, attrs=b"", what=""):
+    def dump_cmd(self, cmd, attrs=b"", what="", wanted=None):
         payload = genl_header(cmd, self.version) + attrs
         for _t, body in self.dump(self.family_id, payload, what):
-            yield parse_attrs(body, GENLMSGHDR.size)
+            yield parse_attrs(body, GENLMSGHDR.size, wanted=wanted)
 
 
 def resolve_family(sock, name):

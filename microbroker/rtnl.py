@@ -137,9 +137,12 @@ def _mac_str(raw):
     return ":".join("%02x" % b for b in raw)
 
 
+_LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO))
+
+
 def _link(body):
     _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
-    attrs = nl.parse_attrs(body, IFINFOMSG.size)
+    attrs = nl.parse_attrs(body, IFINFOMSG.size, wanted=_LINK_ATTRS)
     kind = None
     if IFLA_LINKINFO in attrs:
         kind = nl.get_str(nl.parse_attrs(attrs[IFLA_LINKINFO]), IFLA_INFO_KIND)

@@ -195,3 +195,13 @@ def test_real_rtnl_reads_loopback():
         assert "lo" in [l.name for l in rt.links()]
         with pytest.raises(rtnl.NoSuchLink, match="nosuchif0"):
             rt.link("nosuchif0")
+
+
+def test_wanted_skips_other_attributes_and_stats_can_be_left_out():
+    data = nl.attr_u32(1, 7) + nl.attr_str(3, "mb1") + nl.attr(30, bytes(40)) + nl.attr_u16(4, 9)
+    assert nl.parse_attrs(data, wanted={3, 4}) == {3: b"mb1\0", 4: b"\x09\0"}
+    attrs = nl.parse_attrs(nl.attr_u32(l2tp.L2TP_ATTR_CONN_ID, 3) +
+                           nl.attr(l2tp.L2TP_ATTR_STATS, nl.attr_u64(1, 5)),
+                           wanted=l2tp._NO_STATS)
+    t = l2tp._tunnel(attrs)
+    assert t.tunnel_id == 3 and t.stats == l2tp.ZERO_STATS
