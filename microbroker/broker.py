@@ -24,7 +24,8 @@ STATUS = {
     "bad_request": 400, "forbidden": 403, "not_found": 404,
     "unknown_service": 404, "method_not_allowed": 405, "id_conflict": 409,
     "too_large": 413, "too_many": 429, "full": 503, "ids_exhausted": 503,
-    "unavailable": 503, "kernel": 500, "store": 500, "internal": 500,
+    "pool_exhausted": 503, "unavailable": 503, "kernel": 500, "store": 500,
+    "internal": 500,
 }
 
 # Retry-After for 429/503 when nothing better is known.
@@ -216,6 +217,31 @@ def check_client(config, family, packed):
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
 
+# Locally administered unicast (02), then "mb", then the exit tunnel id's
+# low 24 bits: unique among the leases of one exit, and stable, so the
+# exit knows the client's link-local address before the client is up.
+MAC_OUI = "02:6d:62"
+
+
+def lease_mac(tunnel_id):
+    t = tunnel_id & 0xFFFFFF
+    return "%s:%02x:%02x:%02x" % (MAC_OUI, t >> 16, (t >> 8) & 0xFF, t & 0xFF)
+
+
+def _pool_item(pool, length, index):
+    """The index-th prefix of `length` in pool: 'NET/LEN' for IPv6
+    prefixes, a bare address for IPv4 (each one is a /32)."""
+    from microbroker.config import format_addr, pool_size
+    family, first, step, _count = pool_size(pool, length)
+    packed = (first + index * step).to_bytes(16 if family == 6 else 4, "big")
+    text = format_addr(family, packed)
+    return text if family == 4 else "%s/%d" % (text, length)
+
+
+# lease.extra key -> (pool option, length option or a fixed length, what)
+POOLS = (("prefix", "prefix_pool", "prefix_length", "prefix"),
+         ("ipv4", "ipv4_pool", 32, "address"))
+
 
 class Broker:
     """offer, lease, renew, release, status, sweep. Not thread-safe by
@@ -362,10 +388,11 @@ class Broker:
         try:
             if svc.encap == "udp" and not lease.udp_port:
                 lease = self._udp_ports(lease, svc, udp_sport)
+            lease = self._addresses(lease, svc)
             dp.up(lease, svc)
             hooked = True
             self._hook("up", lease)
-            lease = store.update(lease.lease_id, state="up")
+            lease = store.update(lease.lease_id, state="up", mac=lease.mac)
         except Exception as e:
             self._rollback(lease, hooked)
             if isinstance(e, BrokerError):
@@ -396,6 +423,59 @@ class Broker:
                                          peer_udp_port=udp_sport or port)
         raise BrokerError("ids_exhausted", "no free UDP port left for "
                           "service %s" % svc.name, svc.renew_interval)
+
+    def _addresses(self, lease, svc):
+        """The lease's MAC and, from the service's pools, its prefix and
+        IPv4 address (kept when a rebuilt lease has them already)."""
+        fields = {}
+        if not lease.mac:
+            fields["mac"] = lease_mac(lease.tunnel_id)
+        extra = dict(lease.extra or {})
+        wanted = [key for key, pool, _l, _w in POOLS
+                  if getattr(svc, pool) and not extra.get(key)]
+        for key in wanted:
+            extra[key] = self._pick(key, svc, lease, ())
+        if not wanted:
+            # The MAC alone is stored with state "up": one write less.
+            if fields:
+                lease = lease.replace(**fields)
+            return lease
+        fields["extra"] = extra
+        lease = self.store.update(lease.lease_id, **fields)
+        # A CGI process may have picked the same item between our scan and
+        # our update: the lower tunnel id keeps it, the other picks again.
+        for key in wanted:
+            lost = set()
+            for _ in range(8):
+                rival = [l for l in self.store.leases()
+                         if l.lease_id != lease.lease_id
+                         and (l.extra or {}).get(key) == lease.extra[key]
+                         and l.tunnel_id < lease.tunnel_id]
+                if not rival:
+                    break
+                lost.add(lease.extra[key])
+                extra = dict(lease.extra)
+                extra[key] = self._pick(key, svc, lease, lost)
+                lease = self.store.update(lease.lease_id, extra=extra)
+        return lease
+
+    def _pick(self, key, svc, lease, skip):
+        """The first item of the service's pool no other lease holds."""
+        from microbroker.config import pool_size
+        _k, pool_opt, length, what = next(p for p in POOLS if p[0] == key)
+        pool = getattr(svc, pool_opt)
+        length = length if isinstance(length, int) else getattr(svc, length)
+        used = {(l.extra or {}).get(key) for l in self.store.leases()
+                if l.lease_id != lease.lease_id} | set(skip)
+        count = pool_size(pool, length)[3]
+        # At most len(used) items are taken: the scan stops before that.
+        for i in range(min(count, len(used) + 1)):
+            item = _pool_item(pool, length, i)
+            if item not in used:
+                return item
+        raise BrokerError("pool_exhausted", "no free %s left in %s %s of "
+                          "service %s" % (what, pool_opt, pool, svc.name),
+                          svc.renew_interval)
 
     def _rollback(self, lease, hooked):
         if hooked:  # the up hook may have done half its work
@@ -580,11 +660,16 @@ class Broker:
         if lease.encap == "udp":
             v["udp_sport"] = lease.peer_udp_port
             v["udp_dport"] = lease.udp_port
+        extra = lease.extra or {}
         lifetime = svc.lifetime if svc else int(lease.expires -
                                                 lease.renewed)
         v.update({
             "mtu": lease.mtu, "ifname": ("mb-" + lease.service)[:15],
-            "mac": lease.mac or "", "lifetime": lifetime,
+            "mac": lease.mac or "",
+            "prefix": extra.get("prefix", ""), "ipv4": extra.get("ipv4", ""),
+            "ipv4_gateway": svc.ipv4_gateway if svc and extra.get("ipv4")
+            else "",
+            "lifetime": lifetime,
             "renew_interval": svc.renew_interval if svc else lifetime // 5,
             "expires": int(lease.expires), "state": lease.state,
         })

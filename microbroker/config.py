@@ -507,6 +507,28 @@ def _prefix(v):
     return parse_prefix(v)
 
 
+def _pool(family):
+    """An address pool 'NET/LEN' of one family, kept in canonical text."""
+    def conv(v):
+        if not v:
+            return ""
+        fam, value, n = parse_prefix(v)
+        if fam != family or (family == 6 and "." in v):
+            raise ValueError("needs an IPv%d prefix like %s" % (
+                family, "fd00:beef::/48" if family == 6 else "198.51.100.0/28"))
+        return "%s/%d" % (format_addr(fam, value.to_bytes(16 if fam == 6 else 4, "big")), n)
+    return conv
+
+
+def _v4_address(v):
+    if not v:
+        return ""
+    family, packed = parse_addr(v)
+    if family != 4 or ":" in v or addr_kind(family, packed):
+        raise ValueError("needs an ordinary IPv4 address")
+    return format_addr(family, packed)
+
+
 # (converter, default, is_list)
 BROKER = {
     "name": (_text, "microbroker", False),          # shown in the offer
@@ -571,6 +593,14 @@ SERVICE = {
     "capacity": (_int(0, 100000), 0, False),        # 0: up to max_leases
     "bridge": (_ifname, "", False),                 # default br-NAME
     "isolate": (_bool, True, False),                # clients cannot talk
+    # ipv6-prefix: one prefix_length prefix from the pool per lease, routed
+    # to the client's link-local address (the EUI-64 of the lease's MAC).
+    "prefix_pool": (_pool(6), "", False),
+    "prefix_length": (_int(1, 128), 64, False),
+    # ipv4-public: one address from the pool per lease, a /32 route on the
+    # bridge; ipv4_gateway is the bridge's own address the client routes to.
+    "ipv4_pool": (_pool(4), "", False),
+    "ipv4_gateway": (_v4_address, "", False),
     "token": (_token, [], True),                    # instead of the broker's
     "text": (_text, "", False),
 }
@@ -816,8 +846,50 @@ def _finish(cfg, at, euid, environ):
                           "per tunnel)" % (svc.name, svc.udp_port)))
         if not svc.bridge:
             svc.bridge = ("br-" + svc.name)[:15]
+        _check_pools(svc, where, p)
     if not cfg.enabled_services():
         p.append((at(0), "no enabled service: clients can lease nothing"))
+
+
+def pool_size(pool, length):
+    """(family, first network as int, step, count) of the prefixes of
+    `length` in `pool` ('NET/LEN'); the broker hands them out in order."""
+    family, value, n = parse_prefix(pool)
+    bits = 128 if family == 6 else 32
+    return family, value, 1 << (bits - length), 1 << (length - n)
+
+
+def _check_pools(svc, where, p):
+    """Pools need their companions, and a pool is what `provides` says."""
+    if svc.prefix_pool:
+        n = int(svc.prefix_pool.rpartition("/")[2])
+        if svc.prefix_length < n:
+            p.append((where, "service %s: prefix_length %d is shorter than "
+                      "prefix_pool %s" % (svc.name, svc.prefix_length,
+                                          svc.prefix_pool)))
+    elif "prefix_length" in svc._explicit:
+        p.append((where, "service %s: prefix_length needs a prefix_pool"
+                  % svc.name))
+    if svc.ipv4_pool:
+        if not svc.ipv4_gateway:
+            p.append((where, "service %s: ipv4_pool needs ipv4_gateway (the "
+                      "bridge's IPv4 address, the clients' gateway)"
+                      % svc.name))
+        elif in_prefixes(*parse_addr(svc.ipv4_gateway),
+                         [parse_prefix(svc.ipv4_pool)]):
+            p.append((where, "service %s: ipv4_gateway %s lies inside "
+                      "ipv4_pool %s" % (svc.name, svc.ipv4_gateway,
+                                        svc.ipv4_pool)))
+    elif svc.ipv4_gateway:
+        p.append((where, "service %s: ipv4_gateway needs an ipv4_pool"
+                  % svc.name))
+    for pool, name, opt in ((svc.prefix_pool, "ipv6-prefix", "prefix_pool"),
+                            (svc.ipv4_pool, "ipv4-public", "ipv4_pool")):
+        if pool and name not in svc.provides:
+            svc.provides.append(name)
+        elif not pool and name in svc.provides:
+            p.append((where, "service %s: provides %s needs a %s"
+                      % (svc.name, name, opt)))
 
 
 def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):

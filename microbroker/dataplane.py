@@ -6,7 +6,9 @@ and, for restricted services, a filter profile. Netlink first; filters go
 through nft or ebtables, whichever is present.
 """
 
+import errno
 import os
+import socket
 import time
 
 from . import l2tp, rtnl
@@ -31,6 +33,39 @@ def restrict_profile(service):
 
 def profile_ports(service):
     return list(getattr(service, "ports", None) or [80, 443])
+
+
+def link_local(mac):
+    """fe80:: + the modified EUI-64 of a MAC: the link-local address the
+    client's kernel gives the interface that carries it."""
+    b = [int(x, 16) for x in mac.split(":")]
+    words = [(b[0] ^ 0x02) << 8 | b[1], b[2] << 8 | 0xFF, 0xFE << 8 | b[3], b[4] << 8 | b[5]]
+    return "fe80::" + ":".join("%x" % w for w in words)
+
+
+def lease_routes(lease):
+    """(destination, gateway or None) the exit routes to this lease's
+    client: its prefix via its link-local address, its IPv4 address on-link."""
+    extra = lease.extra or {}
+    out = []
+    if extra.get("prefix") and lease.mac:
+        out.append((extra["prefix"], link_local(lease.mac)))
+    if extra.get("ipv4"):
+        out.append((extra["ipv4"] + "/32", None))
+    return out
+
+
+def pool_routes(services):
+    """(family, parsed pool, length) of every pool: routes of that length
+    inside a pool are ours."""
+    from .config import parse_prefix
+    out = []
+    for svc in services:
+        if getattr(svc, "prefix_pool", ""):
+            out.append((socket.AF_INET6, parse_prefix(svc.prefix_pool), svc.prefix_length))
+        if getattr(svc, "ipv4_pool", ""):
+            out.append((socket.AF_INET, parse_prefix(svc.ipv4_pool), 32))
+    return out
 
 
 class Dataplane:
@@ -111,6 +146,8 @@ class Dataplane:
                 profile = restrict_profile(service)
                 if profile:
                     self.filters().add_port(lease.ifname, profile, profile_ports(service))
+                for dst, via in lease_routes(lease):
+                    rt.add_route(dst, dev=bridge_name(service), via=via)
             except Exception:
                 self._down(l2, lease)
                 raise
@@ -154,6 +191,15 @@ class Dataplane:
                 f.remove_port(lease.ifname)
             except (OSError, ValueError, RuntimeError):
                 pass
+        if lease_routes(lease):
+            # The routes point at the bridge, which stays: remove them.
+            with rtnl.Rtnl() as rt:
+                for dst, _via in lease_routes(lease):
+                    try:
+                        rt.delete_route(dst, dev=bridge_name(svc) if svc else None)
+                    except rtnl.LinkError as e:
+                        if e.errno not in (errno.ESRCH, errno.ENODEV):
+                            raise
         try:
             l2.delete_tunnel(lease.tunnel_id)
         except l2tp.NotFound:
@@ -181,10 +227,12 @@ class Dataplane:
         """Make the kernel match the live leases; idempotent.
 
         Live leases missing in the kernel are rebuilt, tunnels in our id
-        range that no live lease owns removed. The broker sweeps expired
-        leases first (so their down hooks run).
+        range that no live lease owns removed, and the same for the routes
+        to leased prefixes and addresses. The broker sweeps expired leases
+        first (so their down hooks run).
         """
-        report = {"rebuilt": [], "removed": [], "failed": []}
+        report = {"rebuilt": [], "removed": [], "failed": [], "routes_added": [],
+                  "routes_removed": []}
         by_name = {s.name: s for s in services}
         live = store.leases()
         lo, hi = self.config.tunnel_ids
@@ -219,9 +267,56 @@ class Dataplane:
                     except l2tp.NotFound:
                         pass
                     report["removed"].append(tid)
+            self._reconcile_routes(rt, live, by_name, services, report)
         f = self.filters()
         if f is not None:
             names = {l.ifname for l in live}
             for ifname in f.ports() - names:
                 f.remove_port(ifname)
         return report
+
+    def _reconcile_routes(self, rt, live, by_name, services, report):
+        """Routes of live leases present and right; routes of a pool's
+        length inside a pool that no live lease owns removed."""
+        from .config import in_prefixes, parse_addr
+        want = {}
+        for lease in live:
+            svc = by_name.get(lease.service)
+            if svc is not None:
+                for dst, via in lease_routes(lease):
+                    want[dst] = (via, bridge_name(svc), lease.lease_id)
+        pools = pool_routes(services)
+        have = {}
+        for family in sorted({fam for fam, _p, _l in pools} |
+                             {socket.AF_INET6 if ":" in d else socket.AF_INET for d in want}):
+            for r in rt.routes(family):
+                have.setdefault("%s/%d" % (r.dst, r.dst_len), []).append(r)
+        index = {l.name: l.index for l in rt.links()}
+        for dst, (via, bridge, lease_id) in sorted(want.items()):
+            ok = any(r.gateway == via and r.oif == index.get(bridge) and
+                     r.type == rtnl.RTN_UNICAST for r in have.get(dst, ()))
+            if ok:
+                continue
+            try:
+                rt.add_route(dst, dev=bridge, via=via)
+                report["routes_added"].append(dst)
+            except (OSError, ValueError) as e:
+                report["failed"].append("%s: route %s: %s" % (lease_id, dst, e))
+        for dst, routes in sorted(have.items()):
+            if dst in want:
+                continue
+            addr, _s, plen = dst.partition("/")
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            mine = any(fam == family and int(plen) == length and
+                       in_prefixes(*parse_addr(addr), [pool]) and pool[2] <= length
+                       for fam, pool, length in pools)
+            if not mine:
+                continue
+            for _r in routes:
+                try:
+                    rt.delete_route(dst)
+                except rtnl.LinkError as e:
+                    if e.errno != errno.ESRCH:
+                        report["failed"].append("route %s: %s" % (dst, e))
+                        break
+            report["routes_removed"].append(dst)

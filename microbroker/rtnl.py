@@ -35,6 +35,9 @@ RTPROT_BOOT = 3
 RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255
+RTPROT_UNSPEC = 0
+RTN_UNSPEC = 0
 RTN_UNICAST = 1
 
 # include/uapi/linux/if_link.h
@@ -83,6 +86,8 @@ IFADDRMSG = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
 
 Link = namedtuple("Link", "index name flags mtu master kind address")
+# dst and gateway as text (None when absent), dst as the network address
+Route = namedtuple("Route", "family dst dst_len gateway oif table type")
 LinkStats = namedtuple("LinkStats", "rx_packets tx_packets rx_bytes tx_bytes")
 
 
@@ -135,6 +140,20 @@ def _mac_bytes(mac):
 
 def _mac_str(raw):
     return ":".join("%02x" % b for b in raw)
+
+
+def _route_of(body):
+    family, dst_len, _src_len, _tos, table, _proto, _scope, rtype, _flags = \
+        RTMSG.unpack_from(body)
+    attrs = nl.parse_attrs(body, RTMSG.size)
+    # rtm_table is a u8; RTA_TABLE carries the full id.
+    table = nl.get_u32(attrs, RTA_TABLE, table)
+    dst, gw = attrs.get(RTA_DST), attrs.get(RTA_GATEWAY)
+    if dst is None:   # the default route
+        dst = bytes(16 if family == socket.AF_INET6 else 4)
+    return Route(family, str(ipaddress.ip_address(dst)), dst_len,
+                 str(ipaddress.ip_address(gw)) if gw else None,
+                 nl.get_u32(attrs, RTA_OIF, 0), table, rtype)
 
 
 _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO))
@@ -317,9 +336,14 @@ class Rtnl:
     def _route(self, mtype, flags, prefix, dev=None, via=None, table=RT_TABLE_MAIN):
         net = ipaddress.ip_network(prefix, strict=True)
         family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
-        scope = RT_SCOPE_LINK if via is None and net.version == 4 else RT_SCOPE_UNIVERSE
-        payload = RTMSG.pack(family, net.prefixlen, 0, 0, table, RTPROT_STATIC, scope,
-                             RTN_UNICAST, 0)
+        if mtype == RTM_DELROUTE:
+            # As `ip route del`: match any protocol, scope and type, so a
+            # route someone else added goes too.
+            proto, scope, rtype = RTPROT_UNSPEC, RT_SCOPE_NOWHERE, RTN_UNSPEC
+        else:
+            proto, rtype = RTPROT_STATIC, RTN_UNICAST
+            scope = RT_SCOPE_LINK if via is None and net.version == 4 else RT_SCOPE_UNIVERSE
+        payload = RTMSG.pack(family, net.prefixlen, 0, 0, table, proto, scope, rtype, 0)
         payload += nl.attr(RTA_DST, net.network_address.packed)
         if via:
             payload += nl.attr(RTA_GATEWAY, ipaddress.ip_address(via).packed)
@@ -328,6 +352,17 @@ class Rtnl:
         what = "route %s%s%s" % (prefix, " via %s" % via if via else "",
                                   " dev %s" % dev if dev else "")
         self._do(mtype, flags, payload, what)
+
+    def routes(self, family, table=RT_TABLE_MAIN):
+        """The unicast and other routes of one family (socket.AF_INET or
+        AF_INET6) in one table; multipath routes are not taken apart."""
+        payload = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        try:
+            found = [_route_of(body) for _t, body in self.sock.dump(RTM_GETROUTE, payload,
+                                                                 "route dump")]
+        except nl.NetlinkError as e:
+            raise _error(e, "route dump") from None
+        return [r for r in found if r.family == family and r.table == table]
 
     def add_route(self, prefix, dev=None, via=None, replace=True):
         flags = nl.NLM_F_CREATE | (nl.NLM_F_REPLACE if replace else nl.NLM_F_EXCL)

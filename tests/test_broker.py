@@ -422,3 +422,77 @@ def test_a_lease_being_built_elsewhere_is_not_built_twice(setup):
     v = b.lease("fc00::1:1", "v6")
     assert v["lease_id"] == lease.lease_id and v["state"] == "up"
     assert dp.calls == [("up", lease.lease_id, lease.tunnel_id, "v6")]
+
+
+POOLS = """
+config service 'pool'
+	option endpoint 'fc00::1'
+	option prefix_pool 'fd00:beef::/62'
+	option prefix_length '64'
+	option ipv4_pool '198.51.100.0/31'
+	option ipv4_gateway '198.51.100.254'
+"""
+
+
+def test_every_lease_gets_a_mac_from_its_tunnel_id(setup):
+    b, dp = setup()
+    v = b.lease("fc00::99", "v6")
+    t = v["peer_tunnel_id"]
+    assert v["mac"] == "02:6d:62:%02x:%02x:%02x" % (t >> 16, (t >> 8) & 255, t & 255)
+    assert b.store.get(v["lease_id"]).mac == v["mac"]
+    assert (v["prefix"], v["ipv4"], v["ipv4_gateway"]) == ("", "", "")
+    assert mb.lease_mac(0x1234567) == "02:6d:62:23:45:67"
+
+
+def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
+    b, dp = setup(extra=POOLS)
+    offer = b.offer()["services"]
+    assert "ipv6-prefix" in offer["pool"]["provides"]
+    assert "ipv4-public" in offer["pool"]["provides"]
+    assert offer["v6"]["provides"] == []
+    v1 = b.lease("fc00::91", "pool")
+    v2 = b.lease("fc00::92", "pool")
+    assert (v1["prefix"], v1["ipv4"], v1["ipv4_gateway"]) == \
+        ("fd00:beef::/64", "198.51.100.0", "198.51.100.254")
+    assert (v2["prefix"], v2["ipv4"]) == ("fd00:beef:0:1::/64", "198.51.100.1")
+    lease = b.store.get(v1["lease_id"])
+    assert lease.extra == {"prefix": "fd00:beef::/64", "ipv4": "198.51.100.0"}
+    # Re-issued: the same items.
+    again = b.lease("fc00::91", "pool")
+    assert (again["prefix"], again["ipv4"]) == (v1["prefix"], v1["ipv4"])
+    # Only two IPv4 addresses: the third lease is refused, and rolled back.
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::93", "pool")
+    assert e.value.code == "pool_exhausted" and e.value.status == 503
+    assert "ipv4_pool 198.51.100.0/31" in e.value.message and e.value.retry_after
+    assert b.store.count(service="pool") == 2
+    # Released items are handed out again.
+    b.release("fc00::91", v1["lease_id"], again["secret"])
+    v3 = b.lease("fc00::93", "pool")
+    assert (v3["prefix"], v3["ipv4"]) == (v1["prefix"], v1["ipv4"])
+
+
+def test_a_rival_process_with_the_same_item_makes_us_pick_again(setup):
+    b, dp = setup(extra=POOLS)
+    v1 = b.lease("fc00::91", "pool")
+    # What a CGI process racing us would leave: a lower tunnel id holding
+    # the item our scan is about to choose.
+    real_pick = b._pick
+    calls = []
+
+    def pick(key, svc, lease, skip):
+        calls.append(skip)
+        if len(calls) == 1:
+            return {"prefix": v1["prefix"], "ipv4": v1["ipv4"]}[key]
+        return real_pick(key, svc, lease, skip)
+    b._pick = pick
+    v2 = b.lease("fc00::92", "pool")
+    assert v2["prefix"] != v1["prefix"]
+    assert b.store.get(v2["lease_id"]).extra["prefix"] == v2["prefix"]
+
+
+def test_pool_answer_in_shell_format(setup):
+    b, dp = setup(extra=POOLS)
+    v = b.lease("fc00::91", "pool")
+    text = web.to_sh(web.flatten(v))
+    assert "PREFIX='fd00:beef::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text

@@ -210,6 +210,12 @@ HOSTILE = {
     "id too big": dict(PEER_TUNNEL_ID="4294967296"),
     "mtu with more words": dict(MTU="1280 up"),
     "mac with more words": dict(MAC="02:00:00:00:00:01 up"),
+    "prefix with more words": dict(PREFIX="fd00::/64 dev lo"),
+    "prefix without length": dict(PREFIX="fd00::"),
+    "ipv4 that is IPv6": dict(IPV4="fd00::1", IPV4_GATEWAY="192.0.2.1"),
+    "ipv4 without gateway": dict(IPV4="198.51.100.16"),
+    "gateway with more words": dict(IPV4="198.51.100.16",
+                                    IPV4_GATEWAY="192.0.2.1 dev lo"),
     "other kind": dict(KIND="ip6gretap"),
     "encap injection": dict(ENCAP="ip local ::"),
     "udp without ports": dict(ENCAP="udp"),
@@ -522,6 +528,51 @@ def stop(proc):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     return proc.returncode, out, err
+
+
+ADDRESSES = dict(PREFIX="fd00:beef::/64", IPV4="198.51.100.16",
+                 IPV4_GATEWAY="192.0.2.1")
+
+
+def test_routed_lease_configures_its_ipv4_address(box, broker):
+    broker.set("/lease", lambda f: lease_answer(f, MAC="02:6d:62:00:00:07",
+                                                **ADDRESSES))
+    p = box.run("-s", broker.url, "-S", "exit", "up")
+    changes = [c for c in box.calls("ip") if c[1] in ("addr", "route")]
+    assert changes == [
+        ("ip", "addr", "add", "198.51.100.16/32", "dev", "mb0"),
+        ("ip", "route", "replace", "192.0.2.1/32", "dev", "mb0"),
+    ]
+    assert "ipv4 198.51.100.16 via 192.0.2.1, prefix fd00:beef::/64" in p.stderr
+    st = box.read_state()
+    assert (st["PREFIX"], st["IPV4"], st["IPV4_GATEWAY"]) == \
+        ("fd00:beef::/64", "198.51.100.16", "192.0.2.1")
+
+
+def test_bridged_lease_leaves_addresses_to_the_bridge(box, broker):
+    box.add_link("br-lan")
+    broker.set("/lease", lambda f: lease_answer(f, **ADDRESSES))
+    box.run("-s", broker.url, "-S", "exit", "-b", "br-lan", "up")
+    assert [c for c in box.calls("ip") if c[1] in ("addr", "route")] == []
+
+
+def test_netifd_gets_the_leased_addresses(box, broker):
+    standard_answers(broker, RENEW_INTERVAL="1", **ADDRESSES)
+    proc = box.start("-s", broker.url, "-S", "exit", "-N", "wan", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 1)
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    assert netifd == [("proto_init_update", "mb0", "1"),
+                      ("proto_add_ipv4_address", "198.51.100.16", "32"),
+                      ("proto_add_ipv4_route", "192.0.2.1", "32"),
+                      ("proto_add_ipv4_route", "0.0.0.0", "0", "192.0.2.1"),
+                      ("proto_add_ipv6_prefix", "fd00:beef::/64"),
+                      ("proto_send_update", "wan")]
+    # netifd owns the addresses: the client adds none itself.
+    assert [c for c in box.calls("ip") if c[1] in ("addr", "route")] == []
 
 
 def test_run_renews_releases_again_and_stops_cleanly(box, broker):

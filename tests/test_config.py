@@ -462,3 +462,46 @@ def test_serve_refuses_bad_config(tmp_path):
     bad.write_text("config broker\n option max_leases x\n")
     r = run("-c", str(bad), "serve")
     assert r.returncode == 1 and "max_leases" in r.stderr
+
+
+def test_address_pools():
+    c = cfg_of("config service 'p'\n option prefix_pool 'FD00:BEEF::/48'\n"
+               " option prefix_length '56'\n option ipv4_pool '198.51.100.0/28'\n"
+               " option ipv4_gateway '198.51.100.254'\n")
+    assert c.problems == []
+    s = c.services["p"]
+    assert (s.prefix_pool, s.prefix_length) == ("fd00:beef::/48", 56)
+    assert (s.ipv4_pool, s.ipv4_gateway) == ("198.51.100.0/28", "198.51.100.254")
+    # A pool is what `provides` says, listed or not.
+    assert "ipv6-prefix" in s.provides and "ipv4-public" in s.provides
+    assert config.pool_size(s.prefix_pool, 56)[3] == 256
+
+
+def test_address_pool_problems_with_their_lines():
+    text = """config service 'p'
+	option prefix_pool '10.0.0.0/8'
+	option ipv4_pool 'fd00::/64'
+	option ipv4_gateway 'fd00::1'
+config service 'q'
+	option prefix_pool 'fd00:beef::/48'
+	option prefix_length '40'
+	option ipv4_pool '198.51.100.0/28'
+	option ipv4_gateway '198.51.100.3'
+config service 'r'
+	list provides 'ipv6-prefix'
+	option ipv4_pool '198.51.100.0/28'
+	option prefix_pool 'fd00::1/64'
+"""
+    c = cfg_of(text)
+    where = {}
+    for w, m in c.problems:
+        where.setdefault(w.rsplit(":", 1)[1], []).append(m)
+    assert "IPv6 prefix" in where["2"][0]
+    assert "IPv4 prefix" in where["3"][0]
+    assert "IPv4 address" in where["4"][0]
+    assert "host bits set" in where["13"][0]
+    q = " | ".join(where["5"])
+    assert "prefix_length 40 is shorter" in q and "inside ipv4_pool" in q
+    r = " | ".join(where["10"])
+    assert "provides ipv6-prefix needs a prefix_pool" in r
+    assert "ipv4_pool needs ipv4_gateway" in r

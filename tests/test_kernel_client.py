@@ -44,14 +44,14 @@ config service 'exit'
 class Exit:
     """The broker in its namespace, restartable, its log in a file."""
 
-    def __init__(self, ns, tmp):
+    def __init__(self, ns, tmp, extra=""):
         self.ns = ns
         self.state = os.path.join(tmp, "exit-state")
         self.config = os.path.join(tmp, "microbroker")
         self.logfile = os.path.join(tmp, "broker.log")
         with open(self.config, "w") as f:
             f.write(CONFIG.format(exit6=EXIT6, state=self.state,
-                                  lifetime=LIFETIME))
+                                  lifetime=LIFETIME) + extra)
         self.proc = None
 
     def start(self):
@@ -147,6 +147,10 @@ class Client:
 
 @pytest.fixture
 def world(netns, tmp_path):
+    yield from make_world(netns, tmp_path)
+
+
+def make_world(netns, tmp_path, extra=""):
     ex, cl = netns.add("x"), netns.add("c")
     netns.link(ex, cl, EXIT6 + "/64", CLIENT6 + "/64")
     # The exit's LAN: the bridge the service's tunnels join, with an address
@@ -154,7 +158,7 @@ def world(netns, tmp_path):
     run("ip", "link", "add", "br-exit", "type", "bridge", ns=ex)
     run("ip", "addr", "add", EXIT_BR + "/24", "dev", "br-exit", ns=ex)
     run("ip", "link", "set", "br-exit", "up", ns=ex)
-    exit_ = Exit(ex, str(tmp_path))
+    exit_ = Exit(ex, str(tmp_path), extra)
     exit_.start()
     client = Client(cl, str(tmp_path))
     up = wait_for(lambda: "leases used" in client.run(
@@ -163,6 +167,45 @@ def world(netns, tmp_path):
     assert up and exit_.proc.poll() is None, exit_.log()
     yield exit_, client
     exit_.stop()
+
+
+POOLS = """
+	option prefix_pool 'fd00:beef::/48'
+	option ipv4_pool '198.51.100.16/28'
+	option ipv4_gateway '192.0.2.1'
+"""
+
+
+@pytest.fixture
+def pool_world(netns, tmp_path):
+    yield from make_world(netns, tmp_path, POOLS)
+
+
+def test_routed_client_gets_its_address_and_prefix(pool_world):
+    exit_, client = pool_world
+    run("ip", "addr", "add", "192.0.2.1/32", "dev", "br-exit", ns=exit_.ns)
+    p = client.run("-s", URL, "up")
+    assert "ipv4 198.51.100.16 via 192.0.2.1, prefix fd00:beef::/64" in p.stderr
+    mac = client.state_value("MAC")
+    assert mac.startswith("02:6d:62:")
+    link = run("ip", "link", "show", "mb0", ns=client.ns)
+    assert "link/ether " + mac in link
+    assert "198.51.100.16/32" in run("ip", "-4", "addr", "show", "mb0", ns=client.ns)
+    # The exit reaches the leased address from its gateway address, and
+    # the prefix (an address of it on the client) through the client's
+    # link-local address.
+    bb = BUSYBOX
+    run(bb, "ping", "-4", "-c", 2, "-W", 2, "-I", "192.0.2.1", "198.51.100.16",
+        ns=exit_.ns)
+    run("ip", "-6", "addr", "add", "fd00:beef::1/128", "dev", "mb0", "nodad",
+        ns=client.ns)
+    for ns, dev in ((client.ns, "mb0"), (exit_.ns, "br-exit")):
+        assert wait_for(lambda: "tentative" not in run("ip", "-6", "addr", "show", dev,
+                                                       ns=ns), 10)
+    assert ping(exit_.ns, "fd00:beef::1"), exit_.log()
+    client.run("down")
+    assert wait_for(lambda: "fd00:beef" not in run("ip", "-6", "route", ns=exit_.ns))
+    assert "198.51.100.16" not in run("ip", "-4", "route", ns=exit_.ns)
 
 
 def exit_leases(client):

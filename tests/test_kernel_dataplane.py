@@ -238,7 +238,8 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     # Nothing left to do: a second pass changes nothing.
     with inside(ex):
         again = fresh.reconcile(exit_net.store, [svc])
-    assert again == {"rebuilt": [], "removed": [], "failed": []}
+    assert again == {"rebuilt": [], "removed": [], "failed": [], "routes_added": [],
+                     "routes_removed": []}
     run("ip", "l2tp", "del", "tunnel", "tunnel_id", 5000, ns=ex)
 
 

@@ -24,6 +24,7 @@ proto_add_ipv4_address() { _standin_log proto_add_ipv4_address "$@"; }
 proto_add_ipv6_address() { _standin_log proto_add_ipv6_address "$@"; }
 proto_add_ipv4_route() { _standin_log proto_add_ipv4_route "$@"; }
 proto_add_ipv6_route() { _standin_log proto_add_ipv6_route "$@"; }
+proto_add_ipv6_prefix() { _standin_log proto_add_ipv6_prefix "$@"; }
 proto_add_dns_server() { _standin_log proto_add_dns_server "$@"; }
 proto_add_data() { _standin_log proto_add_data "$@"; }
 proto_close_data() { _standin_log proto_close_data "$@"; }
