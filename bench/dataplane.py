@@ -45,7 +45,7 @@ def main():
                 t0 = time.perf_counter()
                 report = dp.reconcile(store, [svc])
                 rec = time.perf_counter() - t0
-                assert report == {"rebuilt": [], "removed": [], "failed": []}, report
+                assert not any(report.values()), report     # nothing to change
                 down = []
                 for lease in leases:
                     t0 = time.perf_counter()
