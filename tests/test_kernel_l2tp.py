@@ -1,7 +1,10 @@
 """The kernel layer against a real kernel, with iproute2 as the independent oracle."""
 
 import errno
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -212,3 +215,14 @@ def test_end_to_end_pseudowire_over_ipv6_bridged_and_pinged(pair):
         assert wait_for(lambda: tunnels_by_ip(ns).strip() == "")
         assert wait_for(lambda: "l2tp" not in run("ip", "-d", "link", ns=ns))
     assert not ping(client, "10.99.0.1", count=1, timeout=1)
+
+
+def test_available_answers_in_one_round_trip_and_names_missing_permission():
+    assert l2tp.available() == (True, "")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c",
+                        "from microbroker import l2tp; print(l2tp.available())"],
+                       cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("(False,") and "permission denied" in p.stdout, p.stdout
