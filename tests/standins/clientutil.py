@@ -16,6 +16,8 @@ import threading
 import time
 import urllib.parse
 
+import nsutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CLIENT = os.path.join(ROOT, "client", "microbroker-client")
@@ -297,9 +299,5 @@ class Sandbox:
 
 
 def wait_for(pred, timeout=60.0, step=0.05):
-    end = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() > end:
-            return v
-        time.sleep(step)
+    """nsutil.wait_for with the longer default a client's loop needs."""
+    return nsutil.wait_for(pred, timeout, step)
