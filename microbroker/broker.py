@@ -22,7 +22,8 @@ API_VERSION = 1
 # code -> HTTP status, from docs/api.md; "internal" covers our own bugs.
 STATUS = {
     "bad_request": 400, "forbidden": 403, "not_found": 404,
-    "unknown_service": 404, "method_not_allowed": 405, "id_conflict": 409,
+    "unknown_service": 404, "unknown_kind": 404, "method_not_allowed": 405,
+    "id_conflict": 409,
     "too_large": 413, "too_many": 429, "full": 503, "ids_exhausted": 503,
     "pool_exhausted": 503, "unavailable": 503, "kernel": 500, "store": 500,
     "internal": 500,
@@ -102,7 +103,7 @@ class NullDataplane:
     def __init__(self, config=None):
         pass
 
-    def status(self):
+    def status(self, kind=None):
         return False, "dataplane none: leases are granted but no " \
                       "tunnels are built (dry run)"
 
@@ -131,7 +132,7 @@ class BrokenDataplane(NullDataplane):
     def __init__(self, reason):
         self.reason = reason
 
-    def status(self):
+    def status(self, kind=None):
         return False, self.reason
 
     def up(self, lease, service):
@@ -228,6 +229,18 @@ def lease_mac(tunnel_id):
     return "%s:%02x:%02x:%02x" % (MAC_OUI, t >> 16, (t >> 8) & 0xFF, t & 0xFF)
 
 
+def routed_address(prefix):
+    """The client's own address in a routed IPv6 prefix: the address of a
+    /128, else the prefix's first host (NET::1 of a /64)."""
+    if not prefix:
+        return ""
+    from microbroker.config import format_addr, parse_prefix
+    _f, value, length = parse_prefix(prefix)
+    if length < 128:
+        value += 1
+    return format_addr(6, value.to_bytes(16, "big"))
+
+
 def _pool_item(pool, length, index):
     """The index-th prefix of `length` in pool: 'NET/LEN' for IPv6
     prefixes, a bare address for IPv4 (each one is a /32)."""
@@ -261,8 +274,12 @@ class Broker:
     def offer(self, local=None):
         """Everything a client needs to choose. `local` is the address the
         request arrived on (the endpoint of services that configure none)."""
+        from microbroker.kinds import KINDS
         cfg = self.config
-        ok, reason = self.dataplane.status()
+        kernel = {k: self.dataplane.status(k)
+                  for k in sorted({s.kind for s in cfg.enabled_services()})}
+        ok = all(v[0] for v in kernel.values())
+        reason = "; ".join(sorted({v[1] for v in kernel.values() if not v[0]}))
         with self.lock:
             try:
                 total = self.store.count()
@@ -274,7 +291,8 @@ class Broker:
         for svc in cfg.enabled_services():
             used = counts[svc.name]
             services[svc.name] = {
-                "kind": svc.kind, "encap": svc.encap, "family": svc.family,
+                "kind": svc.kind, "layer": KINDS[svc.kind].layer,
+                "encap": svc.encap, "family": svc.family,
                 "endpoint": self._endpoint(svc, local),
                 "provides": list(svc.provides), "restrict": svc.restrict,
                 "ports": list(svc.ports), "mtu": svc.mtu,
@@ -283,6 +301,7 @@ class Broker:
                 "capacity": svc.capacity, "used": used,
                 "free": max(0, svc.capacity - used),
                 "token": bool(svc.token or cfg.token),
+                "kernel": bool(kernel[svc.kind][0]),
                 "text": svc.text,
             }
         loc = cfg.location
@@ -310,15 +329,13 @@ class Broker:
 
     # -- leases
 
-    def lease(self, client, service, tunnel_id=None, session_id=None,
-              token=None, udp_sport=None, local=None):
+    def lease(self, client, service=None, tunnel_id=None, session_id=None,
+              token=None, udp_sport=None, local=None, kind=None):
         """Grant (or re-issue) a lease; the answer carries the secret.
-        `client` is the normalised source address of the request."""
+        `client` is the normalised source address of the request; `kind`
+        alone picks the first enabled service of that kind."""
         cfg = self.config
-        svc = cfg.services.get(service)
-        if svc is None or not svc.enabled:
-            raise BrokerError("unknown_service", "no service %s here; see "
-                              "the offer for what is offered" % service)
+        svc = self._service(service, kind)
         tokens = svc.token or cfg.token
         if tokens and not (token and any(_equal(token, t) for t in tokens)):
             raise BrokerError("forbidden", "service %s needs a valid token"
@@ -338,7 +355,14 @@ class Broker:
         if udp_sport is not None and svc.encap != "udp":
             raise BrokerError("bad_request", "udp_sport only applies to "
                               "encap udp services")
-        ok, reason = self.dataplane.status()
+        from microbroker.kinds import KINDS
+        for name, value in (("tunnel_id", tunnel_id),
+                            ("session_id", session_id)):
+            if value is not None and name not in KINDS[svc.kind].ids:
+                raise BrokerError("bad_request", "%s does not apply to kind "
+                                  "%s (service %s)" % (name, svc.kind,
+                                                       svc.name))
+        ok, reason = self.dataplane.status(svc.kind)
         if not ok and not getattr(self.dataplane, "dry_run", False):
             raise BrokerError("unavailable", "this exit cannot build "
                               "tunnels now: %s" % reason, UNAVAILABLE_RETRY)
@@ -346,11 +370,39 @@ class Broker:
             return self._lease(svc, client, endpoint, tunnel_id, session_id,
                                udp_sport)
 
+    def _service(self, name, kind):
+        """The enabled service a request names, by name and/or kind."""
+        from microbroker.kinds import KINDS, offered
+        cfg = self.config
+        enabled = cfg.enabled_services()
+        if name is None and kind is None:
+            raise BrokerError("bad_request", "missing field service (or "
+                              "kind); this exit offers %s" % offered(enabled))
+        if kind is not None and not any(s.kind == kind for s in enabled):
+            raise BrokerError("unknown_kind", "kind %s is not offered here%s; "
+                              "this exit offers %s" % (
+                                  kind, "" if kind in KINDS else
+                                  " (microbroker knows %s)" % ", ".join(KINDS),
+                                  offered(enabled)))
+        if name is None:
+            return next(s for s in enabled if s.kind == kind)
+        svc = cfg.services.get(name)
+        if svc is None or not svc.enabled:
+            raise BrokerError("unknown_service", "no service %s here; this "
+                              "exit offers %s" % (name, offered(enabled)))
+        if kind is not None and svc.kind != kind:
+            raise BrokerError("unknown_kind", "service %s is kind %s, not "
+                              "%s; this exit offers %s"
+                              % (svc.name, svc.kind, kind, offered(enabled)))
+        return svc
+
     def _lease(self, svc, client, endpoint, tunnel_id, session_id,
                udp_sport):
         store, dp = self.store, self.dataplane
         now = self.clock()
         kernel = []
+        if svc.kind == "ip6tnl":
+            self._one_ip6tnl(svc, client, endpoint)
 
         def in_kernel(tid, sid):
             # Leftover tunnels (a crash, another tool) must not be handed
@@ -411,6 +463,21 @@ class Broker:
             lease.peer_tunnel_id, lease.ifname)
         return self.view(lease, svc, secret)
 
+    def _one_ip6tnl(self, svc, client, endpoint):
+        # The kernel tells ip6tnl tunnels apart by their two addresses only.
+        try:
+            mine = self.store.leases(client=client)
+        except Exception as e:
+            raise _store_error(e) or e
+        for l in mine:
+            if l.kind == "ip6tnl" and l.local == endpoint and \
+                    l.service != svc.name and l.state != "closing":
+                raise BrokerError("id_conflict", "your lease %s (service %s) "
+                                  "already is the ip6tnl tunnel between %s "
+                                  "and %s; release it first" % (
+                                      l.lease_id, l.service, client,
+                                      endpoint))
+
     def _udp_ports(self, lease, svc, udp_sport):
         # The kernel makes one UDP socket per tunnel, so every tunnel of a
         # service needs its own exit port: the lowest free one from
@@ -427,8 +494,9 @@ class Broker:
     def _addresses(self, lease, svc):
         """The lease's MAC and, from the service's pools, its prefix and
         IPv4 address (kept when a rebuilt lease has them already)."""
+        from microbroker.kinds import KINDS
         fields = {}
-        if not lease.mac:
+        if not lease.mac and KINDS[svc.kind].layer == 2:
             fields["mac"] = lease_mac(lease.tunnel_id)
         extra = dict(lease.extra or {})
         wanted = [key for key, pool, _l, _w in POOLS
@@ -652,25 +720,37 @@ class Broker:
             "service": lease.service, "kind": lease.kind,
             "encap": lease.encap, "local": lease.remote,
             "remote": lease.local,
-            "tunnel_id": lease.peer_tunnel_id,
-            "peer_tunnel_id": lease.tunnel_id,
-            "session_id": lease.peer_session_id,
-            "peer_session_id": lease.session_id,
         })
+        if lease.kind == "l2tpv3":
+            v.update({
+                "tunnel_id": lease.peer_tunnel_id,
+                "peer_tunnel_id": lease.tunnel_id,
+                "session_id": lease.peer_session_id,
+                "peer_session_id": lease.session_id,
+            })
+        elif lease.kind == "ip6gretap":
+            # The exit receives with key tunnel_id and sends peer_tunnel_id.
+            v.update({"ikey": lease.peer_tunnel_id, "okey": lease.tunnel_id})
         if lease.encap == "udp":
             v["udp_sport"] = lease.peer_udp_port
             v["udp_dport"] = lease.udp_port
         extra = lease.extra or {}
         lifetime = svc.lifetime if svc else int(lease.expires -
                                                 lease.renewed)
+        prefix = extra.get("prefix", "")
         v.update({
             "mtu": lease.mtu, "ifname": ("mb-" + lease.service)[:15],
             "mac": lease.mac or "",
-            "prefix": extra.get("prefix", ""), "ipv4": extra.get("ipv4", ""),
+            "prefix": prefix, "ipv4": extra.get("ipv4", ""),
             "ipv4_gateway": svc.ipv4_gateway if svc and extra.get("ipv4")
             else "",
             "lifetime": lifetime,
             "renew_interval": svc.renew_interval if svc else lifetime // 5,
             "expires": int(lease.expires), "state": lease.state,
         })
+        if lease.kind == "ip6tnl":
+            # Routed: our own address is the prefix's first, or the /128.
+            v["ipv6"] = routed_address(prefix)
+            if prefix.endswith("/128"):
+                v["prefix"] = ""
         return v

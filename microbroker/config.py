@@ -16,6 +16,8 @@ With no file at all the defaults give one working service, `default`
 
 import os
 
+from microbroker.kinds import KINDS, auto_mtu
+
 DEFAULT_PATH = "/etc/config/microbroker"
 DEFAULT_PORT = 8053
 DEFAULT_LISTEN = ("[::]:%d" % DEFAULT_PORT, "0.0.0.0:%d" % DEFAULT_PORT)
@@ -575,7 +577,7 @@ LOCATION = {
 
 SERVICE = {
     "enabled": (_bool, True, False),
-    "kind": (_choice("l2tpv3"), "l2tpv3", False),
+    "kind": (_choice(*KINDS), "l2tpv3", False),     # see kinds.py
     "encap": (_choice("ip", "udp"), "ip", False),
     "family": (_choice("6", "4"), "6", False),      # of the tunnel endpoints
     # The exit's tunnel address; empty: the address the request arrived on
@@ -587,11 +589,14 @@ SERVICE = {
     "provides": (_choice(*PROVIDES), [], True),
     "restrict": (_choice(*RESTRICTS), "none", False),
     "ports": (_int(1, 65535), [], True),            # dns+web: 53 80 443
-    "mtu": (_int(576, 9000), 1280, False),
+    # The inner MTU handed out; by default the path MTU between exit and
+    # clients (cjdns's tun: 1304) less the kind's overhead, at least 1280.
+    "mtu": (_int(576, 9000), 0, False),
+    "path_mtu": (_int(1280, 65535), 1304, False),
     "lifetime": (_int(30, 7 * 86400), 600, False),
     "renew_interval": (_int(10, 7 * 86400), 0, False),  # 0: lifetime / 5
     "capacity": (_int(0, 100000), 0, False),        # 0: up to max_leases
-    "bridge": (_ifname, "", False),                 # default br-NAME
+    "bridge": (_ifname, "", False),                 # layer 2: default br-NAME
     "isolate": (_bool, True, False),                # clients cannot talk
     # ipv6-prefix: one prefix_length prefix from the pool per lease, routed
     # to the client's link-local address (the EUI-64 of the lease's MAC).
@@ -599,6 +604,8 @@ SERVICE = {
     "prefix_length": (_int(1, 128), 64, False),
     # ipv4-public: one address from the pool per lease, a /32 route on the
     # bridge; ipv4_gateway is the bridge's own address the client routes to.
+    # Layer 3 (ip6tnl): the pools are the tunnel's addresses, routed to the
+    # tunnel, no gateway; a private ipv4_pool is ipv4-nat (the operator NATs).
     "ipv4_pool": (_pool(4), "", False),
     "ipv4_gateway": (_v4_address, "", False),
     "token": (_token, [], True),                    # instead of the broker's
@@ -844,9 +851,28 @@ def _finish(cfg, at, euid, environ):
                 p.append((where, "service %s: udp_port %d + capacity does "
                           "not fit below 65536 (the exit uses one UDP port "
                           "per tunnel)" % (svc.name, svc.udp_port)))
-        if not svc.bridge:
+        kind = KINDS[svc.kind]
+        if svc.encap not in kind.encaps:
+            p.append((where, "service %s: kind %s has no encap %s (only %s)"
+                      % (svc.name, svc.kind, svc.encap,
+                         ", ".join(kind.encaps))))
+        elif not svc.mtu:
+            svc.mtu = auto_mtu(svc.kind, svc.encap, svc.path_mtu)
+        if svc.kind != "l2tpv3" and svc.family != 6:
+            p.append((where, "service %s: kind %s runs over IPv6 only"
+                      % (svc.name, svc.kind)))
+        if kind.layer == 3:
+            if svc.bridge:
+                p.append((where, "service %s: kind %s is routed, bridge does "
+                          "not apply" % (svc.name, svc.kind)))
+        elif not svc.bridge:
             svc.bridge = ("br-" + svc.name)[:15]
-        _check_pools(svc, where, p)
+        _check_pools(svc, where, p, kind.layer)
+    routed = [s for s in cfg.enabled_services() if KINDS[s.kind].layer == 3]
+    if len({s.isolate for s in routed}) > 1:
+        p.append((at(0), "services %s: routed services share one isolation "
+                  "rule, so isolate must be the same for all of them"
+                  % ", ".join(s.name for s in routed)))
     if not cfg.enabled_services():
         p.append((at(0), "no enabled service: clients can lease nothing"))
 
@@ -859,7 +885,7 @@ def pool_size(pool, length):
     return family, value, 1 << (bits - length), 1 << (length - n)
 
 
-def _check_pools(svc, where, p):
+def _check_pools(svc, where, p, layer=2):
     """Pools need their companions, and a pool is what `provides` says."""
     if svc.prefix_pool:
         n = int(svc.prefix_pool.rpartition("/")[2])
@@ -870,6 +896,9 @@ def _check_pools(svc, where, p):
     elif "prefix_length" in svc._explicit:
         p.append((where, "service %s: prefix_length needs a prefix_pool"
                   % svc.name))
+    if layer == 3:
+        _check_routed(svc, where, p)
+        return
     if svc.ipv4_pool:
         if not svc.ipv4_gateway:
             p.append((where, "service %s: ipv4_pool needs ipv4_gateway (the "
@@ -890,6 +919,47 @@ def _check_pools(svc, where, p):
         elif not pool and name in svc.provides:
             p.append((where, "service %s: provides %s needs a %s"
                       % (svc.name, name, opt)))
+
+
+# Private and shared (CGN) IPv4 space: a routed client with such an address
+# reaches the Internet only through the exit's NAT.
+_PRIVATE4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+
+
+def _check_routed(svc, where, p):
+    """A routed service has no bridge to run DHCP or RA on: everything the
+    client gets comes from its pools, and every pool is offered."""
+    if svc.ipv4_gateway:
+        p.append((where, "service %s: kind %s is point-to-point, "
+                  "ipv4_gateway does not apply" % (svc.name, svc.kind)))
+    if not svc.ipv4_pool and not svc.prefix_pool:
+        p.append((where, "service %s: kind %s is routed, so its clients' "
+                  "addresses come from ipv4_pool and/or prefix_pool; set "
+                  "at least one" % (svc.name, svc.kind)))
+    want = set()
+    if svc.ipv4_pool:
+        v4 = [x for x in svc.provides if x.startswith("ipv4-")]
+        if not v4:
+            private = in_prefixes(4, _pool_first(svc.ipv4_pool),
+                                  [parse_prefix(x) for x in _PRIVATE4])
+            v4 = ["ipv4-nat" if private else "ipv4-public"]
+        want.update(v4)
+    if svc.prefix_pool:
+        want.add("ipv6-single" if svc.prefix_length == 128
+                 else "ipv6-prefix")
+    for name in PROVIDES:
+        if name in want and name not in svc.provides:
+            svc.provides.append(name)
+        elif name in svc.provides and name not in want:
+            p.append((where, "service %s: provides %s needs %s" % (
+                svc.name, name, "an ipv4_pool" if name.startswith("ipv4")
+                else "a prefix_pool with prefix_length %s"
+                % ("128" if name == "ipv6-single" else "below 128"))))
+
+
+def _pool_first(pool):
+    """The packed first address of an IPv4 pool 'NET/LEN'."""
+    return parse_prefix(pool)[1].to_bytes(4, "big")
 
 
 def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):

@@ -1,9 +1,11 @@
 """What a lease is in the exit's kernel, and keeping kernel and lease file agreed.
 
-A lease is an L2TPv3 tunnel + Ethernet session whose interface joins the
-service's bridge, isolated from the other ports, with cjdns beacons dropped
-and, for restricted services, a filter profile. Netlink first; filters go
-through nft or ebtables, whichever is present.
+A layer-2 lease (kinds.py) is an Ethernet port, an L2TPv3 tunnel + session
+or an ip6gretap link, that joins the service's bridge, isolated from the
+other ports, with cjdns beacons dropped and, for restricted services, a
+filter profile. A layer-3 lease is an ip6tnl link with routes to the
+lease's addresses. Netlink first; filters go through nft or ebtables,
+whichever is present.
 """
 
 import errno
@@ -12,6 +14,7 @@ import socket
 import time
 
 from . import l2tp, rtnl
+from .kinds import KINDS
 
 
 class KernelUnavailable(Exception):
@@ -43,16 +46,47 @@ def link_local(mac):
     return "fe80::" + ":".join("%x" % w for w in words)
 
 
-def lease_routes(lease):
-    """(destination, gateway or None) the exit routes to this lease's
-    client: its prefix via its link-local address, its IPv4 address on-link."""
+def layer(lease):
+    return KINDS[lease.kind].layer
+
+
+def lease_routes(lease, service):
+    """(destination, gateway or None, device) the exit routes to this
+    lease's client. Bridged: its prefix via its link-local address and its
+    IPv4 address on-link, both on the bridge; routed: both into the tunnel."""
     extra = lease.extra or {}
     out = []
+    if layer(lease) == 3:
+        for dst in (extra.get("prefix"), extra.get("ipv4") and extra["ipv4"] + "/32"):
+            if dst:
+                out.append((dst, None, lease.ifname))
+        return out
+    dev = bridge_name(service) if service is not None else None
     if extra.get("prefix") and lease.mac:
-        out.append((extra["prefix"], link_local(lease.mac)))
+        out.append((extra["prefix"], link_local(lease.mac), dev))
     if extra.get("ipv4"):
-        out.append((extra["ipv4"] + "/32", None))
+        out.append((extra["ipv4"] + "/32", None, dev))
     return out
+
+
+def module_present(name):
+    """Is kernel module `name` loaded, built in or installed? True when the
+    module tree cannot be read (a kernel without modules)."""
+    if os.path.isdir("/sys/module/" + name):
+        return True
+    base = "/lib/modules/" + os.uname().release
+    found = False
+    for index in ("modules.builtin", "modules.dep"):
+        try:
+            with open(os.path.join(base, index), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        found = True
+        want = name.encode()
+        if b"/" + want + b".ko" in data or b"/" + want.replace(b"_", b"-") + b".ko" in data:
+            return True
+    return not found
 
 
 def pool_routes(services):
@@ -73,21 +107,30 @@ class Dataplane:
 
     def __init__(self, config):
         self.config = config
-        self._status = None
+        self._status = {}
         self._filters = False     # not probed yet
         self._ready = set()       # services whose bridge and filters exist
         self._iso_fallback = False
         self.prefix = getattr(config, "ifname_prefix", "mb") or "mb"
 
     # -- capability --
-    def status(self):
+    def status(self, kind=None):
+        """(ok, why) for building tunnels of `kind` (default l2tpv3)."""
+        kind = kind or "l2tpv3"
         now = time.monotonic()
-        if self._status and now - self._status[0] < STATUS_TTL:
-            return self._status[1]
-        ok, why = l2tp.available()
+        cached = self._status.get(kind)
+        if cached and now - cached[0] < STATUS_TTL:
+            return cached[1]
+        if kind == "l2tpv3":
+            ok, why = l2tp.available()
+        else:
+            module = KINDS[kind].module
+            ok = module_present(module)
+            why = "" if ok else "kernel module %s for %s is missing (modprobe %s)" % (
+                module, kind, module)
         if ok and os.geteuid() != 0:
             why = "running as uid %d (needs CAP_NET_ADMIN)" % os.geteuid()
-        self._status = (now, (ok, why))
+        self._status[kind] = (now, (ok, why))
         return ok, why
 
     def filters(self):
@@ -101,6 +144,10 @@ class Dataplane:
     def ensure_service(self, service, rt=None):
         """Bridge up and filter profile in place; cheap after the first call."""
         if service.name in self._ready:
+            return
+        if KINDS[service.kind].layer == 3:
+            self._ensure_routed(service)
+            self._ready.add(service.name)
             return
         own = rt is None
         rt = rt or rtnl.Rtnl()
@@ -125,16 +172,34 @@ class Dataplane:
                                     "is installed" % service.name)
         self._ready.add(service.name)
 
+    def _ensure_routed(self, service):
+        """Routed tunnels: no bridge; isolation and restriction need nft."""
+        profile = restrict_profile(service)
+        isolate = getattr(service, "isolate", True)
+        if not profile and not isolate:
+            return
+        f = self.filters()
+        if f is None:
+            raise KernelUnavailable("service %s %s routed tunnels but nft is not installed"
+                                    % (service.name, "restricts" if profile else "isolates"))
+        from .filters import FilterError
+        try:
+            f.ensure_routed(self.prefix, {profile: profile_ports(service)} if profile else {},
+                            isolate)
+        except FilterError as e:
+            raise KernelUnavailable("service %s: %s" % (service.name, e)) from None
+
     # -- per lease --
     def up(self, lease, service):
         """Build the lease in the kernel; on failure leave nothing behind."""
-        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+        bridged = layer(lease) == 2
+        with rtnl.Rtnl() as rt:
             self.ensure_service(service, rt)
             try:
-                self._tunnel(l2, lease)
-                self._session(l2, lease)
-                rt.setup_port(lease.ifname, bridge_name(service), mtu=lease.mtu)
-                if getattr(service, "isolate", True):
+                self._link(rt, lease)
+                rt.setup_port(lease.ifname, bridge_name(service) if bridged else None,
+                              mtu=lease.mtu)
+                if bridged and getattr(service, "isolate", True):
                     try:
                         rt.set_isolated(lease.ifname, True)
                     except rtnl.LinkError:
@@ -145,12 +210,46 @@ class Dataplane:
                             self.ensure_service(service, rt)
                 profile = restrict_profile(service)
                 if profile:
-                    self.filters().add_port(lease.ifname, profile, profile_ports(service))
-                for dst, via in lease_routes(lease):
-                    rt.add_route(dst, dev=bridge_name(service), via=via)
+                    self.filters().add_port(lease.ifname, profile, profile_ports(service),
+                                            family="bridge" if bridged else "inet")
+                for dst, via, dev in lease_routes(lease, service):
+                    rt.add_route(dst, dev=dev, via=via)
             except Exception:
-                self._down(l2, lease)
+                self._down(lease, rt)
                 raise
+
+    def _link(self, rt, lease):
+        """The lease's interface, by kind."""
+        if lease.kind == "l2tpv3":
+            with l2tp.L2TP() as l2:
+                self._tunnel(l2, lease)
+                self._session(l2, lease)
+            return
+        if lease.kind == "ip6gretap":
+            # The exit receives with its own id as key and sends the client's.
+            def add():
+                rt.add_ip6gretap(lease.ifname, lease.local, lease.remote,
+                                 ikey=lease.tunnel_id, okey=lease.peer_tunnel_id)
+        elif lease.kind == "ip6tnl":
+            def add():
+                rt.add_ip6tnl(lease.ifname, lease.local, lease.remote)
+        else:
+            raise ValueError("lease %s: unknown kind %r" % (lease.lease_id, lease.kind))
+        try:
+            try:
+                add()
+            except rtnl.LinkExists:
+                # The name comes from the lease's tunnel id: what holds it is a
+                # leftover or an earlier try of this very lease.
+                rt.delete_link(lease.ifname)
+                add()
+        except rtnl.LinkError as e:
+            if e.errno == errno.EOPNOTSUPP:
+                module = KINDS[lease.kind].module
+                raise KernelUnavailable("the kernel cannot make %s links: module %s "
+                                        "missing (modprobe %s)" % (lease.kind, module,
+                                                                   module)) from None
+            raise
 
     def _tunnel(self, l2, lease):
         try:
@@ -178,45 +277,71 @@ class Dataplane:
                 raise
 
     def down(self, lease):
-        with l2tp.L2TP() as l2:
-            self._down(l2, lease)
+        self._down(lease)
 
-    def _down(self, l2, lease):
+    def _down(self, lease, rt=None):
         f = self.filters()
         services = getattr(self.config, "services", None) or {}
         svc = services.get(lease.service) if isinstance(services, dict) else None
+        bridged = layer(lease) == 2
         # Unrestricted leases have no per-port rule: save a subprocess.
         if f is not None and (svc is None or restrict_profile(svc)):
             try:
-                f.remove_port(lease.ifname)
+                f.remove_port(lease.ifname, family="bridge" if bridged else "inet")
             except (OSError, ValueError, RuntimeError):
                 pass
-        if lease_routes(lease):
-            # The routes point at the bridge, which stays: remove them.
-            with rtnl.Rtnl() as rt:
-                for dst, _via in lease_routes(lease):
+        own = rt is None and (lease.kind != "l2tpv3" or lease_routes(lease, svc))
+        if own:
+            rt = rtnl.Rtnl()
+        try:
+            if bridged:
+                # The routes point at the bridge, which stays: remove them.
+                # A routed lease's routes go with its link.
+                for dst, _via, dev in lease_routes(lease, svc):
                     try:
-                        rt.delete_route(dst, dev=bridge_name(svc) if svc else None)
+                        rt.delete_route(dst, dev=dev)
                     except rtnl.LinkError as e:
                         if e.errno not in (errno.ESRCH, errno.ENODEV):
                             raise
-        try:
-            l2.delete_tunnel(lease.tunnel_id)
-        except l2tp.NotFound:
-            pass
+            if lease.kind == "l2tpv3":
+                with l2tp.L2TP() as l2:
+                    try:
+                        l2.delete_tunnel(lease.tunnel_id)
+                    except l2tp.NotFound:
+                        pass
+            else:
+                try:
+                    rt.delete_link(lease.ifname)
+                except rtnl.NoSuchLink:
+                    pass
+        finally:
+            if own:
+                rt.close()
 
     def counters(self, lease):
-        with l2tp.L2TP() as l2:
-            try:
-                s = l2.get_session(lease.tunnel_id, lease.session_id).stats
-            except l2tp.NotFound:
-                return {}
+        if lease.kind != "l2tpv3":
+            with rtnl.Rtnl() as rt:
+                try:
+                    s = rt.stats(lease.ifname)
+                except rtnl.NoSuchLink:
+                    return {}
+        else:
+            with l2tp.L2TP() as l2:
+                try:
+                    s = l2.get_session(lease.tunnel_id, lease.session_id).stats
+                except l2tp.NotFound:
+                    return {}
         return {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
                 "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes}
 
     def kernel_ids(self):
-        """(tunnel_id, session_id) of every session, and (tunnel_id, 0) of bare tunnels."""
-        with l2tp.L2TP() as l2:
+        """(tunnel_id, session_id) of every session, and (tunnel_id, 0) of
+        bare tunnels; nothing where this kernel has no L2TP."""
+        try:
+            l2 = l2tp.L2TP()
+        except l2tp.NotAvailable:
+            return set()
+        with l2:
             ids = {(s.tunnel_id, s.session_id) for s in l2.sessions(stats=False)}
             have = {t for t, _ in ids}
             ids |= {(t.tunnel_id, 0) for t in l2.tunnels(stats=False) if t.tunnel_id not in have}
@@ -231,49 +356,91 @@ class Dataplane:
         to leased prefixes and addresses. The broker sweeps expired leases
         first (so their down hooks run).
         """
-        report = {"rebuilt": [], "removed": [], "failed": [], "routes_added": [],
-                  "routes_removed": []}
+        report = {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
+                  "routes_added": [], "routes_removed": []}
         by_name = {s.name: s for s in services}
         live = store.leases()
         lo, hi = self.config.tunnel_ids
-        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
-            tunnels = {t.tunnel_id: t for t in l2.tunnels(stats=False)}
-            sessions = {(s.tunnel_id, s.session_id): s for s in l2.sessions(stats=False)}
-            links = {l.name: l for l in rt.links()}
-            owned = set()
-            for lease in live:
-                owned.add(lease.tunnel_id)
-                svc = by_name.get(lease.service)
-                if svc is None:
-                    continue
-                t = tunnels.get(lease.tunnel_id)
-                s = sessions.get((lease.tunnel_id, lease.session_id))
-                link = links.get(lease.ifname)
-                if t is not None and s is not None and link is not None and \
-                        t.remote == lease.remote and link.mtu == lease.mtu and \
-                        link.flags & rtnl.IFF_UP and link.master:
-                    continue
-                try:
-                    if t is not None and t.remote != lease.remote:
-                        l2.delete_tunnel(lease.tunnel_id)
-                    self.up(lease, svc)
-                    report["rebuilt"].append(lease.lease_id)
-                except (OSError, ValueError, KernelUnavailable) as e:
-                    report["failed"].append("%s: %s" % (lease.lease_id, e))
-            for tid in sorted(tunnels):
-                if lo <= tid <= hi and tid not in owned:
+        try:
+            l2 = l2tp.L2TP()
+        except l2tp.NotAvailable as e:
+            if any(l.kind == "l2tpv3" for l in live) or \
+                    any(s.kind == "l2tpv3" for s in services):
+                raise
+            l2 = None      # an exit of GRE and ip6tnl only, without L2TP modules
+        try:
+            with rtnl.Rtnl() as rt:
+                tunnels = {t.tunnel_id: t for t in l2.tunnels(stats=False)} if l2 else {}
+                sessions = {(s.tunnel_id, s.session_id): s
+                            for s in l2.sessions(stats=False)} if l2 else {}
+                links = {l.name: l for l in rt.links()}
+                owned = set()
+                for lease in live:
+                    owned.add(lease.tunnel_id)
+                    svc = by_name.get(lease.service)
+                    if svc is None:
+                        continue
+                    link = links.get(lease.ifname)
+                    t = tunnels.get(lease.tunnel_id)
+                    if self._intact(lease, link, t, sessions):
+                        continue
                     try:
-                        l2.delete_tunnel(tid)
-                    except l2tp.NotFound:
-                        pass
-                    report["removed"].append(tid)
-            self._reconcile_routes(rt, live, by_name, services, report)
+                        if t is not None and t.remote != lease.remote:
+                            l2.delete_tunnel(lease.tunnel_id)
+                        self.up(lease, svc)
+                        report["rebuilt"].append(lease.lease_id)
+                    except (OSError, ValueError, KernelUnavailable) as e:
+                        report["failed"].append("%s: %s" % (lease.lease_id, e))
+                for tid in sorted(tunnels):
+                    if lo <= tid <= hi and tid not in owned:
+                        try:
+                            l2.delete_tunnel(tid)
+                        except l2tp.NotFound:
+                            pass
+                        report["removed"].append(tid)
+                self._remove_links(rt, links, owned, report)
+                self._reconcile_routes(rt, live, by_name, services, report)
+        finally:
+            if l2 is not None:
+                l2.close()
         f = self.filters()
         if f is not None:
             names = {l.ifname for l in live}
-            for ifname in f.ports() - names:
-                f.remove_port(ifname)
+            families = ["bridge"]
+            if any(KINDS[s.kind].layer == 3 for s in services):
+                families.append("inet")
+            for family in families:
+                for ifname in f.ports(family) - names:
+                    f.remove_port(ifname, family)
         return report
+
+    @staticmethod
+    def _intact(lease, link, tunnel, sessions):
+        """Is the lease's interface in the kernel as up() would build it?"""
+        if link is None or link.mtu != lease.mtu or not link.flags & rtnl.IFF_UP:
+            return False
+        if lease.kind == "l2tpv3":
+            return tunnel is not None and tunnel.remote == lease.remote and \
+                (lease.tunnel_id, lease.session_id) in sessions and bool(link.master)
+        return link.kind == lease.kind and link.remote == lease.remote and \
+            (layer(lease) == 3 or bool(link.master))
+
+    def _remove_links(self, rt, links, owned, report):
+        """GRE and ip6tnl links named for a tunnel id in our range that no
+        live lease owns (L2TP ones go with their tunnels)."""
+        lo, hi = self.config.tunnel_ids
+        n = len(self.prefix)
+        for name, link in sorted(links.items()):
+            if link.kind not in ("ip6gretap", "ip6tnl") or not name.startswith(self.prefix):
+                continue
+            digits = name[n:]
+            if not digits.isdigit() or not lo <= int(digits) <= hi or int(digits) in owned:
+                continue
+            try:
+                rt.delete_link(name)
+            except rtnl.NoSuchLink:
+                pass
+            report["links_removed"].append(name)
 
     def _reconcile_routes(self, rt, live, by_name, services, report):
         """Routes of live leases present and right; routes of a pool's
@@ -283,8 +450,8 @@ class Dataplane:
         for lease in live:
             svc = by_name.get(lease.service)
             if svc is not None:
-                for dst, via in lease_routes(lease):
-                    want[dst] = (via, bridge_name(svc), lease.lease_id)
+                for dst, via, dev in lease_routes(lease, svc):
+                    want[dst] = (via, dev, lease.lease_id)
         pools = pool_routes(services)
         have = {}
         for family in sorted({fam for fam, _p, _l in pools} |

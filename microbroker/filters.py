@@ -1,4 +1,8 @@
-"""Bridge-layer filter rules for pseudo-wire ports: nftables or ebtables.
+"""Filter rules for tunnel ports: nftables or ebtables.
+
+Bridged (layer 2) ports get bridge-family rules; routed (ip6tnl) ports get
+the same isolation and restriction profiles in an inet-family table, which
+only nft can do.
 
 Everything lives in a table (nft) or chains (ebtables) of our own, so the
 operator's rules are never touched. Beacon drop and fallback isolation match
@@ -105,18 +109,54 @@ class Nft:
             ]
         self._apply("\n".join(lines) + "\n")
 
-    def add_port(self, ifname, profile, ports=()):
+    def ensure_routed(self, prefix, profiles, isolate):
+        """The inet table for routed tunnels: isolate drops what one tunnel
+        would route into another; profiles as for bridged ports."""
+        pw = '"%s*"' % _check(prefix, _PREFIX)
+        t = "inet " + TABLE
+        lines = []
+        if _run([self.nft, "list", "table", "inet", TABLE], check=False).returncode != 0:
+            lines += [
+                "add table %s" % t,
+                "add map %s restrict { type ifname : verdict; }" % t,
+                "add chain %s input { type filter hook input priority -10; }" % t,
+                "add chain %s forward { type filter hook forward priority -10; }" % t,
+                "add chain %s isolate" % t,
+                "add rule %s input iifname vmap @restrict" % t,
+                "add rule %s forward jump isolate" % t,
+                "add rule %s forward iifname vmap @restrict" % t,
+            ]
+        lines += ["flush chain %s isolate" % t]
+        if isolate:
+            lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, pw, pw)]
+        for name, ports in sorted(profiles.items()):
+            chain = "r_" + _check(name, _PROFILE)
+            tcp = ", ".join(str(p) for p in [53] + [p for p in _ports(ports) if p != 53])
+            rule = "add rule %s %s " % (t, chain)
+            lines += [
+                "add chain %s %s" % (t, chain),
+                "flush chain %s %s" % (t, chain),
+                # No neighbour discovery on a point-to-point link, but path
+                # MTU and errors still need ICMP.
+                rule + "meta l4proto { icmp, ipv6-icmp } accept",
+                rule + "udp dport 53 accept",
+                rule + "tcp dport { %s } accept" % tcp,
+                rule + "drop",
+            ]
+        self._apply("\n".join(lines) + "\n")
+
+    def add_port(self, ifname, profile, ports=(), family="bridge"):
         """Send a restricted port's traffic through its profile."""
-        self._apply("add element bridge %s restrict { %s : jump r_%s }\n" %
-                    (TABLE, _check(ifname), _check(profile, _PROFILE)))
+        self._apply("add element %s %s restrict { %s : jump r_%s }\n" %
+                    (_family(family), TABLE, _check(ifname), _check(profile, _PROFILE)))
 
-    def remove_port(self, ifname):
-        self._apply("delete element bridge %s restrict { %s }\n" % (TABLE, _check(ifname)),
-                    check=False)
+    def remove_port(self, ifname, family="bridge"):
+        self._apply("delete element %s %s restrict { %s }\n" % (_family(family), TABLE,
+                                                               _check(ifname)), check=False)
 
-    def ports(self):
+    def ports(self, family="bridge"):
         """Interfaces mapped to a profile (for reconcile)."""
-        p = _run([self.nft, "list", "map", "bridge", TABLE, "restrict"], check=False)
+        p = _run([self.nft, "list", "map", _family(family), TABLE, "restrict"], check=False)
         m = re.search(r"elements = \{([^}]*)\}", p.stdout) if p.returncode == 0 else None
         if not m:
             return set()
@@ -214,23 +254,38 @@ class Ebtables:
             for spec in reversed(rules):
                 self._e("-I", chain, "1", *spec, "-j", "ACCEPT")
 
-    def add_port(self, ifname, profile, ports=()):
+    def ensure_routed(self, prefix, profiles, isolate):
+        raise FilterError("ebtables filters only bridged frames: isolation and "
+                          "restrictions of routed (ip6tnl) tunnels need nft")
+
+    def add_port(self, ifname, profile, ports=(), family="bridge"):
         _check(ifname)
+        _family(family, ("bridge",))
         chain = self.profile_chain(profile, ports)
         self.remove_port(ifname)    # a retry must not stack duplicates
         self._e("-A", "MB-IN", "-i", ifname, "-j", chain)
         self._e("-A", "MB-FWD", "-i", ifname, "-j", chain)
 
-    def remove_port(self, ifname):
+    def remove_port(self, ifname, family="bridge"):
         _check(ifname)
+        if family != "bridge":
+            return
         for chain in ("MB-IN", "MB-FWD"):
             for parts in self._chains().get(chain, [0, []])[1]:
                 if _after(parts, "-i") == ifname:
                     self._e("-D", chain, *parts, check=False)
 
-    def ports(self):
+    def ports(self, family="bridge"):
+        if family != "bridge":
+            return set()
         return {_after(parts, "-i") for parts in self._chains().get("MB-IN", [0, []])[1]
                 if _after(parts, "-j", "").startswith("MB-R-")} - {None}
+
+
+def _family(family, allowed=("bridge", "inet")):
+    if family not in allowed:
+        raise ValueError("no filter family %r here" % (family,))
+    return family
 
 
 def _after(parts, flag, default=None):

@@ -1289,12 +1289,16 @@ class LeaseStore:
                 tx.put_ids(ids)
         return [_lease(r) for r in gone]
 
-    def leases(self):
-        """All leases, oldest first."""
+    def leases(self, client=None):
+        """All leases, or one client's (one bucket read), oldest first."""
         rows = []
         with self._txn(False) as tx:
-            for b in range(self.buckets):
-                rows.extend(tx.bucket(b)[0].rows())
+            if client is not None:
+                client = _client(client)
+                rows = tx.bucket(self._home(client) % self.buckets)[0].client_rows(client)
+            else:
+                for b in range(self.buckets):
+                    rows.extend(tx.bucket(b)[0].rows())
         rows.sort(key=lambda r: (r[_F["created"]], r[_ID]))
         return [_lease(r) for r in rows]
 

@@ -64,11 +64,19 @@ IFLA_GRE_REMOTE = 7
 IFLA_GRE_TTL = 8
 IFLA_GRE_IFLAGS = 2
 IFLA_GRE_OFLAGS = 3
+IFLA_GRE_ENCAP_LIMIT = 11
+IFLA_GRE_FLAGS = 13
 GRE_KEY = 0x2000          # __be16, sent in network order
 IFLA_IPTUN_LOCAL = 2
 IFLA_IPTUN_REMOTE = 3
 IFLA_IPTUN_TTL = 4
+IFLA_IPTUN_FLAGS = 8
 IFLA_IPTUN_PROTO = 9
+# include/uapi/linux/ip6_tunnel.h: no 8-byte encapsulation-limit option on
+# every packet (iproute2's `encaplimit none`)
+IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
+# The outer destination of a tunnel link, by kind (GRE and IPTUN numbering).
+_REMOTE_ATTR = {"ip6gretap": IFLA_GRE_REMOTE, "ip6tnl": IFLA_IPTUN_REMOTE}
 
 # include/uapi/linux/if_addr.h
 IFA_ADDRESS = 1
@@ -85,7 +93,8 @@ IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
 
-Link = namedtuple("Link", "index name flags mtu master kind address")
+# remote: the outer destination of ip6gretap/ip6tnl links, else None.
+Link = namedtuple("Link", "index name flags mtu master kind address remote")
 # dst and gateway as text (None when absent), dst as the network address
 Route = namedtuple("Route", "family dst dst_len gateway oif table type")
 LinkStats = namedtuple("LinkStats", "rx_packets tx_packets rx_bytes tx_bytes")
@@ -162,12 +171,17 @@ _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_
 def _link(body):
     _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
     attrs = nl.parse_attrs(body, IFINFOMSG.size, wanted=_LINK_ATTRS)
-    kind = None
+    kind = remote = None
     if IFLA_LINKINFO in attrs:
-        kind = nl.get_str(nl.parse_attrs(attrs[IFLA_LINKINFO]), IFLA_INFO_KIND)
+        info = nl.parse_attrs(attrs[IFLA_LINKINFO])
+        kind = nl.get_str(info, IFLA_INFO_KIND)
+        if kind in _REMOTE_ATTR and IFLA_INFO_DATA in info:
+            raw = nl.parse_attrs(info[IFLA_INFO_DATA]).get(_REMOTE_ATTR[kind])
+            remote = str(ipaddress.IPv6Address(raw)) if raw and len(raw) == 16 else None
     addr = attrs.get(IFLA_ADDRESS)
     return Link(index, nl.get_str(attrs, IFLA_IFNAME), flags, nl.get_u32(attrs, IFLA_MTU),
-                nl.get_u32(attrs, IFLA_MASTER, 0), kind, _mac_str(addr) if addr else None)
+                nl.get_u32(attrs, IFLA_MASTER, 0), kind, _mac_str(addr) if addr else None,
+                remote)
 
 
 class Rtnl:
@@ -307,14 +321,16 @@ class Rtnl:
                 nl.attr(IFLA_GRE_OFLAGS, struct.pack("!H", GRE_KEY)) +
                 nl.attr(IFLA_GRE_IKEY, struct.pack("!I", ikey)) +
                 nl.attr(IFLA_GRE_OKEY, struct.pack("!I", okey)) +
-                nl.attr_u8(IFLA_GRE_TTL, ttl))
+                nl.attr_u8(IFLA_GRE_TTL, ttl) +
+                nl.attr_u32(IFLA_GRE_FLAGS, IP6_TNL_F_IGN_ENCAP_LIMIT))
         self._new(name, "ip6gretap", data)
 
     def add_ip6tnl(self, name, local, remote, proto=0, ttl=64):
         """An IP-in-IPv6 tunnel; proto 0 carries IPv4 and IPv6 (ip6tnl 'any')."""
         la, ra = ipaddress.IPv6Address(local), ipaddress.IPv6Address(remote)
         data = (nl.attr(IFLA_IPTUN_LOCAL, la.packed) + nl.attr(IFLA_IPTUN_REMOTE, ra.packed) +
-                nl.attr_u8(IFLA_IPTUN_TTL, ttl) + nl.attr_u8(IFLA_IPTUN_PROTO, proto))
+                nl.attr_u8(IFLA_IPTUN_TTL, ttl) + nl.attr_u8(IFLA_IPTUN_PROTO, proto) +
+                nl.attr_u32(IFLA_IPTUN_FLAGS, IP6_TNL_F_IGN_ENCAP_LIMIT))
         self._new(name, "ip6tnl", data)
 
     def delete_link(self, name):

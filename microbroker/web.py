@@ -24,8 +24,10 @@ REASONS = {
 # path -> (allowed methods, required fields, optional fields)
 ROUTES = {
     "/offer": (("GET", "POST"), (), ()),
-    "/lease": (("POST",), ("service",),
-               ("tunnel_id", "session_id", "udp_sport", "token")),
+    # service or kind: checked by the broker, which knows what is offered.
+    "/lease": (("POST",), (),
+               ("service", "kind", "tunnel_id", "session_id", "udp_sport",
+                "token")),
     "/renew": (("POST",), ("lease_id", "secret"), ()),
     "/release": (("POST",), ("lease_id", "secret"), ()),
     "/status": (("GET", "POST"), ("lease_id", "secret"), ()),
@@ -64,6 +66,11 @@ def _check_field(name, v):
         if not 1 <= len(v) <= 32 or not set(v) <= _NAME:
             raise BrokerError("bad_request", "service names are 1-32 "
                               "letters, digits or _")
+        return v
+    if name == "kind":
+        if not 1 <= len(v) <= 16 or not set(v) <= _NAME:
+            raise BrokerError("bad_request", "kind names are 1-16 letters, "
+                              "digits or _, e.g. l2tpv3")
         return v
     if name == "lease_id":
         if len(v) != 16 or not set(v) <= _HEX:

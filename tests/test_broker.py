@@ -40,7 +40,7 @@ class FakeDataplane:
         self.kernel = set()
         self.stats = {}
 
-    def status(self):
+    def status(self, kind=None):
         return self.ok, self.reason
 
     def up(self, lease, service):
