@@ -28,7 +28,8 @@ def main():
         ex, cl = ns.add("x"), ns.add("c")
         ns.link(ex, cl, "fc00::1/64", "fc00::2/64")
         for restrict in ("none", "dns+web"):
-            svc = SimpleNamespace(name="exit", bridge="", isolate=True, restrict=restrict,
+            svc = SimpleNamespace(name="exit", kind="l2tpv3", bridge="", isolate=True,
+                                  restrict=restrict,
                                   ports=[80, 443], mtu=1280)
             cfg = SimpleNamespace(tunnel_ids=(1, 4000), filter="", services={"exit": svc})
             store = LeaseStore(os.path.join(tmp, "leases-" + restrict), tunnel_ids=(1, 4000),

@@ -276,10 +276,7 @@ class Broker:
         request arrived on (the endpoint of services that configure none)."""
         from microbroker.kinds import KINDS
         cfg = self.config
-        kernel = {k: self.dataplane.status(k)
-                  for k in sorted({s.kind for s in cfg.enabled_services()})}
-        ok = all(v[0] for v in kernel.values())
-        reason = "; ".join(sorted({v[1] for v in kernel.values() if not v[0]}))
+        ok, reason, kernel = self.kernel_status()
         with self.lock:
             try:
                 total = self.store.count()
@@ -318,6 +315,14 @@ class Broker:
                        "max_per_client": cfg.max_per_client},
             "services": services,
         }
+
+    def kernel_status(self):
+        """(ok, why, {kind: (ok, why)}) over the kinds of enabled services."""
+        kernel = {k: self.dataplane.status(k)
+                  for k in sorted({s.kind for s in self.config.enabled_services()})}
+        ok = all(v[0] for v in kernel.values())
+        reason = "; ".join(sorted({v[1] for v in kernel.values() if not v[0]}))
+        return ok, reason, kernel
 
     @staticmethod
     def _endpoint(svc, local):

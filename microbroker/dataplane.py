@@ -29,6 +29,14 @@ def bridge_name(service):
     return service.bridge or rtnl.check_ifname(("br-" + service.name)[:15])
 
 
+def bridge_mac(name):
+    """A stable, locally administered MAC for a bridge we create: clients'
+    neighbour caches stay right while ports come and go."""
+    import zlib
+    c = zlib.crc32(name.encode())
+    return "02:6d:42:%02x:%02x:%02x" % ((c >> 16) & 255, (c >> 8) & 255, c & 255)
+
+
 def restrict_profile(service):
     r = getattr(service, "restrict", "none") or "none"
     return None if r == "none" else service.name
@@ -154,7 +162,7 @@ class Dataplane:
         try:
             br = bridge_name(service)
             try:
-                rt.add_bridge(br)
+                rt.add_bridge(br, bridge_mac(br))
             except rtnl.LinkExists:
                 pass
             rt.set_up(br)

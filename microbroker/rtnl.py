@@ -304,8 +304,10 @@ class Rtnl:
             nl.attr_nest(IFLA_LINKINFO, info)
         self._do(RTM_NEWLINK, nl.NLM_F_CREATE | nl.NLM_F_EXCL, payload, "%s %s" % (kind, name))
 
-    def add_bridge(self, name):
-        self._new(name, "bridge")
+    def add_bridge(self, name, mac=None):
+        """A bridge; with a MAC of its own it keeps it, instead of taking the
+        lowest of its ports' each time a port comes or goes."""
+        self._new(name, "bridge", extra=nl.attr(IFLA_ADDRESS, _mac_bytes(mac)) if mac else b"")
 
     def add_veth(self, name, peer):
         check_ifname(peer)

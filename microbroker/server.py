@@ -475,7 +475,7 @@ def serve(app):
         log("info", "microbroker listening on %s; services: %s; leases in "
             "%s", ", ".join("[%s]:%d" % a if ":" in a[0] else "%s:%d" % a
                             for a in bound), names, cfg.lease_path)
-        ok, reason = b.dataplane.status()
+        ok, reason, _kinds = b.kernel_status()
         if not ok:
             if getattr(b.dataplane, "dry_run", False):
                 log("warning", "%s", reason)

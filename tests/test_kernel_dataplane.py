@@ -18,7 +18,8 @@ EXIT_BR = "10.99.0.1"
 
 
 def service(name="exit", restrict="none", ports=(), isolate=True):
-    return SimpleNamespace(name=name, bridge="", isolate=isolate, restrict=restrict,
+    return SimpleNamespace(name=name, kind="l2tpv3", bridge="", isolate=isolate,
+                           restrict=restrict,
                            ports=list(ports), mtu=1280)
 
 
@@ -238,8 +239,8 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     # Nothing left to do: a second pass changes nothing.
     with inside(ex):
         again = fresh.reconcile(exit_net.store, [svc])
-    assert again == {"rebuilt": [], "removed": [], "failed": [], "routes_added": [],
-                     "routes_removed": []}
+    assert again == {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
+                     "routes_added": [], "routes_removed": []}
     run("ip", "l2tp", "del", "tunnel", "tunnel_id", 5000, ns=ex)
 
 
