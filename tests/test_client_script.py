@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from standins.clientutil import (BUSYBOX, CLIENT, ROOT, CannedBroker,
-                                 Sandbox, error_answer, lease_answer,
+from standins.clientutil import (BUSYBOX, CLIENT, ROOT, TNL_ADDRESSES,
+                                 CannedBroker, Sandbox, error_answer,
+                                 gre_lease_answer, lease_answer,
                                  offer_answer, sh_answer, standard_answers,
-                                 wait_for)
+                                 tnl_lease_answer, wait_for)
 
 SCRIPTS = [CLIENT, os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
            os.path.join(ROOT, "init.d", "microbroker"),
@@ -741,3 +742,601 @@ def test_against_the_real_broker_without_a_dataplane(box, tmp_path):
     finally:
         srv.terminate()
         srv.communicate(timeout=30)
+
+
+# ---------------------------------------------------------------- other kinds
+# ip6gretap (Ethernet over GRE over IPv6, layer 2) and ip6tnl (IPv4 and IPv6
+# in IPv6, routed, layer 3), next to l2tpv3.
+
+@pytest.fixture
+def exits():
+    """exits(KIND, **lease_over): a canned broker offering one service of
+    KIND (l2tpv3 "exit", ip6gretap "gre", ip6tnl "tnl")."""
+    made = []
+
+    def make(kind="l2tpv3", **over):
+        b = CannedBroker()
+        standard_answers(b, kind=kind, **over)
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+def ip_changes(box):
+    """The `ip` calls that change something: not the probes and shows."""
+    return [c[1:] for c in box.calls("ip")
+            if "show" not in c and "help" not in c]
+
+
+def gre_add(key, okey="7"):
+    return ("link", "add", "mb0", "type", "ip6gretap", "local", "fc00::2",
+            "remote", "fc00::1", "ikey", key, "okey", okey, "encaplimit",
+            "none")
+
+
+TNL_ADD = ("link", "add", "mb0", "type", "ip6tnl", "mode", "any", "local",
+           "fc00::2", "remote", "fc00::1", "encaplimit", "none")
+
+
+def test_kind_option_errors(box):
+    p = box.run("-K", "gre", "up", check=False)
+    assert p.returncode == 1 and "-K needs l2tpv3, ip6gretap or ip6tnl" in \
+        p.stderr
+    p = box.run("-s", "http://[::1]:9", "-K", "ip6tnl", "-b", "br-lan", "up",
+                check=False)
+    assert p.returncode == 1
+    assert "ip6tnl is routed, -b does not apply" in p.stderr
+    assert box.calls("ip") == [] and box.calls("wget") == []
+    p = box.run("-h")
+    for word in ("-K KIND", "-D ", "kmod-gre6", "kmod-ip6-tunnel",
+                 "kmod-l2tp-eth", "kmod-l2tp-ip", "ip-full"):
+        assert word in p.stdout, word
+
+
+def test_gre_up_builds_the_link_and_down_removes_it(box, exits):
+    gre = exits("ip6gretap")
+    box.add_link("br-lan")
+    p = box.run("-s", gre.url, "-K", "ip6gretap", "-b", "br-lan", "up")
+    (req,) = gre.seen("/lease")
+    # our key proposal in tunnel_id; no session id, no service: the exit
+    # takes its first ip6gretap service
+    assert set(req.fields) == {"format", "kind", "tunnel_id"}
+    assert req.fields["kind"] == "ip6gretap"
+    key = req.fields["tunnel_id"]
+    assert re.fullmatch(r"[1-9][0-9]*", key) and int(key) <= 65535
+    assert not gre.seen("/offer"), "one exit and -K: no offer needed"
+    assert ip_changes(box) == [
+        gre_add(key),
+        ("link", "set", "dev", "mb0", "mtu", "1280"),
+        ("link", "set", "dev", "mb0", "address", "02:6d:62:00:00:07"),
+        ("link", "set", "dev", "mb0", "master", "br-lan"),
+        ("link", "set", "dev", "mb0", "up"),
+    ]
+    assert box.ip_calls("l2tp", "add") == []
+    table = box.kernel()["nft.mbclient-mb0"]
+    assert 'iifname "mb0" ether type 0xfc00 drop' in table
+    st = box.read_state()
+    assert (st["KIND"], st["SERVICE"], st["IKEY"], st["OKEY"]) == \
+        ("ip6gretap", "gre", key, "7")
+    assert st["TUNNEL_ID"] == st["SESSION_ID"] == st["IPV6"] == ""
+    assert st["BRIDGE"] == "br-lan" and st["FILTER"] == "nft"
+    assert "mb0 up: ip6gretap, key %s in/7 out, fc00::2 -> fc00::1, mtu " \
+        "1280, mac 02:6d:62:00:00:07, in br-lan, beacon filter nft" % key \
+        in p.stderr
+    assert "(gre, ip6gretap)" in p.stderr
+    p = box.run("status")
+    assert "mb0: ip6gretap, key %s in/7 out, fc00::2 -> fc00::1, mtu 1280, " \
+        "present" % key in p.stdout
+    box.run("down")
+    assert ip_changes(box)[-1] == ("link", "del", "mb0")
+    assert set(box.kernel()) == {"link.br-lan"}
+    assert len(gre.seen("/release")) == 1
+    assert box.state_files() == []
+
+
+def test_ip6tnl_up_builds_a_routed_link(box, exits):
+    tnl = exits("ip6tnl")
+    p = box.run("-s", tnl.url, "-K", "ip6tnl", "up")
+    (req,) = tnl.seen("/lease")
+    assert req.fields == {"format": "sh", "kind": "ip6tnl"}, "no ids at all"
+    assert ip_changes(box) == [
+        TNL_ADD,
+        ("link", "set", "dev", "mb0", "mtu", "1280"),
+        ("link", "set", "dev", "mb0", "up"),
+        ("addr", "add", "198.51.100.16/32", "dev", "mb0"),
+        ("-6", "addr", "add", "fd00:beef::1/128", "dev", "mb0"),
+    ]
+    # no Ethernet: no MAC, no beacon filter, no bridge
+    assert [c for c in box.calls("nft") if c[1:] == ("-f", "-")] == []
+    assert box.calls("ebtables") == [] or \
+        not [k for k in box.kernel() if k.startswith("eb")]
+    st = box.read_state()
+    assert (st["KIND"], st["IPV4"], st["IPV6"], st["PREFIX"], st["MAC"],
+            st["FILTER"], st["IPV4_GATEWAY"]) == \
+        ("ip6tnl", "198.51.100.16", "fd00:beef::1", "fd00:beef::/64", "", "",
+         "")
+    assert "mb0 up: ip6tnl, fc00::2 -> fc00::1, mtu 1280, ipv4 " \
+        "198.51.100.16, ipv6 fd00:beef::1, prefix fd00:beef::/64" in p.stderr
+    assert "default routes" not in p.stderr
+    p = box.run("status")
+    assert "mb0: ip6tnl, fc00::2 -> fc00::1, mtu 1280, present" in p.stdout
+    box.run("down")
+    assert ip_changes(box)[-1] == ("link", "del", "mb0")
+    assert box.kernel() == {} and box.state_files() == []
+    assert len(tnl.seen("/release")) == 1
+
+
+V4_DEFAULT = ("route", "replace", "default", "dev", "mb0")
+V6_DEFAULT = ("-6", "route", "replace", "default", "dev", "mb0")
+
+
+@pytest.mark.parametrize("addrs,routes", [
+    (TNL_ADDRESSES, [V4_DEFAULT, V6_DEFAULT]),
+    (dict(IPV4="198.51.100.16", IPV6="", PREFIX=""), [V4_DEFAULT]),
+    (dict(IPV4="", IPV6="fd00:beef::1", PREFIX=""), [V6_DEFAULT]),
+    (dict(IPV4="", IPV6="", PREFIX="fd00:beef::/56"), [V6_DEFAULT]),
+    (dict(IPV4="", IPV6="", PREFIX=""), []),
+], ids=["all", "ipv4", "ipv6", "prefix", "none"])
+def test_ip6tnl_default_routes_only_with_D(box, exits, addrs, routes):
+    tnl = exits("ip6tnl", **addrs)
+    box.run("-s", tnl.url, "-K", "ip6tnl", "up")
+    assert [c for c in ip_changes(box) if "route" in c] == []
+    box.run("down")
+    n = len(ip_changes(box))
+    p = box.run("-s", tnl.url, "-K", "ip6tnl", "-D", "up")
+    built = ip_changes(box)[n:]
+    assert [c for c in built if "route" in c] == routes
+    # the routes come last, once the addresses are there
+    assert built[len(built) - len(routes):] == routes
+    assert ("default routes" in p.stderr) == bool(routes)
+    if routes == [V4_DEFAULT, V6_DEFAULT]:
+        assert ", default routes IPv4 IPv6" in p.stderr
+
+
+def test_D_does_nothing_for_layer_2(box, broker):
+    broker.set("/lease", lambda f: lease_answer(f, **ADDRESSES))
+    box.run("-s", broker.url, "-S", "exit", "-D", "up")
+    assert [c for c in box.calls("ip") if c[1] in ("addr", "route")] == [
+        ("ip", "addr", "add", "198.51.100.16/32", "dev", "mb0"),
+        ("ip", "route", "replace", "192.0.2.1/32", "dev", "mb0"),
+    ]
+
+
+def test_gre_lease_with_addresses_is_routed_like_l2tp(box, exits):
+    gre = exits("ip6gretap", **ADDRESSES)
+    box.run("-s", gre.url, "-K", "ip6gretap", "-D", "up")
+    assert [c for c in ip_changes(box) if c[0] in ("addr", "route")] == [
+        ("addr", "add", "198.51.100.16/32", "dev", "mb0"),
+        ("route", "replace", "192.0.2.1/32", "dev", "mb0"),
+    ]
+
+
+MIXED = {"v6": (10, 0, "ip6tnl"), "gre": (10, 0, "ip6gretap"),
+         "l2": (10, 0, "l2tpv3")}
+
+
+def mixed_lease(f):
+    answer = {"v6": tnl_lease_answer, "gre": gre_lease_answer,
+              "l2": lease_answer}[f["service"]]
+    return answer(f, SERVICE=f["service"])
+
+
+@pytest.mark.parametrize("args,env,offered,chosen,fields", [
+    # -K: the exit's first service of that kind, whatever comes first
+    (("-K", "l2tpv3"), {}, MIXED, "l2", {"tunnel_id", "session_id"}),
+    (("-K", "ip6gretap"), {}, MIXED, "gre", {"tunnel_id"}),
+    (("-K", "ip6tnl"), {}, MIXED, "v6", set()),
+    # neither -K nor -S: the first one this router can build, as asked
+    ((), {}, MIXED, "v6", set()),
+    (("-b", "br-lan"), {}, MIXED, "gre", {"tunnel_id"}),
+    ((), {"FAKE_IP_TINY": "1"}, {"l2": MIXED["l2"], "gre": MIXED["gre"]},
+     "gre", {"tunnel_id"}),
+    # -S and -K agree
+    (("-S", "gre", "-K", "ip6gretap"), {}, MIXED, "gre", {"tunnel_id"}),
+], ids=["K-l2tpv3", "K-ip6gretap", "K-ip6tnl", "first", "bridged-first",
+        "ip-tiny-first", "S-and-K"])
+def test_service_is_chosen_by_kind(tmp_path, args, env, offered, chosen,
+                                   fields):
+    # two exits, so that their offers are read; the first offers only
+    # l2tpv3 and is busier
+    a, b = CannedBroker(), CannedBroker()
+    try:
+        a.set("/offer", offer_answer({"l2": (10, 9)}))
+        a.set("/lease", lambda f: lease_answer(f, SERVICE="l2"))
+        b.set("/offer", offer_answer(offered))
+        b.set("/lease", mixed_lease)
+        box = Sandbox(tmp_path)
+        box.add_link("br-lan")
+        kind = dict(MIXED)[chosen][2]
+        box.run("-s", a.url, "-s", b.url, *args, "up", env=env)
+        (req,) = b.seen("/lease")
+        assert a.seen("/lease") == []
+        want = {"format", "service"} | fields
+        if "-K" in args:
+            want.add("kind")
+            assert req.fields["kind"] == kind
+        assert set(req.fields) == want
+        assert req.fields["service"] == chosen
+        st = box.read_state()
+        assert (st["SERVER"], st["SERVICE"], st["KIND"]) == \
+            (b.url, chosen, kind)
+        assert len(box.ip_calls("link", "add") +
+                   box.ip_calls("l2tp", "add", "tunnel")) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_service_of_another_kind_is_skipped(tmp_path):
+    a, b = CannedBroker(), CannedBroker()
+    try:
+        a.set("/offer", offer_answer({"x": (10, 0, "ip6gretap")}))
+        b.set("/offer", offer_answer({"l2": (10, 0)}))
+        box = Sandbox(tmp_path)
+        p = box.run("-s", a.url, "-s", b.url, "-S", "x", "-K", "ip6tnl",
+                    "up", check=False)
+        assert p.returncode == 1
+        assert "service x is ip6gretap, not ip6tnl" in p.stderr
+        assert "does not offer service x" in p.stderr
+        p = box.run("-s", a.url, "-s", b.url, "-K", "ip6tnl", "up",
+                    check=False)
+        assert p.returncode == 1
+        assert "%s offers no ip6tnl service" % a.url in p.stderr
+        assert "no exit offers a ip6tnl service usable here now" in p.stderr
+        assert a.seen("/lease") == [] and b.seen("/lease") == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_exit_with_S_and_K_lets_the_exit_check_the_kind(box, exits):
+    gre = exits("ip6gretap")
+    gre.set("/lease", error_answer("unknown_kind", 404, "service gre is kind "
+                                   "ip6gretap, not ip6tnl"))
+    p = box.run("-s", gre.url, "-S", "gre", "-K", "ip6tnl", "up",
+                check=False)
+    assert p.returncode == 1
+    assert "unknown_kind: service gre is kind ip6gretap, not ip6tnl" in \
+        p.stderr
+    (req,) = gre.seen("/lease")
+    assert req.fields == {"format": "sh", "service": "gre", "kind": "ip6tnl"}
+    assert box.ip_calls("link", "add") == []
+
+
+def test_lease_of_another_kind_than_asked_is_given_back(box, exits):
+    gre = exits("ip6gretap")
+    gre.set("/lease", lambda f: tnl_lease_answer(f))
+    p = box.run("-s", gre.url, "-K", "ip6gretap", "up", check=False)
+    assert p.returncode == 1
+    assert "leased a ip6tnl tunnel, not ip6gretap" in p.stderr
+    assert len(gre.seen("/release")) == 1
+    assert box.ip_calls("link", "add") == [] and box.state_files() == []
+
+
+@pytest.mark.parametrize("kind,fields", [("ip6gretap", {"tunnel_id"}),
+                                         ("ip6tnl", set())])
+def test_S_alone_learns_the_kind_from_the_offer(box, exits, kind, fields):
+    """One exit and -S: the service is taken for L2TPv3 (one request, as
+    before); the exit's bad_request sends the client to its offer."""
+    b = exits(kind)
+    svc = {"ip6gretap": "gre", "ip6tnl": "tnl"}[kind]
+    box.run("-s", b.url, "-S", svc, "up")
+    assert [r.path for r in b.seen()] == ["/lease", "/offer", "/lease"]
+    first, second = b.seen("/lease")
+    assert set(first.fields) == {"format", "service", "tunnel_id",
+                                 "session_id"}
+    assert set(second.fields) == {"format", "service"} | fields
+    assert box.read_state()["KIND"] == kind
+    assert len(box.ip_calls("link", "add")) == 1
+    # the kept lease tells the kind from now on: leasing again after the
+    # exit forgot it asks with the right fields at once
+    b.set("/renew", error_answer("not_found", 404, "no such lease"))
+    box.run("-s", b.url, "-S", svc, "up")
+    third = b.seen("/lease")[2]
+    assert third.fields == second.fields
+    assert b.seen()[-1].path == "/lease" and len(b.seen("/offer")) == 1
+    assert len(box.ip_calls("link", "add")) == 1, "the same link, kept"
+    assert box.ip_calls("link", "del") == []
+
+
+def test_bridge_and_a_routed_lease(box, exits):
+    box.add_link("br-lan")
+    tnl = exits("ip6tnl")
+    # learned from the offer: refused before any lease
+    p = box.run("-s", tnl.url, "-S", "tnl", "-b", "br-lan", "up",
+                check=False)
+    assert p.returncode == 1
+    assert "ip6tnl is routed, -b does not apply" in p.stderr
+    assert [r.path for r in tnl.seen()] == ["/lease", "/offer"]
+    # an exit that leases ip6tnl anyway: given back, nothing built
+    l2 = exits("l2tpv3")
+    l2.set("/lease", lambda f: tnl_lease_answer(f))
+    p = box.run("-s", l2.url, "-S", "exit", "-b", "br-lan", "up",
+                check=False)
+    assert p.returncode == 1
+    assert "ip6tnl is routed, -b does not apply" in p.stderr
+    assert [r.path for r in l2.seen()] == ["/lease", "/release"]
+    assert box.ip_calls("link", "add") == []
+    assert box.state_files() == []
+
+
+@pytest.mark.parametrize("kind,msg,pkg", [
+    ("ip6gretap", "Error: Unknown device type.", "kmod-gre6"),
+    ("ip6tnl", "RTNETLINK answers: Operation not supported",
+     "kmod-ip6-tunnel"),
+])
+def test_missing_kernel_module_names_the_package(box, exits, kind, msg, pkg):
+    b = exits(kind)
+    p = box.run("-s", b.url, "-K", kind, "up", check=False,
+                env={"FAKE_IP_FAIL_LINK_ADD": msg})
+    assert p.returncode == 1
+    assert "the kernel cannot build %s links (%s): install %s (opkg install " \
+        "%s)" % (kind, msg, pkg, pkg) in p.stderr
+    assert len(b.seen("/release")) == 1
+    assert box.state_files() == [] and box.kernel() == {}
+
+
+@pytest.mark.parametrize("args,env,words", [
+    (("-K", "ip6gretap"), {"FAKE_IP_NO_L2TP": "1"},
+     ["cannot build ip6gretap links", "ip-full or ip-tiny"]),
+    (("-K", "ip6tnl"), {"FAKE_IP_NO_L2TP": "1"},
+     ["cannot build ip6tnl links", "ip-full or ip-tiny"]),
+    (("-K", "l2tpv3"), {"FAKE_IP_TINY": "1"},
+     ["`ip l2tp` is missing", "opkg install ip-full"]),
+    (("-S", "exit"), {"FAKE_IP_NO_L2TP": "1"},
+     ["opkg install ip-full", "cannot build ip6gretap or ip6tnl"]),
+], ids=["busybox-gre", "busybox-ip6tnl", "tiny-l2tp", "busybox-any"])
+def test_missing_ip_features_are_said_before_leasing(box, broker, args, env,
+                                                    words):
+    p = box.run("-s", broker.url, *args, "up", check=False, env=env)
+    assert p.returncode == 1
+    for w in words:
+        assert w in p.stderr, (w, p.stderr)
+    assert broker.seen() == []
+
+
+def test_ip_tiny_builds_the_other_kinds_only(box, broker, exits):
+    env = {"FAKE_IP_TINY": "1"}
+    # the service's kind must be known first: its offer says l2tpv3
+    p = box.run("-s", broker.url, "-S", "exit", "up", check=False, env=env)
+    assert p.returncode == 1
+    assert "service exit: `ip l2tp` is missing: install ip-full" in p.stderr
+    assert [r.path for r in broker.seen()] == ["/offer"]
+    gre = exits("ip6gretap")
+    box.run("-s", gre.url, "-K", "ip6gretap", "up", env=env)
+    assert "link.mb0" in box.kernel()
+    box.run("down", env=env)
+    assert box.kernel() == {}
+
+
+HOSTILE_KINDS = {
+    "ikey with more words": ("ip6gretap", dict(IKEY="1 up")),
+    "ikey zero": ("ip6gretap", dict(IKEY="0")),
+    "ikey negative": ("ip6gretap", dict(IKEY="-1")),
+    "ikey missing": ("ip6gretap", dict(IKEY="")),
+    "okey too big": ("ip6gretap", dict(OKEY="4294967296")),
+    "okey substitution": ("ip6gretap", dict(OKEY="$(touch PWNED)")),
+    "okey as dotted quad": ("ip6gretap", dict(OKEY="0.0.0.7")),
+    "gre over IPv4": ("ip6gretap", dict(REMOTE="192.0.2.1")),
+    "gre over udp": ("ip6gretap", dict(ENCAP="udp", UDP_SPORT="1",
+                                       UDP_DPORT="2")),
+    "gre mac with more words": ("ip6gretap", dict(MAC="02:00:00:00:00:01 up")),
+    "ipv6 with length": ("ip6tnl", dict(IPV6="fd00::1/64")),
+    "ipv6 with more words": ("ip6tnl", dict(IPV6="fd00::1 dev lo")),
+    "ipv6 that is IPv4": ("ip6tnl", dict(IPV6="192.0.2.1")),
+    "ipv6 substitution": ("ip6tnl", dict(IPV6="fd00::$(touch PWNED)")),
+    "ipv6 backticks": ("ip6tnl", dict(IPV6="`touch PWNED`:")),
+    "prefix too long": ("ip6tnl", dict(PREFIX="fd00::/129")),
+    "prefix length zero": ("ip6tnl", dict(PREFIX="::/0")),
+    "prefix with more words": ("ip6tnl", dict(PREFIX="fd00::/64 dev lo")),
+    "prefix that is IPv4": ("ip6tnl", dict(PREFIX="192.0.2.0/24")),
+    "prefix with two lengths": ("ip6tnl", dict(PREFIX="fd00::/64/64")),
+    "ipv4 with more words": ("ip6tnl", dict(IPV4="198.51.100.16 dev lo")),
+    "ipv4 that is IPv6": ("ip6tnl", dict(IPV4="fd00::1")),
+    "ip6tnl over IPv4": ("ip6tnl", dict(LOCAL="192.0.2.2")),
+    "remote as option": ("ip6tnl", dict(REMOTE="-6")),
+    "mtu with more words": ("ip6tnl", dict(MTU="1280 up")),
+    "kind with more words": ("ip6tnl", dict(KIND="ip6tnl mode any")),
+    "kind injection": ("ip6tnl", dict(KIND="ip6tnl;touch PWNED")),
+    "kind in capitals": ("ip6tnl", dict(KIND="IP6TNL")),
+    "unknown kind": ("ip6tnl", dict(KIND="vxlan")),
+    "no kind": ("ip6gretap", dict(KIND="")),
+}
+
+
+@pytest.mark.parametrize("kind,over", HOSTILE_KINDS.values(),
+                         ids=list(HOSTILE_KINDS))
+def test_hostile_answers_of_other_kinds_never_reach_ip(box, exits, kind,
+                                                       over):
+    b = exits(kind, **over)
+    p = box.run("-s", b.url, "-K", kind, "up", check=False)
+    assert p.returncode == 1
+    assert "unusable lease" in p.stderr
+    assert ip_changes(box) == []
+    assert not os.path.exists(os.path.join(box.tmp, "PWNED"))
+    assert box.state_files() == []
+    assert [r.fields["lease_id"] for r in b.seen("/release")] == \
+        ["0123456789abcdef"]
+
+
+@pytest.mark.parametrize("kind", ["ip6gretap", "ip6tnl"])
+def test_resume_per_kind(box, exits, kind):
+    b = exits(kind)
+    box.run("-s", b.url, "-K", kind, "up")
+    add = box.ip_calls("link", "add")
+    assert len(add) == 1
+    # the same lease again, the link there: kept
+    p = box.run("up")
+    assert "resumed lease 0123456789abcdef" in p.stderr
+    assert [r.path for r in b.seen()] == ["/lease", "/renew"]
+    assert box.ip_calls("link", "add") == add
+    assert box.ip_calls("link", "del") == []
+    assert box.ip_calls("-d", "link", "show", "dev", "mb0"), \
+        "tunnel_up looks at the link's kind and remote"
+    # the link is gone (modules reloaded): built again
+    os.unlink(os.path.join(box.fake, "link.mb0"))
+    box.run("up")
+    assert box.ip_calls("link", "add") == add * 2
+    # a link of that kind to another remote is not ours: rebuilt
+    path = os.path.join(box.fake, "link.mb0")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("remote fc00::1 ", "remote fc00::9 "))
+    box.run("up")
+    assert box.ip_calls("link", "del") == [("link", "del", "mb0")]
+    assert box.ip_calls("link", "add") == add * 3
+    assert "remote fc00::1 " in box.kernel()["link.mb0"]
+
+
+def test_gre_renew_with_other_keys_rebuilds(box, exits):
+    gre = exits("ip6gretap")
+    box.run("-s", gre.url, "-K", "ip6gretap", "up")
+    key = box.read_state()["IKEY"]
+    box.run("renew")
+    assert box.ip_calls("link", "del") == []
+    gre.set("/renew", lambda f: gre_lease_answer({"tunnel_id": key},
+                                                 secret=False, OKEY="8"))
+    box.run("renew")
+    assert box.ip_calls("link", "del") == [("link", "del", "mb0")]
+    assert box.ip_calls("link", "add")[-1] == gre_add(key, okey="8")
+    st = box.read_state()
+    assert st["OKEY"] == "8"
+    assert st["SECRET"] == "0123456789abcdef0123456789abcdef"
+
+
+def test_ip6tnl_renew_with_other_addresses_rebuilds(box, exits):
+    tnl = exits("ip6tnl")
+    box.run("-s", tnl.url, "-K", "ip6tnl", "up")
+    tnl.set("/renew", lambda f: tnl_lease_answer(f, secret=False,
+                                                 IPV6="fd00:beef::2"))
+    box.run("renew")
+    assert box.ip_calls("link", "del") == [("link", "del", "mb0")]
+    assert ip_changes(box)[-1] == ("-6", "addr", "add", "fd00:beef::2/128",
+                                   "dev", "mb0")
+    assert box.read_state()["IPV6"] == "fd00:beef::2"
+
+
+def test_gre_forgotten_lease_proposes_the_same_key(box, exits):
+    gre = exits("ip6gretap")
+    box.run("-s", gre.url, "-K", "ip6gretap", "up")
+    key = box.read_state()["IKEY"]
+    gre.set("/renew", error_answer("not_found", 404, "no such lease"))
+    p = box.run("up")
+    assert "forgot lease" in p.stderr
+    second = gre.seen("/lease")[1]
+    assert second.fields["tunnel_id"] == key
+    assert "session_id" not in second.fields
+    assert box.ip_calls("link", "del") == []
+    assert len(box.ip_calls("link", "add")) == 1
+
+
+def test_gre_id_conflict_proposes_another_key(box, exits):
+    gre = exits("ip6gretap")
+    gre.set("/lease", error_answer("id_conflict", 409, "taken"),
+            lambda f: gre_lease_answer(f))
+    box.run("-s", gre.url, "-K", "ip6gretap", "up")
+    first, second = gre.seen("/lease")
+    assert first.fields["tunnel_id"] != second.fields["tunnel_id"]
+    assert "session_id" not in first.fields and \
+        "session_id" not in second.fields
+    assert box.ip_calls("link", "add")[0] == \
+        gre_add(second.fields["tunnel_id"])
+
+
+@pytest.mark.parametrize("kind", ["ip6gretap", "ip6tnl"])
+def test_down_without_state_removes_the_link_by_name(box, exits, kind):
+    b = exits(kind)
+    box.run("-s", b.url, "-K", kind, "up")
+    os.unlink(os.path.join(box.state, "mb0.state"))
+    box.run("down")
+    assert box.ip_calls("link", "del") == [("link", "del", "mb0")]
+    assert box.kernel() == {}
+    assert b.seen("/release") == []
+
+
+def test_down_leaves_a_link_that_is_not_a_tunnel(box):
+    box.add_link("mb0")
+    p = box.run("down", check=False)
+    assert box.ip_calls("link", "del") == []
+    assert "link.mb0" in box.kernel()
+    assert "mb0 is still there" in p.stderr
+
+
+def test_netifd_gets_the_routed_link(box, exits):
+    tnl = exits("ip6tnl", RENEW_INTERVAL="1")
+    proc = box.start("-s", tnl.url, "-K", "ip6tnl", "-D", "-N", "wan", "run")
+    try:
+        assert wait_for(lambda: len(tnl.seen("/renew")) >= 1)
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    assert netifd == [("proto_init_update", "mb0", "1"),
+                      ("proto_add_ipv4_address", "198.51.100.16", "32"),
+                      ("proto_add_ipv4_route", "0.0.0.0", "0"),
+                      ("proto_add_ipv6_address", "fd00:beef::1", "128"),
+                      ("proto_add_ipv6_prefix", "fd00:beef::/64"),
+                      ("proto_add_ipv6_route", "::", "0"),
+                      ("proto_send_update", "wan")]
+    # netifd owns addresses and routes, -D or not
+    assert [c for c in ip_changes(box) if "addr" in c or "route" in c] == []
+    assert ip_changes(box)[-1] == ("link", "del", "mb0")
+    assert box.kernel() == {} and box.state_files() == []
+
+
+@pytest.mark.parametrize("addrs,calls", [
+    (dict(IPV4="198.51.100.16", IPV6="", PREFIX=""),
+     [("proto_add_ipv4_address", "198.51.100.16", "32"),
+      ("proto_add_ipv4_route", "0.0.0.0", "0")]),
+    (dict(IPV4="", IPV6="", PREFIX="fd00:beef::/48"),
+     [("proto_add_ipv6_prefix", "fd00:beef::/48"),
+      ("proto_add_ipv6_route", "::", "0")]),
+    (dict(IPV4="", IPV6="", PREFIX=""), []),
+], ids=["ipv4", "prefix", "none"])
+def test_netifd_routed_link_gets_only_what_was_leased(box, exits, addrs,
+                                                      calls):
+    tnl = exits("ip6tnl", **addrs)
+    box.run("-s", tnl.url, "-K", "ip6tnl", "-N", "wan", "up")
+    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    assert netifd == [("proto_init_update", "mb0", "1")] + calls + \
+        [("proto_send_update", "wan")]
+
+
+def test_netifd_gre_is_told_like_l2tp(box, exits):
+    gre = exits("ip6gretap", **ADDRESSES)
+    box.run("-s", gre.url, "-K", "ip6gretap", "-N", "wan", "up")
+    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    assert netifd == [("proto_init_update", "mb0", "1"),
+                      ("proto_add_ipv4_address", "198.51.100.16", "32"),
+                      ("proto_add_ipv4_route", "192.0.2.1", "32"),
+                      ("proto_add_ipv4_route", "0.0.0.0", "0", "192.0.2.1"),
+                      ("proto_add_ipv6_prefix", "fd00:beef::/64"),
+                      ("proto_send_update", "wan")]
+
+
+def test_offers_shows_kind_and_layer(box, broker):
+    broker.set("/offer", offer_answer(MIXED))
+    p = box.run("-s", broker.url, "offers")
+    assert "  v6: ip6tnl over IPv6 (layer 3, routed), mtu 1280, lease 600s, " \
+        "10 of 10 free" in p.stdout
+    assert "  gre: ip6gretap over IPv6 (layer 2), mtu 1280, lease 600s, 10 " \
+        "of 10 free" in p.stdout
+    assert "  l2: l2tpv3/ip over IPv6, mtu 1280, lease 600s, 10 of 10 free" \
+        in p.stdout
+
+
+def test_run_keeps_a_gre_link_and_stops_cleanly(box, exits):
+    gre = exits("ip6gretap", RENEW_INTERVAL="1")
+    proc = box.start("-s", gre.url, "-K", "ip6gretap", "run")
+    try:
+        assert wait_for(lambda: len(gre.seen("/renew")) >= 2)
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    assert len(box.ip_calls("link", "add")) == 1
+    assert box.ip_calls("link", "del") == [("link", "del", "mb0")]
+    assert gre.seen()[-1].path == "/release"
+    assert box.kernel() == {} and box.state_files() == []

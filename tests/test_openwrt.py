@@ -55,6 +55,7 @@ def test_handler_declares_its_options(tmp_path):
     assert p.stdout.split() == ["1", "1"]
     assert calls == [("proto_config_add_array", "server"),
                      ("proto_config_add_string", "service"),
+                     ("proto_config_add_string", "kind"),
                      ("proto_config_add_string", "network"),
                      ("proto_config_add_string", "bridge"),
                      ("proto_config_add_string", "token"),
@@ -119,6 +120,80 @@ def test_handler_setup_errors_block_restarts(tmp_path, config, env, code):
     assert calls == [("proto_notify_error", "exitvpn", code),
                      ("proto_block_restart", "exitvpn")]
     assert "microbroker: exitvpn:" in p.stderr
+
+
+@pytest.mark.parametrize("config,env,code", [
+    ({"kind": "gre"}, {}, "INVALID_KIND"),
+    ({"kind": "ip6tnl;reboot"}, {}, "INVALID_KIND"),
+    # BusyBox's ip: neither `ip l2tp` nor the ip6gretap/ip6tnl link types
+    ({"kind": "ip6gretap"}, {"FAKE_IP_NO_L2TP": "1"}, "NO_IP_TUNNEL"),
+    ({"kind": "ip6tnl"}, {"FAKE_IP_NO_L2TP": "1"}, "NO_IP_TUNNEL"),
+    # ip-tiny: the link types, but no `ip l2tp`
+    ({"kind": "l2tpv3"}, {"FAKE_IP_TINY": "1"}, "NO_IP_L2TP"),
+    ({"kind": "ip6tnl", "network": "lan"}, {}, "ROUTED_KIND"),
+    ({"kind": "ip6tnl", "bridge": "br-lan"}, {}, "ROUTED_KIND"),
+])
+def test_handler_kind_errors_block_restarts(tmp_path, config, env, code):
+    config = dict(config, server="http://[fc00::1]:8053")
+    p, calls = handler(tmp_path, "proto_microbroker_setup exitvpn ''",
+                       config=config, env=env)
+    assert p.returncode == 1
+    assert calls == [("proto_notify_error", "exitvpn", code),
+                     ("proto_block_restart", "exitvpn")]
+    assert "microbroker: exitvpn:" in p.stderr
+
+
+@pytest.mark.parametrize("kind,env", [
+    ("ip6gretap", {}), ("ip6tnl", {}), ("ip6gretap", {"FAKE_IP_TINY": "1"}),
+    ("ip6tnl", {"FAKE_IP_TINY": "1"}), ("", {"FAKE_IP_TINY": "1"}),
+    ("l2tpv3", {}),
+])
+def test_handler_passes_the_kind(tmp_path, kind, env):
+    config = {"server": "http://[fc00::1]:8053", "service": "x"}
+    if kind:
+        config["kind"] = kind
+    p, calls = handler(tmp_path, "proto_microbroker_setup exitvpn ''",
+                       config=config, env=env)
+    assert p.returncode == 0, p.stderr
+    (run,) = calls
+    assert run[5:] == ("-N", "exitvpn", "-s", "http://[fc00::1]:8053",
+                       "-S", "x") + (("-K", kind) if kind else ()) + ("run",)
+
+
+def test_the_command_netifd_runs_works_for_ip6tnl(tmp_path):
+    """A routed lease under netifd: the client builds the link and hands
+    netifd its addresses, prefix and default routes (no gateway)."""
+    from standins.clientutil import TNL_ADDRESSES
+    p, calls = handler(tmp_path, "proto_microbroker_setup wan6 ''",
+                       config={"server": "SERVER", "kind": "ip6tnl"})
+    (run,) = calls
+    broker = CannedBroker()
+    standard_answers(broker, kind="ip6tnl")
+    try:
+        box = Sandbox(tmp_path / "client")
+        argv = [broker.url if a == "SERVER" else a for a in run[3:]]
+        assert argv[-3:] == ["-K", "ip6tnl", "run"]
+        box.run(*argv[:-1], "up")
+        (req,) = broker.seen("/lease")
+        assert req.fields == {"format": "sh", "kind": "ip6tnl"}
+        netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+        assert netifd == [
+            ("proto_init_update", "mb-wan6", "1"),
+            ("proto_add_ipv4_address", TNL_ADDRESSES["IPV4"], "32"),
+            ("proto_add_ipv4_route", "0.0.0.0", "0"),
+            ("proto_add_ipv6_address", TNL_ADDRESSES["IPV6"], "128"),
+            ("proto_add_ipv6_prefix", TNL_ADDRESSES["PREFIX"]),
+            ("proto_add_ipv6_route", "::", "0"),
+            ("proto_send_update", "wan6")]
+        assert ("ip", "link", "add", "mb-wan6", "type", "ip6tnl", "mode",
+                "any", "local", "fc00::2", "remote", "fc00::1", "encaplimit",
+                "none") in box.calls("ip")
+        assert not [c for c in box.calls("ip") if "addr" in c or
+                    "route" in c], "netifd sets addresses and routes"
+        box.run("-i", "mb-wan6", "down")
+        assert box.kernel() == {}
+    finally:
+        broker.close()
 
 
 def test_handler_teardown_stops_the_client(tmp_path):

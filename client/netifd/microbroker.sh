@@ -1,11 +1,14 @@
 #!/bin/sh
-# netifd protocol handler (/lib/netifd/proto/microbroker.sh): an Ethernet
-# pseudo-wire leased from a microbroker exit, kept up by microbroker-client.
+# netifd protocol handler (/lib/netifd/proto/microbroker.sh): a tunnel
+# leased from a microbroker exit, kept up by microbroker-client: an
+# Ethernet pseudo-wire (kind l2tpv3 or ip6gretap) or a routed link (ip6tnl).
 #
 #	config interface 'exitvpn'
 #		option proto 'microbroker'
 #		option server 'http://[fc00::1]:8053'	# or several: list server
 #		option service 'exit'		# default: the exit's first service
+#		#option kind 'ip6gretap'	# l2tpv3 ip6gretap ip6tnl: the exit's
+#						# first service of that kind
 #		option network 'lan'		# put the pseudo-wire into lan's bridge
 #		#option bridge 'br-lan'		# or into a bridge device by name
 #		#option token 'secret-token'
@@ -15,7 +18,10 @@
 # The interface's device is mb-<interface> (cut to 15 characters).  netifd
 # starts `microbroker-client ... run`, which leases, builds the device,
 # reports it with proto_init_update/proto_send_update, renews, and on
-# teardown (SIGTERM) removes the device and releases the lease.
+# teardown (SIGTERM) removes the device and releases the lease.  A routed
+# lease (no network or bridge, or kind ip6tnl) hands its addresses and
+# prefix to netifd, which sets the default routes unless
+# `option defaultroute '0'`.  ip6tnl takes no network or bridge.
 #
 # netifd reads its handlers when it starts: after installing this file,
 # run `/etc/init.d/network restart`.
@@ -33,6 +39,7 @@ proto_microbroker_init_config() {
 	available=1
 	proto_config_add_array server
 	proto_config_add_string service
+	proto_config_add_string kind
 	proto_config_add_string network
 	proto_config_add_string bridge
 	proto_config_add_string token
@@ -41,7 +48,7 @@ proto_microbroker_init_config() {
 }
 
 # `ip` as found on PATH: a BusyBox that prefers its applets would answer
-# with its own ip, which has no l2tp.
+# with its own ip, which has no l2tp, ip6gretap or ip6tnl.
 proto_microbroker_ip() {
 	local d IFS=:
 	for d in $PATH; do
@@ -63,18 +70,39 @@ proto_microbroker_fail() {
 
 proto_microbroker_setup() {
 	local config="$1"
-	local server service network bridge token filter timeout url
-	local dev ip
+	local server service kind network bridge token filter timeout url
+	local dev ip l2tp= links=
 
 	json_get_values server server
-	json_get_vars service network bridge token filter timeout
+	json_get_vars service kind network bridge token filter timeout
 
+	case "$kind" in
+	''|l2tpv3|ip6gretap|ip6tnl) ;;
+	*)
+		proto_microbroker_fail "$config" INVALID_KIND \
+			"option kind: l2tpv3, ip6gretap or ip6tnl"
+		return 1 ;;
+	esac
 	ip=$(proto_microbroker_ip)
-	if [ -z "$ip" ] || ! "$ip" l2tp help 2>&1 | grep -q 'l2tp add tunnel'; then
-		proto_microbroker_fail "$config" NO_IP_L2TP \
-			"\`ip l2tp\` is missing: install ip-full"
-		return 1
+	if [ -n "$ip" ]; then
+		"$ip" l2tp help 2>&1 | grep -q 'l2tp add tunnel' && l2tp=1
+		"$ip" link help 2>&1 | grep -q 'ip6gretap' && links=1
 	fi
+	case "$kind" in
+	ip6gretap|ip6tnl)
+		if [ -z "$links" ]; then
+			proto_microbroker_fail "$config" NO_IP_TUNNEL \
+				"\`ip\` cannot build $kind links: install ip-full or ip-tiny"
+			return 1
+		fi ;;
+	*)
+		# l2tpv3, or any kind the exit offers: at least something
+		if [ -z "$l2tp" ] && { [ -n "$kind" ] || [ -z "$links" ]; }; then
+			proto_microbroker_fail "$config" NO_IP_L2TP \
+				"\`ip l2tp\` is missing: install ip-full"
+			return 1
+		fi ;;
+	esac
 	if [ ! -x "$MICROBROKER_CLIENT" ]; then
 		proto_microbroker_fail "$config" NO_CLIENT \
 			"$MICROBROKER_CLIENT is missing"
@@ -90,6 +118,11 @@ proto_microbroker_setup() {
 			"give option network or option bridge, not both"
 		return 1
 	fi
+	if [ "$kind" = ip6tnl ] && [ -n "$network$bridge" ]; then
+		proto_microbroker_fail "$config" ROUTED_KIND \
+			"kind ip6tnl is routed: no option network or bridge"
+		return 1
+	fi
 
 	dev=$(printf '%.15s' "mb-$config")
 	set -- "$MICROBROKER_CLIENT" -i "$dev" -N "$config"
@@ -97,6 +130,7 @@ proto_microbroker_setup() {
 		set -- "$@" -s "$url"
 	done
 	[ -z "$service" ] || set -- "$@" -S "$service"
+	[ -z "$kind" ] || set -- "$@" -K "$kind"
 	[ -z "$network" ] || set -- "$@" -b "@$network"
 	[ -z "$bridge" ] || set -- "$@" -b "$bridge"
 	[ -z "$token" ] || set -- "$@" -k "$token"

@@ -52,6 +52,49 @@ def lease_answer(fields=None, secret=True, **over):
     return sh_answer(**d)
 
 
+def gre_lease_answer(fields=None, secret=True, **over):
+    """An ip6gretap lease: the key the client proposed (tunnel_id) is the
+    one it receives with (IKEY); the exit's own is OKEY."""
+    fields = fields or {}
+    d = dict(STATUS="200", ERROR="", LEASE_ID="0123456789abcdef")
+    if secret:
+        d["SECRET"] = "0123456789abcdef0123456789abcdef"
+    d.update(SERVICE="gre", KIND="ip6gretap", ENCAP="ip", LOCAL="fc00::2",
+             REMOTE="fc00::1", IKEY=fields.get("tunnel_id", "4000"),
+             OKEY="7", MTU="1280", IFNAME="mb-gre", MAC="02:6d:62:00:00:07",
+             PREFIX="", IPV4="", IPV4_GATEWAY="", LIFETIME="600",
+             RENEW_INTERVAL="120", EXPIRES=str(int(time.time()) + 600),
+             STATE="up")
+    d.update(over)
+    return sh_answer(**d)
+
+
+TNL_ADDRESSES = dict(IPV4="198.51.100.16", IPV6="fd00:beef::1",
+                     PREFIX="fd00:beef::/64")
+
+
+def tnl_lease_answer(fields=None, secret=True, **over):
+    """An ip6tnl lease (routed, layer 3): no ids, keys or MAC; our own
+    addresses and a routed prefix."""
+    d = dict(STATUS="200", ERROR="", LEASE_ID="0123456789abcdef")
+    if secret:
+        d["SECRET"] = "0123456789abcdef0123456789abcdef"
+    d.update(SERVICE="tnl", KIND="ip6tnl", ENCAP="ip", LOCAL="fc00::2",
+             REMOTE="fc00::1", MTU="1280", IFNAME="mb-tnl", MAC="",
+             IPV4_GATEWAY="", LIFETIME="600", RENEW_INTERVAL="120",
+             EXPIRES=str(int(time.time()) + 600), STATE="up",
+             **TNL_ADDRESSES)
+    d.update(over)
+    return sh_answer(**d)
+
+
+KIND_ANSWERS = {"l2tpv3": lease_answer, "ip6gretap": gre_lease_answer,
+                "ip6tnl": tnl_lease_answer}
+# the lease fields a client may send per kind, as the broker checks them
+KIND_IDS = {"l2tpv3": {"tunnel_id", "session_id"},
+            "ip6gretap": {"tunnel_id"}, "ip6tnl": set()}
+
+
 def error_answer(code, status, message="", retry_after=None):
     d = dict(STATUS=str(status), ERROR=code, MESSAGE=message)
     if retry_after is not None:
@@ -60,15 +103,20 @@ def error_answer(code, status, message="", retry_after=None):
 
 
 def offer_answer(services, name="exit", kernel="1"):
-    """services: {name: (capacity, used)}"""
+    """services: {name: (capacity, used)} or {name: (capacity, used,
+    kind)}; the kind defaults to l2tpv3."""
     d = dict(STATUS="200", ERROR="", BROKER_NAME=name,
              BROKER_SOFTWARE="microbroker", BROKER_VERSION="0.1.0",
              BROKER_API="1", KERNEL=kernel, KERNEL_REASON="",
-             LEASES_USED=str(sum(u for c, u in services.values())),
+             LEASES_USED=str(sum(s[1] for s in services.values())),
              LEASES_MAX="256", SERVICES=" ".join(services))
-    for svc, (cap, used) in services.items():
+    for svc, spec in services.items():
+        cap, used = spec[:2]
+        kind = spec[2] if len(spec) > 2 else "l2tpv3"
         d.update({
-            "SVC_%s_KIND" % svc: "l2tpv3", "SVC_%s_ENCAP" % svc: "ip",
+            "SVC_%s_KIND" % svc: kind,
+            "SVC_%s_LAYER" % svc: "3" if kind == "ip6tnl" else "2",
+            "SVC_%s_ENCAP" % svc: "ip",
             "SVC_%s_FAMILY" % svc: "6", "SVC_%s_MTU" % svc: "1280",
             "SVC_%s_LIFETIME" % svc: "600", "SVC_%s_CAPACITY" % svc: str(cap),
             "SVC_%s_USED" % svc: str(used),
@@ -167,21 +215,29 @@ class CannedBroker:
         self.server.server_close()
 
 
-def standard_answers(broker, **lease_over):
-    """Offer, lease, renew, release and status of one lease; renew and
-    status give the ids the client proposed in its last lease."""
+def standard_answers(broker, kind="l2tpv3", **lease_over):
+    """Offer, lease, renew, release and status of one lease of a service
+    of KIND; renew and status give the ids the client proposed in its last
+    lease.  A lease request with fields its kind does not take is answered
+    bad_request, as the broker does."""
     ids = {}
+    answer = KIND_ANSWERS[kind]
+    svc = {"l2tpv3": "exit", "ip6gretap": "gre", "ip6tnl": "tnl"}[kind]
 
     def lease(f):
+        extra = {"tunnel_id", "session_id"} & set(f) - KIND_IDS[kind]
+        if extra:
+            return error_answer("bad_request", 400, "%s does not apply to "
+                                "kind %s" % (min(extra), kind))
         ids.update(tunnel_id=f.get("tunnel_id", "4000"),
                    session_id=f.get("session_id", "4000"))
-        return lease_answer(f, **lease_over)
+        return answer(f, **lease_over)
 
     def again(**extra):
-        return lambda f: lease_answer(dict(ids), secret=False,
-                                      **dict(lease_over, **extra))
+        return lambda f: answer(dict(ids), secret=False,
+                                **dict(lease_over, **extra))
 
-    broker.set("/offer", offer_answer({"exit": (64, 1)}))
+    broker.set("/offer", offer_answer({svc: (64, 1, kind)}))
     broker.set("/lease", lease)
     broker.set("/renew", again())
     broker.set("/release", sh_answer(STATUS="200", ERROR="", RELEASED="1",
