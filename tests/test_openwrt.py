@@ -360,6 +360,8 @@ config client 'noserver'
 
 config client 'plain'
 	option server 'http://[fc00::4]:8053'
+	option kind 'ip6tnl'
+	option defaultroute '1'
 """
 
 
@@ -390,6 +392,8 @@ def test_client_init_one_instance_per_enabled_section(tmp_path):
         ("procd_open_instance", "plain"),
         ("procd_set_param", "command", prog, "-i", "mb-plain"),
         ("procd_append_param", "command", "-s", "http://[fc00::4]:8053"),
+        ("procd_append_param", "command", "-K", "ip6tnl"),
+        ("procd_append_param", "command", "-D"),
         ("procd_append_param", "command", "run"),
         ("procd_set_param", "respawn"),
         ("procd_set_param", "stdout", "1"),
