@@ -77,6 +77,17 @@ def lease_routes(lease, service):
     return out
 
 
+def port_isolation(release=None):
+    """Does this kernel isolate bridge ports (IFLA_BRPORT_ISOLATED, 4.18)?
+    Older ones ignore the attribute without an error, so ask the version."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (4, 18)
+
+
 def module_present(name):
     """Is kernel module `name` loaded, built in or installed? True when the
     module tree cannot be read (a kernel without modules)."""
@@ -208,14 +219,18 @@ class Dataplane:
                 rt.setup_port(lease.ifname, bridge_name(service) if bridged else None,
                               mtu=lease.mtu)
                 if bridged and getattr(service, "isolate", True):
-                    try:
+                    if port_isolation():
                         rt.set_isolated(lease.ifname, True)
-                    except rtnl.LinkError:
-                        # Kernel < 4.18: isolate every pseudo-wire by filter rule.
-                        if not self._iso_fallback and self.filters() is not None:
-                            self._iso_fallback = True
-                            self._ready.clear()
-                            self.ensure_service(service, rt)
+                    elif not self._iso_fallback:
+                        # Before 4.18: isolate every pseudo-wire by filter rule.
+                        if self.filters() is None:
+                            raise KernelUnavailable(
+                                "this kernel isolates bridge ports only by filter rules "
+                                "(IFLA_BRPORT_ISOLATED needs 4.18), and neither nft nor "
+                                "ebtables is installed")
+                        self._iso_fallback = True
+                        self._ready.clear()
+                        self.ensure_service(service, rt)
                 profile = restrict_profile(service)
                 if profile:
                     self.filters().add_port(lease.ifname, profile, profile_ports(service),

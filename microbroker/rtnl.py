@@ -53,6 +53,7 @@ IFLA_EXT_MASK = 29
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_KIND = 4
+IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_ISOLATED = 33
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
@@ -289,11 +290,12 @@ class Rtnl:
         self._set(name, IFF_UP if up else 0, IFF_UP, attrs, "%s port of %s" % (name, master))
 
     def set_isolated(self, name, on=True):
-        """IFLA_BRPORT_ISOLATED through IFLA_PROTINFO, as `bridge link set isolated`."""
-        index = self.ifindex(name)
-        payload = ifinfomsg(index, family=AF_BRIDGE) + \
-            nl.attr_nest(IFLA_PROTINFO, nl.attr_u8(IFLA_BRPORT_ISOLATED, 1 if on else 0))
-        self._do(RTM_SETLINK, 0, payload, "%s isolated" % name)
+        """IFLA_BRPORT_ISOLATED of a bridge port, by name (`ip link set NAME
+        type bridge_slave isolated on`): no ifindex lookup first. Kernels
+        before 4.18 ignore the attribute."""
+        info = nl.attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + nl.attr_nest(
+            IFLA_INFO_SLAVE_DATA, nl.attr_u8(IFLA_BRPORT_ISOLATED, 1 if on else 0))
+        self._set(name, attrs=nl.attr_nest(IFLA_LINKINFO, info), what="%s isolated" % name)
 
     def _new(self, name, kind, data=b"", extra=b""):
         check_ifname(name)

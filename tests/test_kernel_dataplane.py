@@ -82,6 +82,24 @@ def test_two_clients_reach_the_exit_but_not_each_other(exit_net):
         assert exit_net.dp.filters().ports() == set()
 
 
+@pytest.mark.parametrize("backend", ["nft", "ebtables"])
+def test_kernels_without_port_isolation_get_the_filter_rule(exit_net, backend, monkeypatch):
+    # As on a kernel before 4.18, which ignores IFLA_BRPORT_ISOLATED.
+    monkeypatch.setattr(dataplane, "port_isolation", lambda release=None: False)
+    exit_net.cfg.filter = backend
+    svc = service()
+    l1, l2_ = lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)
+    client_end(exit_net, 1, l1, "10.99.0.11")
+    client_end(exit_net, 2, l2_, "10.99.0.12")
+    c1, c2 = exit_net.clients
+    assert "isolated on" not in run("bridge", "-d", "link", "show", "dev", l1.ifname,
+                                    ns=exit_net.ns)
+    assert ping(c1, EXIT_BR) and ping(c2, EXIT_BR)
+    assert not ping(c1, "10.99.0.12", count=2, timeout=1)
+    with inside(exit_net.ns):
+        assert exit_net.dp.filters().name == backend
+
+
 def listen(ns, addr, ports):
     """TCP listeners inside ns that accept and close; returns the sockets."""
     socks = []

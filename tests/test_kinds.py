@@ -235,3 +235,4 @@ def test_kind_field_through_the_front_door(broker):
     assert status == 400 and "kind names are 1-16 letters" in json.loads(body)["error"]["message"]
     status, _h, body = post("kind=gre")
     assert status == 404 and json.loads(body)["error"]["code"] == "unknown_kind"
+

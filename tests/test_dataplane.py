@@ -1,0 +1,48 @@
+"""The dataplane's pure decisions, on the host: which routes a lease needs
+by kind, the names and MACs it derives, and what the kernel version allows.
+What they do in a kernel is tested in the VM (test_kernel_*)."""
+
+from types import SimpleNamespace
+
+from microbroker import dataplane
+from microbroker.leases import Lease
+
+
+def lease(kind, extra, mac="02:6d:62:00:00:64"):
+    return Lease("0123456789abcdef", "h", "fc00::2", "svc", kind, "ip", "fc00::1", "fc00::2",
+                 100, 5, 100, 5, "mb100", 1280, mac=mac, extra=extra)
+
+
+SVC = SimpleNamespace(name="svc", bridge="", kind="l2tpv3")
+
+
+def test_bridged_leases_are_routed_on_the_bridge_via_the_link_local_address():
+    extra = {"prefix": "fd00:1::/64", "ipv4": "198.51.100.7"}
+    for kind in ("l2tpv3", "ip6gretap"):
+        assert dataplane.lease_routes(lease(kind, extra), SVC) == [
+            ("fd00:1::/64", "fe80::6d:62ff:fe00:64", "br-svc"),
+            ("198.51.100.7/32", None, "br-svc")]
+    # Without a MAC the exit cannot know the client's link-local address.
+    assert dataplane.lease_routes(lease("l2tpv3", extra, mac=""), SVC) == [
+        ("198.51.100.7/32", None, "br-svc")]
+
+
+def test_routed_leases_are_routed_into_their_link():
+    l = lease("ip6tnl", {"prefix": "fd00:1::/64", "ipv4": "10.98.0.1"}, mac="")
+    assert dataplane.lease_routes(l, SVC) == [("fd00:1::/64", None, "mb100"),
+                                              ("10.98.0.1/32", None, "mb100")]
+    assert dataplane.lease_routes(lease("ip6tnl", {}, mac=""), SVC) == []
+
+
+def test_bridge_mac_is_stable_and_locally_administered():
+    a, b = dataplane.bridge_mac("br-exit"), dataplane.bridge_mac("br-other")
+    assert a == dataplane.bridge_mac("br-exit") and a != b
+    first = int(a.split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01
+
+
+def test_port_isolation_by_kernel_version():
+    port_isolation = dataplane.port_isolation
+    assert port_isolation("6.1.0-56-amd64") and port_isolation("4.18.0")
+    assert port_isolation("5.15.150") and not port_isolation("4.14.336")
+    assert not port_isolation("4.9.0-openwrt") and port_isolation("weird")
