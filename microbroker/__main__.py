@@ -13,6 +13,9 @@ commands:
   offer          print the offer
   sweep          remove expired leases and their tunnels (for cron)
   reconcile      make the kernel match the lease store
+  check-leases   read every lease record and check the store's invariants
+  repair-leases  keep every lease that still reads, move the damaged
+                 file aside (stop the server first), then reconcile
   check-config   report every problem in the config, with its line
   version        print the version
 
@@ -33,7 +36,7 @@ options:
 """
 
 COMMANDS = ("serve", "cgi", "offer", "sweep", "reconcile", "check-config",
-            "version")
+            "check-leases", "repair-leases", "version")
 # option -> (override key or None, takes a value)
 OPTIONS = {
     "-c": "config", "--config": "config", "-s": "set", "--set": "set",
@@ -127,6 +130,36 @@ def cmd_check_config(path, overrides, rest):
     return 0
 
 
+def cmd_leases(command, path, overrides):
+    """check-leases / repair-leases: the store alone, without the broker
+    (which would refuse a corrupt file), as JSON."""
+    cfg = _load(path, overrides)
+    if cfg.problems:
+        _report(cfg, sys.stderr)
+        return 1
+    from microbroker.leases import LeaseStore
+    from microbroker.web import to_json
+    try:
+        store = LeaseStore(cfg.lease_path, tunnel_ids=cfg.tunnel_ids,
+                           session_ids=cfg.session_ids,
+                           ifname_prefix=cfg.ifname_prefix)
+        report = store.check() if command == "check-leases" else \
+            store.repair()
+    except Exception as e:
+        code = getattr(e, "code", None)
+        if code != "store" and not isinstance(e, (OSError, ValueError)):
+            raise
+        sys.stderr.write("microbroker: %s: %s\n" % (cfg.lease_path, e))
+        return 1
+    sys.stdout.write(to_json(report) + "\n")
+    if command == "repair-leases":
+        sys.stderr.write("microbroker: kept %d lease(s); run `microbroker "
+                         "reconcile` (or start the server) to match the "
+                         "kernel\n" % report.get("kept", 0))
+        return 0
+    return 0 if report.get("ok") else 1
+
+
 def _app(path, overrides):
     cfg = _load(path, overrides)
     if cfg.problems:
@@ -168,6 +201,9 @@ def main(argv=None):
         return cgi_main()
     if command == "check-config":
         return cmd_check_config(path, overrides, rest)
+
+    if command in ("check-leases", "repair-leases"):
+        return cmd_leases(command, path, overrides)
 
     app = _app(path, overrides)
     if app is None:

@@ -714,7 +714,7 @@ class _Txn:
         rec = self.read(name)
         if rec is None:
             raise Corrupt(f"{self.store.path}: lease bucket {b} is unreadable (both copies "
-                          f"fail their checksum); LeaseStore.repair() keeps the readable "
+                          f"fail their checksum); `microbroker repair-leases` keeps the readable "
                           f"leases", self.store.path)
         return _Bucket(rec[2], f"{self.store.path} bucket {b}"), rec[0], rec[1]
 
@@ -863,7 +863,7 @@ class LeaseStore:
                 os.replace(dat, dat + ".incomplete")
             return
         raise Corrupt(f"{self.path}: the dbm.dumb index ({d}) is damaged and has no good "
-                      f"backup; LeaseStore.repair() starts a new file", self.path)
+                      f"backup; `microbroker repair-leases` starts a new file", self.path)
 
     def _fsync_dir(self):
         if not self.fsync:
@@ -884,7 +884,7 @@ class LeaseStore:
                 raise Locked(f"{path}: locked by a process outside microbroker ({e})",
                              self.path) from e
             raise Corrupt(f"{path}: cannot open the {self.backend} lease file ({e}); "
-                          f"LeaseStore.repair() moves it aside and starts anew",
+                          f"`microbroker repair-leases` moves it aside and starts anew",
                           self.path) from e
 
     def _db_files(self, path=None, synced=False):
@@ -982,7 +982,7 @@ class LeaseStore:
         rec = tx.read(b"meta")
         if rec is None:
             raise Corrupt(f"{self.path}: the header record is unreadable; "
-                          f"LeaseStore.repair() keeps the readable leases", self.path)
+                          f"`microbroker repair-leases` keeps the readable leases", self.path)
         raw = rec[2]
         if raw == self._meta_raw:
             return

@@ -469,3 +469,35 @@ def test_kill_9_at_random_instants_loses_no_granted_lease(tmp_path, backend, cyc
         assert len(set(live) - set(granted)) <= gen + 1   # at most one unlogged grant a kill
     st.sweep(now=time.time() + 10 ** 6)
     assert st.count() == 0 and st.check()["leaked_ids"] == 0
+
+
+def test_cli_checks_and_repairs_a_damaged_lease_file(tmp_path):
+    """What an operator runs when the broker says the lease file is corrupt."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "microbroker"
+    cfg.write_text("config broker\n\toption state_dir '%s'\n\toption dataplane 'none'\n"
+                   "config service 'v6'\n" % state)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "microbroker", "-c", str(cfg)] +
+                              list(args), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+
+    state.mkdir()
+    st = L.LeaseStore(str(state / "leases"))
+    for i in range(6):
+        st.allocate("fc00::%x" % (i + 2), "v6", "l2tpv3", "ip", "fc00::1", 1280, 600)
+    p = cli("check-leases")
+    assert p.returncode == 0 and json.loads(p.stdout)["leases"] == 6, p.stderr
+    main = {"dbm.gnu": "", "dbm.ndbm": ".db", "dbm.dumb": ".dir"}[st.backend]
+    with open(str(state / "leases") + main, "r+b") as f:
+        f.write(b"\x00garbage" * 64)
+    p = cli("check-leases")
+    assert p.returncode == 1 and "microbroker repair-leases" in p.stderr, p.stderr
+    p = cli("repair-leases")
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["moved_to"] and all(os.path.exists(f) for f in report["moved_to"])
+    assert "reconcile" in p.stderr
+    p = cli("check-leases")
+    assert p.returncode == 0 and json.loads(p.stdout)["ok"], p.stderr
