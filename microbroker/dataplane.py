@@ -422,7 +422,9 @@ class Dataplane:
                             pass
                         report["removed"].append(tid)
                 self._remove_links(rt, links, owned, report)
-                self._reconcile_routes(rt, live, by_name, services, report)
+                if report["rebuilt"] or report["links_removed"]:
+                    links = {l.name: l for l in rt.links()}    # indexes changed
+                self._reconcile_routes(rt, live, by_name, services, report, links)
         finally:
             if l2 is not None:
                 l2.close()
@@ -465,7 +467,7 @@ class Dataplane:
                 pass
             report["links_removed"].append(name)
 
-    def _reconcile_routes(self, rt, live, by_name, services, report):
+    def _reconcile_routes(self, rt, live, by_name, services, report, links):
         """Routes of live leases present and right; routes of a pool's
         length inside a pool that no live lease owns removed."""
         from .config import in_prefixes, parse_addr
@@ -481,14 +483,14 @@ class Dataplane:
                              {socket.AF_INET6 if ":" in d else socket.AF_INET for d in want}):
             for r in rt.routes(family):
                 have.setdefault("%s/%d" % (r.dst, r.dst_len), []).append(r)
-        index = {l.name: l.index for l in rt.links()}
-        for dst, (via, bridge, lease_id) in sorted(want.items()):
-            ok = any(r.gateway == via and r.oif == index.get(bridge) and
+        index = {name: l.index for name, l in links.items()}
+        for dst, (via, dev, lease_id) in sorted(want.items()):
+            ok = any(r.gateway == via and r.oif == index.get(dev) and
                      r.type == rtnl.RTN_UNICAST for r in have.get(dst, ()))
             if ok:
                 continue
             try:
-                rt.add_route(dst, dev=bridge, via=via)
+                rt.add_route(dst, dev=dev, via=via)
                 report["routes_added"].append(dst)
             except (OSError, ValueError) as e:
                 report["failed"].append("%s: route %s: %s" % (lease_id, dst, e))

@@ -300,23 +300,6 @@ def test_run_survives_broker_restarts(world, tmp_path):
     assert "uclient-fetch\t-q\t-T\t10\t--post-data=format=sh&lease_id=" in used
 
 
-def test_killed_client_lease_expires_on_the_exit(world):
-    exit_, client = world
-    proc = client.start("-s", URL, "run")
-    assert wait_for(lambda: client.state_value("LEASE_ID"), timeout=60)
-    proc.kill()  # no release, no teardown
-    proc.wait()
-    assert "From %s to %s" % (EXIT6, CLIENT6) in exit_.tunnels()
-    assert wait_for(lambda: exit_.tunnels().strip() == "",
-                    timeout=LIFETIME + 60, step=1), exit_.log()
-    assert exit_leases(client) == 0
-    assert "expired" in exit_.log()
-    # what the killed client left here, `down` removes
-    p = client.run("down")
-    assert "already gone on the exit" in p.stderr
-    assert client.nothing_left() == []
-
-
 def send_frames(ns, dev, ethertype, n):
     with inside(ns):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)

@@ -1,7 +1,8 @@
 """ip6gretap and ip6tnl end to end in a real kernel: the broker (`serve`)
 in an exit namespace, two clients leasing through microbroker-client under
-`busybox sh`; traffic, isolation, a restart that reconciles, and expiry
-that leaves nothing in the exit's kernel. `ip -d link` is the oracle."""
+`busybox sh`; traffic, isolation, a restart that reconciles, and expiry of
+killed clients (an L2TPv3 one too) that leaves nothing in the exit's
+kernel. `ip -d link` is the oracle."""
 
 import re
 
@@ -106,11 +107,15 @@ def check_tnl(exit_, c1, c2):
     assert "ip6tnl any remote fc00::2 local fc00::1" in line1 and "encaplimit none" in line1
     assert "master" not in line1 and "mtu 1280" in line1
     v4, v6, prefix = (c1.state_value(k, "tn0") for k in ("IPV4", "IPV6", "PREFIX"))
-    assert (v4, v6, prefix) == ("10.98.0.0", "fd00:98::1", "fd00:98::/64")
+    # The first or second item of each pool: the two clients lease at once.
+    assert v4 in ("10.98.0.0", "10.98.0.1"), v4
+    assert prefix in ("fd00:98::/64", "fd00:98:0:1::/64") and v6 == prefix.split("/")[0] + "1"
     # The exit routes the lease's addresses into the tunnel.
-    assert re.search(r"^10\.98\.0\.0 dev %s " % if1, run("ip", "route", ns=exit_.ns), re.M)
-    assert "fd00:98::/64 dev %s " % if1 in run("ip", "-6", "route", ns=exit_.ns)
-    assert "10.98.0.0/32" in run("ip", "addr", "show", "tn0", ns=c1.ns)
+    assert re.search(r"^%s dev %s " % (re.escape(v4), if1), run("ip", "route", ns=exit_.ns),
+                     re.M)
+    assert "%s dev %s " % (prefix, if1) in run("ip", "-6", "route", ns=exit_.ns)
+    assert v4 + "/32" in run("ip", "addr", "show", "tn0", ns=c1.ns)
+    assert v6 + "/128" in run("ip", "addr", "show", "tn0", ns=c1.ns)
     # IPv4 and IPv6 inside, to addresses behind the exit (-D: default routes).
     assert ping(c1.ns, BEHIND4) and ping(c1.ns, BEHIND6), exit_.log()
     assert ping(c2.ns, BEHIND4)
@@ -121,11 +126,12 @@ def check_tnl(exit_, c1, c2):
     return if1
 
 
-def test_ip6gretap_and_ip6tnl_through_the_client_script(world):
-    """Both kinds side by side from the same two clients, each kept up by a
-    `run` loop; the loops are killed at the end, so the leases expire."""
+def test_every_kind_through_the_client_script(world):
+    """ip6gretap and ip6tnl side by side from the same two clients, each
+    kept up by a `run` loop, and an L2TPv3 one beside them; the loops are
+    killed at the end (no release), so every lease has to expire."""
     exit_, (c1, c2) = world
-    procs = []
+    procs = [c1.start("-s", URL, "-K", "l2tpv3", "-i", "mb0", "run")]
     try:
         for c in (c1, c2):
             procs.append(c.start("-s", URL, "-K", "ip6gretap", "-i", "gr0", "run"))
@@ -134,12 +140,15 @@ def test_ip6gretap_and_ip6tnl_through_the_client_script(world):
             for ifname, kind in (("gr0", "ip6gretap"), ("tn0", "ip6tnl")):
                 assert wait_for(lambda: c.state_value("KIND", ifname) == kind, timeout=90,
                                 step=0.5), exit_.log()
+        assert wait_for(lambda: c1.state_value("KIND") == "l2tpv3", timeout=60, step=0.5)
+        assert "From %s to fc00::2" % EXIT6 in exit_.tunnels()
         gre1 = check_gre(exit_, c1, c2)
         tnl1 = check_tnl(exit_, c1, c2)
 
         restart_without(exit_, gre1, tnl1)
         assert "master br-exit" in run("ip", "link", "show", gre1, ns=exit_.ns)
-        assert wait_for(lambda: "fd00:98::/64 dev %s " % tnl1 in
+        prefix = c1.state_value("PREFIX", "tn0")
+        assert wait_for(lambda: "%s dev %s " % (prefix, tnl1) in
                         run("ip", "-6", "route", ns=exit_.ns), timeout=30)
         assert wait_for(lambda: ping(c1.ns, EXIT_BR, count=1), timeout=30)
         assert wait_for(lambda: ping(c1.ns, BEHIND6, count=1), timeout=30)
@@ -150,11 +159,15 @@ def test_ip6gretap_and_ip6tnl_through_the_client_script(world):
 
     # Clients that stopped renewing: their leases expire and everything goes.
     assert wait_for(lambda: exit_links(exit_, "ip6gretap") == {} and
-                    exit_links(exit_, "ip6tnl") == {}, timeout=LIFETIME + 60,
-                    step=1), exit_.log()
-    assert "expired" in exit_.log()
+                    exit_links(exit_, "ip6tnl") == {} and exit_.tunnels().strip() == "",
+                    timeout=LIFETIME + 60, step=1), exit_.log()
+    assert exit_.log().count(" expired (") == 5
+    assert exit_.session_ifname() is None
     assert "10.98.0." not in run("ip", "route", ns=exit_.ns)
     assert "fd00:98:" not in run("ip", "-6", "route", ns=exit_.ns)
+    assert re.search(r"\b0 of \d+ leases used", c1.run("-s", URL, "offers").stdout)
+    # What a killed client left on its side, `down` removes.
+    assert "already gone on the exit" in c1.run("down").stderr
     for c in (c1, c2):
         for ifname in ("gr0", "tn0"):
             c.run("-i", ifname, "down")

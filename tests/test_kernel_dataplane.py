@@ -82,11 +82,12 @@ def test_two_clients_reach_the_exit_but_not_each_other(exit_net):
         assert exit_net.dp.filters().ports() == set()
 
 
-@pytest.mark.parametrize("backend", ["nft", "ebtables"])
-def test_kernels_without_port_isolation_get_the_filter_rule(exit_net, backend, monkeypatch):
+def test_kernels_without_port_isolation_get_the_filter_rule(exit_net, monkeypatch):
     # As on a kernel before 4.18, which ignores IFLA_BRPORT_ISOLATED.
+    # (nft only: the ebtables rule is the same line in static_rules, and
+    # the ebtables backend has its own tests for beacons and restriction.)
     monkeypatch.setattr(dataplane, "port_isolation", lambda release=None: False)
-    exit_net.cfg.filter = backend
+    backend = exit_net.cfg.filter = "nft"
     svc = service()
     l1, l2_ = lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)
     client_end(exit_net, 1, l1, "10.99.0.11")
