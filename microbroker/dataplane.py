@@ -108,6 +108,15 @@ def module_present(name):
     return not found
 
 
+def nft_present(config):
+    """Is nft the filter tool here? (PATH search only: no subprocess import
+    on a CGI offer.)"""
+    if (getattr(config, "filter", "") or "nft") != "nft":
+        return False
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/sbin"]
+    return any(d and os.access(os.path.join(d, "nft"), os.X_OK) for d in dirs)
+
+
 def pool_routes(services):
     """(family, parsed pool, length) of every pool: routes of that length
     inside a pool are ours."""
@@ -147,6 +156,9 @@ class Dataplane:
             ok = module_present(module)
             why = "" if ok else "kernel module %s for %s is missing (modprobe %s)" % (
                 module, kind, module)
+        if ok and KINDS[kind].layer == 3 and not nft_present(self.config):
+            ok, why = False, ("routed (%s) tunnels need nft for their source check "
+                              "(install nftables)" % kind)
         if ok and os.geteuid() != 0:
             why = "running as uid %d (needs CAP_NET_ADMIN)" % os.geteuid()
         self._status[kind] = (now, (ok, why))
@@ -186,27 +198,45 @@ class Dataplane:
             if restrict_profile(service):
                 profiles[service.name] = profile_ports(service)
             f.ensure(self.prefix, profiles, self._iso_fallback)
+            self._ensure_isolation(f, service)
         elif restrict_profile(service):
             raise KernelUnavailable("service %s is restricted but neither nft nor ebtables "
                                     "is installed" % service.name)
         self._ready.add(service.name)
 
-    def _ensure_routed(self, service):
-        """Routed tunnels: no bridge; isolation and restriction need nft."""
-        profile = restrict_profile(service)
-        isolate = getattr(service, "isolate", True)
-        if not profile and not isolate:
-            return
-        f = self.filters()
-        if f is None:
-            raise KernelUnavailable("service %s %s routed tunnels but nft is not installed"
-                                    % (service.name, "restricts" if profile else "isolates"))
+    def _sides(self, service):
+        """The isolated client sides of every enabled service: their bridges,
+        and `prefix*` for routed tunnels."""
+        services = [s for s in getattr(self.config, "services", {}).values()
+                    if getattr(s, "enabled", True)]
+        sides = set()
+        for s in services + [service]:
+            if getattr(s, "isolate", True):
+                sides.add(self.prefix + "*" if KINDS[s.kind].layer == 3 else bridge_name(s))
+        return sides
+
+    def _ensure_isolation(self, f, service):
         from .filters import FilterError
         try:
-            f.ensure_routed(self.prefix, {profile: profile_ports(service)} if profile else {},
-                            isolate)
+            f.ensure_isolation(self._sides(service))
         except FilterError as e:
             raise KernelUnavailable("service %s: %s" % (service.name, e)) from None
+
+    def _ensure_routed(self, service):
+        """Routed tunnels: no bridge; the source check, isolation and
+        restriction need nft."""
+        profile = restrict_profile(service)
+        f = self.filters()
+        if f is None:
+            raise KernelUnavailable("service %s: routed (%s) tunnels need nft for their "
+                                    "source check, and it is not installed"
+                                    % (service.name, service.kind))
+        from .filters import FilterError
+        try:
+            f.ensure_routed(self.prefix, {profile: profile_ports(service)} if profile else {})
+        except FilterError as e:
+            raise KernelUnavailable("service %s: %s" % (service.name, e)) from None
+        self._ensure_isolation(f, service)
 
     # -- per lease --
     def up(self, lease, service):
@@ -263,8 +293,9 @@ class Dataplane:
                 add()
             except rtnl.LinkExists:
                 # The name comes from the lease's tunnel id: what holds it is a
-                # leftover or an earlier try of this very lease.
-                rt.delete_link(lease.ifname)
+                # leftover or an earlier try of this very lease. An ip6tnl
+                # may also clash by its ends (one per address pair).
+                self._remove_clash(rt, lease)
                 add()
         except rtnl.LinkError as e:
             if e.errno == errno.EOPNOTSUPP:
@@ -273,6 +304,27 @@ class Dataplane:
                                         "missing (modprobe %s)" % (lease.kind, module,
                                                                    module)) from None
             raise
+
+    def _remove_clash(self, rt, lease):
+        """Delete the link in the way of `lease`: one by its name, or an
+        ip6tnl of ours with its ends (the broker gives a client one ip6tnl
+        per exit address, so another is a leftover)."""
+        try:
+            rt.delete_link(lease.ifname)
+            return
+        except rtnl.NoSuchLink:
+            if lease.kind != "ip6tnl":
+                raise
+        lo, hi = self.config.tunnel_ids
+        for link in rt.links():
+            digits = link.name[len(self.prefix):]
+            if link.kind == "ip6tnl" and link.name.startswith(self.prefix) and \
+                    digits.isdigit() and lo <= int(digits) <= hi and \
+                    (link.local, link.remote) == (lease.local, lease.remote):
+                rt.delete_link(link.name)
+                return
+        raise rtnl.LinkExists(errno.EEXIST, "%s: an ip6tnl from %s to %s exists and is "
+                              "not ours" % (lease.ifname, lease.local, lease.remote))
 
     def _tunnel(self, l2, lease):
         try:
@@ -396,6 +448,13 @@ class Dataplane:
                 tunnels = {t.tunnel_id: t for t in l2.tunnels(stats=False)} if l2 else {}
                 sessions = {(s.tunnel_id, s.session_id): s
                             for s in l2.sessions(stats=False)} if l2 else {}
+                # Bridges and filter rules first: a restart after `nft flush
+                # ruleset` or a reboot must not leave beacons or isolation open.
+                for svc in services:
+                    try:
+                        self.ensure_service(svc, rt)
+                    except (OSError, ValueError, KernelUnavailable) as e:
+                        report["failed"].append("service %s: %s" % (svc.name, e))
                 links = {l.name: l for l in rt.links()}
                 owned = set()
                 for lease in live:
@@ -448,6 +507,7 @@ class Dataplane:
             return tunnel is not None and tunnel.remote == lease.remote and \
                 (lease.tunnel_id, lease.session_id) in sessions and bool(link.master)
         return link.kind == lease.kind and link.remote == lease.remote and \
+            link.local == lease.local and \
             (layer(lease) == 3 or bool(link.master))
 
     def _remove_links(self, rt, links, owned, report):

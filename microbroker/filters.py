@@ -109,26 +109,38 @@ class Nft:
             ]
         self._apply("\n".join(lines) + "\n")
 
-    def ensure_routed(self, prefix, profiles, isolate):
-        """The inet table for routed tunnels: isolate drops what one tunnel
-        would route into another; profiles as for bridged ports."""
+    def _inet_table(self):
+        """Lines that create the inet table, once: its rules are not
+        idempotent. It holds what the exit routes: routed tunnels' source
+        check and profiles, and isolation between client sides."""
+        if _run([self.nft, "list", "table", "inet", TABLE], check=False).returncode == 0:
+            return []
+        t = "inet " + TABLE
+        return [
+            "add table %s" % t,
+            "add map %s restrict { type ifname : verdict; }" % t,
+            "add chain %s input { type filter hook input priority -10; }" % t,
+            "add chain %s forward { type filter hook forward priority -10; }" % t,
+            "add chain %s isolate" % t,
+            "add rule %s input iifname vmap @restrict" % t,
+            "add rule %s forward jump isolate" % t,
+            "add rule %s forward iifname vmap @restrict" % t,
+        ]
+
+    def ensure_routed(self, prefix, profiles):
+        """Routed tunnels: a source check; profiles as for bridged ports."""
         pw = '"%s*"' % _check(prefix, _PREFIX)
         t = "inet " + TABLE
-        lines = []
-        if _run([self.nft, "list", "table", "inet", TABLE], check=False).returncode != 0:
-            lines += [
-                "add table %s" % t,
-                "add map %s restrict { type ifname : verdict; }" % t,
-                "add chain %s input { type filter hook input priority -10; }" % t,
-                "add chain %s forward { type filter hook forward priority -10; }" % t,
-                "add chain %s isolate" % t,
-                "add rule %s input iifname vmap @restrict" % t,
-                "add rule %s forward jump isolate" % t,
-                "add rule %s forward iifname vmap @restrict" % t,
-            ]
-        lines += ["flush chain %s isolate" % t]
-        if isolate:
-            lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, pw, pw)]
+        lines = self._inet_table() + [
+            # A chain with a hook is idempotent to add: also for tables
+            # made by an older version.
+            "add chain %s spoof { type filter hook prerouting priority -150; }" % t,
+            "flush chain %s spoof" % t,
+            # The kernel routes a tunnel's leased addresses into it and does
+            # not check the inner source (IPv6 has no rp_filter): without
+            # this a client could send as another client or as the exit's
+            # own cjdns address.
+            "add rule %s spoof iifname %s fib saddr . iif oif missing drop" % (t, pw)]
         for name, ports in sorted(profiles.items()):
             chain = "r_" + _check(name, _PROFILE)
             tcp = ", ".join(str(p) for p in [53] + [p for p in _ports(ports) if p != 53])
@@ -143,6 +155,20 @@ class Nft:
                 rule + "tcp dport { %s } accept" % tcp,
                 rule + "drop",
             ]
+        self._apply("\n".join(lines) + "\n")
+
+    def ensure_isolation(self, sides):
+        """Drop what the exit would route from one isolated client side to
+        another, or back into the same: port isolation stops frames, not a
+        client that sends to another's address through the exit as its
+        gateway. A side is an isolated service's bridge, or `prefix*`
+        for all routed tunnels."""
+        t = "inet " + TABLE
+        names = ['"%s*"' % _check(s[:-1], _PREFIX) if s.endswith("*") else
+                 '"%s"' % _check(s) for s in sorted(sides)]
+        lines = self._inet_table() + ["flush chain %s isolate" % t]
+        lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, a, b)
+                  for a in names for b in names]
         self._apply("\n".join(lines) + "\n")
 
     def add_port(self, ifname, profile, ports=(), family="bridge"):
@@ -254,9 +280,13 @@ class Ebtables:
             for spec in reversed(rules):
                 self._e("-I", chain, "1", *spec, "-j", "ACCEPT")
 
-    def ensure_routed(self, prefix, profiles, isolate):
-        raise FilterError("ebtables filters only bridged frames: isolation and "
-                          "restrictions of routed (ip6tnl) tunnels need nft")
+    def ensure_routed(self, prefix, profiles):
+        raise FilterError("ebtables filters only bridged frames: the source check, "
+                          "isolation and restrictions of routed (ip6tnl) tunnels need nft")
+
+    def ensure_isolation(self, sides):
+        # What the exit routes between clients: ebtables cannot see it.
+        pass
 
     def add_port(self, ifname, profile, ports=(), family="bridge"):
         _check(ifname)

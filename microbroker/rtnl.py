@@ -77,7 +77,9 @@ IFLA_IPTUN_PROTO = 9
 # every packet (iproute2's `encaplimit none`)
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1
 # The outer destination of a tunnel link, by kind (GRE and IPTUN numbering).
-_REMOTE_ATTR = {"ip6gretap": IFLA_GRE_REMOTE, "ip6tnl": IFLA_IPTUN_REMOTE}
+# kind: (local, remote) attributes inside IFLA_INFO_DATA
+_ENDS_ATTR = {"ip6gretap": (IFLA_GRE_LOCAL, IFLA_GRE_REMOTE),
+              "ip6tnl": (IFLA_IPTUN_LOCAL, IFLA_IPTUN_REMOTE)}
 
 # include/uapi/linux/if_addr.h
 IFA_ADDRESS = 1
@@ -94,8 +96,9 @@ IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
 
-# remote: the outer destination of ip6gretap/ip6tnl links, else None.
-Link = namedtuple("Link", "index name flags mtu master kind address remote")
+# local, remote: the outer addresses of ip6gretap/ip6tnl links, else None.
+Link = namedtuple("Link", "index name flags mtu master kind address remote local",
+                  defaults=(None,))
 # dst and gateway as text (None when absent), dst as the network address
 Route = namedtuple("Route", "family dst dst_len gateway oif table type")
 LinkStats = namedtuple("LinkStats", "rx_packets tx_packets rx_bytes tx_bytes")
@@ -172,17 +175,21 @@ _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_
 def _link(body):
     _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
     attrs = nl.parse_attrs(body, IFINFOMSG.size, wanted=_LINK_ATTRS)
-    kind = remote = None
+    kind = remote = local = None
     if IFLA_LINKINFO in attrs:
         info = nl.parse_attrs(attrs[IFLA_LINKINFO])
         kind = nl.get_str(info, IFLA_INFO_KIND)
-        if kind in _REMOTE_ATTR and IFLA_INFO_DATA in info:
-            raw = nl.parse_attrs(info[IFLA_INFO_DATA]).get(_REMOTE_ATTR[kind])
-            remote = str(ipaddress.IPv6Address(raw)) if raw and len(raw) == 16 else None
+        if kind in _ENDS_ATTR and IFLA_INFO_DATA in info:
+            data = nl.parse_attrs(info[IFLA_INFO_DATA])
+            local, remote = (_ip6(data.get(a)) for a in _ENDS_ATTR[kind])
     addr = attrs.get(IFLA_ADDRESS)
     return Link(index, nl.get_str(attrs, IFLA_IFNAME), flags, nl.get_u32(attrs, IFLA_MTU),
                 nl.get_u32(attrs, IFLA_MASTER, 0), kind, _mac_str(addr) if addr else None,
-                remote)
+                remote, local)
+
+
+def _ip6(raw):
+    return str(ipaddress.IPv6Address(raw)) if raw and len(raw) == 16 else None
 
 
 class Rtnl:

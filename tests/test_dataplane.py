@@ -46,3 +46,31 @@ def test_port_isolation_by_kernel_version():
     assert port_isolation("6.1.0-56-amd64") and port_isolation("4.18.0")
     assert port_isolation("5.15.150") and not port_isolation("4.14.336")
     assert not port_isolation("4.9.0-openwrt") and port_isolation("weird")
+
+
+def test_routed_kinds_are_offered_only_where_nft_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataplane, "module_present", lambda name: True)
+    monkeypatch.setattr(dataplane.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(dataplane.os, "access", lambda p, mode: p == str(tmp_path / "nft"))
+    cfg = SimpleNamespace(filter="")
+    assert dataplane.Dataplane(cfg).status("ip6tnl") == (True, "")
+    assert dataplane.Dataplane(cfg).status("ip6gretap") == (True, "")
+    cfg.filter = "ebtables"
+    ok, why = dataplane.Dataplane(cfg).status("ip6tnl")
+    assert not ok and "routed (ip6tnl) tunnels need nft" in why
+    assert dataplane.Dataplane(cfg).status("ip6gretap") == (True, "")
+    monkeypatch.setattr(dataplane.os, "access", lambda p, mode: False)
+    assert not dataplane.Dataplane(SimpleNamespace(filter="")).status("ip6tnl")[0]
+
+
+def test_isolated_sides_are_every_isolated_bridge_and_the_routed_links():
+    svcs = {"a": SimpleNamespace(name="a", kind="l2tpv3", bridge="", isolate=True),
+            "b": SimpleNamespace(name="b", kind="ip6gretap", bridge="br-lan", isolate=False),
+            "t": SimpleNamespace(name="t", kind="ip6tnl", bridge="", isolate=True),
+            "off": SimpleNamespace(name="off", kind="l2tpv3", bridge="", isolate=True,
+                                   enabled=False)}
+    dp = dataplane.Dataplane(SimpleNamespace(services=svcs, ifname_prefix="tn"))
+    assert dp._sides(svcs["b"]) == {"br-a", "tn*"}
+    svcs["t"].isolate = False
+    assert dp._sides(svcs["a"]) == {"br-a"}

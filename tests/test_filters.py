@@ -49,6 +49,7 @@ def test_nft_rules_go_into_our_table_only(fake):
     assert "add element bridge microbroker restrict { mb101 : jump r_web }" in calls
     nft.ensure("mb", {"web": [80, 443]}, isolate=True)
     calls = fake.read_text()
+    assert "add table bridge microbroker\n" in calls     # `list` says there is none
     assert 'iifname "mb*" ether type 0xfc00 drop' in calls
     assert 'oifname "mb*" ether type 0xfc00 drop' in calls
     assert 'isolate iifname "mb*" oifname "mb*" drop' in calls
@@ -68,3 +69,30 @@ def test_ebtables_profile_chain_names_fit_and_change_with_ports():
 def test_probe_prefers_nft(fake):
     assert filters.probe().name == "nft"
     assert filters.probe("ebtables").name == "ebtables"
+
+
+def test_routed_table_checks_sources(fake):
+    filters.Nft(str(fake.parent / "nft")).ensure_routed("mb", {})
+    calls = fake.read_text()
+    assert "add chain inet microbroker spoof { type filter hook prerouting" in calls
+    assert 'add rule inet microbroker spoof iifname "mb*" fib saddr . iif oif missing drop' \
+        in calls
+    assert "oifname" not in calls          # isolation is its own call
+    assert "add table inet microbroker\n" in calls
+    rules = [l for l in calls.splitlines() if l.startswith(("add", "delete", "flush"))]
+    assert rules and all(" inet microbroker" in l for l in rules)
+    with pytest.raises(filters.FilterError, match="need nft"):
+        filters.Ebtables(str(fake.parent / "ebtables")).ensure_routed("mb", {})
+
+
+def test_isolation_between_client_sides_drops_every_pair(fake):
+    nft = filters.Nft(str(fake.parent / "nft"))
+    nft.ensure_isolation({"br-exit", "mb*"})
+    rules = [l.split(" isolate ", 1)[1] for l in fake.read_text().splitlines()
+             if l.startswith("add rule inet microbroker isolate ")]
+    assert sorted(rules) == sorted('iifname "%s" oifname "%s" drop' % (a, b)
+                                   for a in ("br-exit", "mb*") for b in ("br-exit", "mb*"))
+    assert "flush chain inet microbroker isolate" in fake.read_text()
+    for bad in ({"br x"}, {"$(id)*"}, {"*"}):
+        with pytest.raises(ValueError):
+            nft.ensure_isolation(bad)

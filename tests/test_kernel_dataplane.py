@@ -51,6 +51,27 @@ def lease_for(net, i, svc):
     return lease
 
 
+def udp_arrives(ns_to, ns_from, src, dst, port=5353):
+    """Does a datagram from src (an address in ns_from) reach dst:port?"""
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    with inside(ns_to):
+        r = socket.socket(fam, socket.SOCK_DGRAM)
+    with inside(ns_from):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        r.bind((dst, port))
+        r.settimeout(1.5)
+        s.bind((src, 0))
+        s.sendto(b"from " + src.encode(), (dst, port))
+        try:
+            return r.recv(64) == b"from " + src.encode()
+        except socket.timeout:
+            return False
+    finally:
+        r.close()
+        s.close()
+
+
 def client_end(net, i, lease, addr):
     """The client's side, built with our module (the shell client is tested elsewhere)."""
     with inside(net.clients[i - 1]), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
@@ -73,6 +94,14 @@ def test_two_clients_reach_the_exit_but_not_each_other(exit_net):
     assert not ping(c2, "10.99.0.11", count=2, timeout=1)
     out = run("bridge", "-d", "link", "show", "dev", l1.ifname, ns=exit_net.ns)
     assert "isolated on" in out and "master br-exit" in out
+    # Nor through the exit as their router (which forwards: it is an exit)...
+    run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=exit_net.ns)
+    run("ip", "route", "add", "10.99.0.12/32", "via", EXIT_BR, ns=c1)
+    assert udp_arrives(exit_net.ns, c1, "10.99.0.11", EXIT_BR)
+    assert not udp_arrives(c2, c1, "10.99.0.11", "10.99.0.12")
+    # ...because of our rule: the kernel alone routes it back into the bridge.
+    run("nft", "flush", "chain", "inet", "microbroker", "isolate", ns=exit_net.ns)
+    assert udp_arrives(c2, c1, "10.99.0.11", "10.99.0.12")
     # Teardown leaves no tunnel, interface or filter element behind.
     with inside(exit_net.ns):
         exit_net.dp.down(l1)
@@ -244,6 +273,7 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     run("ip", "l2tp", "add", "tunnel", "tunnel_id", 5000, "peer_tunnel_id", 5000, "encap", "ip",
         "local", "fc00:1::1", "remote", "fc00:1::2", ns=ex)
     assert wait_for(lambda: l1.ifname not in run("ip", "link", ns=ex))
+    run("nft", "flush", "ruleset", ns=ex)       # and our filter tables are gone
     fresh = dataplane.Dataplane(exit_net.cfg)   # a restarted broker
     with inside(ex):
         report = fresh.reconcile(exit_net.store, [svc])
@@ -255,6 +285,10 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     out = run("ip", "link", "show", l1.ifname, ns=ex)
     assert "master br-exit" in out and "mtu 1280" in out and "UP" in out
     assert ping(exit_net.clients[0], EXIT_BR)
+    assert 'oifname "mb*" ether type 0xfc00 drop' in run("nft", "list", "table", "bridge",
+                                                         "microbroker", ns=ex)
+    assert 'iifname "br-exit" oifname "br-exit" drop' in run("nft", "list", "table", "inet",
+                                                             "microbroker", ns=ex)
     # Nothing left to do: a second pass changes nothing.
     with inside(ex):
         again = fresh.reconcile(exit_net.store, [svc])

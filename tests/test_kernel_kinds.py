@@ -9,7 +9,7 @@ import pytest
 from microbroker import dataplane
 from nsutil import inside, ping, run, wait_for
 from test_kernel_dataplane import (EXIT_BR, exit_net, frame, listen, raw_socket,  # noqa: F401
-                                   reaches, seen)
+                                   reaches, seen, udp_arrives)
 
 pytestmark = pytest.mark.kernel
 
@@ -118,6 +118,18 @@ def test_ip6tnl_is_routed_to_the_leased_addresses_and_isolated(exit_net):
     # ...because of our rule: without it the same packets get through.
     run("nft", "flush", "chain", "inet", "microbroker", "isolate", ns=ex)
     assert ping(c1, "10.98.0.2") and ping(c1, "fd00:98:2::1")
+    # A tunnel sends only from what the exit routes into it: c1 with c2's
+    # addresses gets nothing through...
+    run("ip", "addr", "add", "10.98.0.2/32", "dev", "tn0", ns=c1)
+    run("ip", "addr", "add", "fd00:98:2::1/128", "dev", "tn0", "nodad", ns=c1)
+    assert udp_arrives(ex, c1, "10.98.0.1", BEHIND4) and \
+        udp_arrives(ex, c1, "fd00:98:1::1", BEHIND6)
+    assert not udp_arrives(ex, c1, "10.98.0.2", BEHIND4)
+    assert not udp_arrives(ex, c1, "fd00:98:2::1", BEHIND6)
+    # ...because of our source check: the kernel alone lets them in.
+    run("nft", "flush", "chain", "inet", "microbroker", "spoof", ns=ex)
+    assert udp_arrives(ex, c1, "10.98.0.2", BEHIND4) and \
+        udp_arrives(ex, c1, "fd00:98:2::1", BEHIND6)
     with inside(ex):
         exit_net.dp.down(l1)
     assert link_gone(ex, l1.ifname)
@@ -128,7 +140,12 @@ def test_ip6tnl_is_routed_to_the_leased_addresses_and_isolated(exit_net):
 def test_restricted_ip6tnl_reaches_dns_and_web_only(exit_net):
     svc = service("ip6tnl", restrict="dns+web")
     routed_exit(exit_net)
+    # A leftover of ours between the same two addresses (one ip6tnl per
+    # pair in a netns) makes way for the lease.
+    run("ip", "link", "add", "mb150", "type", "ip6tnl", "local", "fc00:1::1", "remote",
+        "fc00:1::2", ns=exit_net.ns)
     lease = lease_for(exit_net, 1, svc, extra={"ipv4": "10.98.0.1", "prefix": "fd00:98:1::/64"})
+    assert "mb150" not in run("ip", "-o", "link", ns=exit_net.ns)
     tnl_client(exit_net, 1, lease)
     c1 = exit_net.clients[0]
     socks = listen(exit_net.ns, BEHIND4, (53, 80, 22))
