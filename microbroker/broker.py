@@ -406,6 +406,7 @@ class Broker:
         store, dp = self.store, self.dataplane
         now = self.clock()
         kernel = []
+        self._drop_reshaped([svc], client)
         if svc.kind == "ip6tnl":
             self._one_ip6tnl(svc, client, endpoint)
 
@@ -467,6 +468,23 @@ class Broker:
             lease.lease_id, client, svc.name, lease.tunnel_id,
             lease.peer_tunnel_id, lease.ifname)
         return self.view(lease, svc, secret)
+
+    def _drop_reshaped(self, services, client=None):
+        """Leases of a service whose kind or encap the operator has changed
+        since: they can no longer be re-issued or rebuilt, so they end."""
+        by_name = {s.name: s for s in services}
+        try:
+            stale = [l for l in self.store.leases(client=client)
+                     if l.service in by_name and (l.kind, l.encap) !=
+                     (by_name[l.service].kind, by_name[l.service].encap)]
+            # Another process may have ended one already: only what we removed.
+            stale = [l for l in stale if self.store.remove(l.lease_id)]
+        except Exception as e:
+            raise _store_error(e) or e
+        for lease in stale:
+            svc = by_name[lease.service]
+            self._take_down(lease, "ended (service %s is %s/%s now, the lease %s/%s)" % (
+                svc.name, svc.kind, svc.encap, lease.kind, lease.encap))
 
     def _one_ip6tnl(self, svc, client, endpoint):
         # The kernel tells ip6tnl tunnels apart by their two addresses only.
@@ -686,6 +704,7 @@ class Broker:
 
     def reconcile(self):
         with self.lock:
+            self._drop_reshaped(self.config.enabled_services())
             return self.dataplane.reconcile(self.store,
                                             self.config.enabled_services())
 

@@ -873,8 +873,40 @@ def _finish(cfg, at, euid, environ):
         p.append((at(0), "services %s: routed services share one isolation "
                   "rule, so isolate must be the same for all of them"
                   % ", ".join(s.name for s in routed)))
+    if routed and cfg.filter == "ebtables":
+        p.append((at(0), "services %s: routed tunnels need nft for their "
+                  "source check and isolation, but filter is 'ebtables'"
+                  % ", ".join(s.name for s in routed)))
+    _check_pool_overlap(cfg.enabled_services(), at(0), p)
     if not cfg.enabled_services():
         p.append((at(0), "no enabled service: clients can lease nothing"))
+
+
+def _check_pool_overlap(services, where, p):
+    """Services may share a pool only as the very same pool and length:
+    the broker tells items apart by their text."""
+    seen = []
+    for svc in services:
+        for opt, length in (("prefix_pool", svc.prefix_length),
+                            ("ipv4_pool", 32)):
+            pool = getattr(svc, opt)
+            if not pool:
+                continue
+            try:
+                family, net, n = parse_prefix(pool)
+            except ValueError:
+                continue        # reported where the option is read
+            bits = 32 if family == 4 else 128
+            for other, ofam, onet, on, olen, opool in seen:
+                if ofam != family or (pool, length) == (opool, olen):
+                    continue
+                m = min(n, on)
+                if net >> (bits - m) == onet >> (bits - m):
+                    p.append((where, "services %s and %s: pools %s and %s "
+                              "overlap (share a pool only with the same "
+                              "pool and prefix_length)"
+                              % (other, svc.name, opool, pool)))
+            seen.append((svc.name, family, net, n, length, pool))
 
 
 def pool_size(pool, length):
@@ -929,6 +961,10 @@ _PRIVATE4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 def _check_routed(svc, where, p):
     """A routed service has no bridge to run DHCP or RA on: everything the
     client gets comes from its pools, and every pool is offered."""
+    if svc.prefix_pool and svc.mtu and svc.mtu < 1280:
+        p.append((where, "service %s: mtu %d is below 1280, where Linux "
+                  "turns IPv6 off, so prefix_pool cannot be routed"
+                  % (svc.name, svc.mtu)))
     if svc.ipv4_gateway:
         p.append((where, "service %s: kind %s is point-to-point, "
                   "ipv4_gateway does not apply" % (svc.name, svc.kind)))

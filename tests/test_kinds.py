@@ -236,3 +236,51 @@ def test_kind_field_through_the_front_door(broker):
     status, _h, body = post("kind=gre")
     assert status == 404 and json.loads(body)["error"]["code"] == "unknown_kind"
 
+
+
+def test_a_lease_of_a_service_whose_kind_changed_ends(broker):
+    # The operator turns service l2 into GRE and restarts: the client's old
+    # L2TPv3 lease must not come back as its GRE lease, nor be rebuilt.
+    b, dp = broker
+    old = b.lease("fc00::99", "l2")
+    other = b.lease("fc00::98", "l2")
+    svc = b.config.services["l2"]
+    svc.kind, svc.mtu = "ip6gretap", auto_mtu("ip6gretap", "ip", svc.path_mtu)
+    v = b.lease("fc00::99", "l2", kind="ip6gretap")
+    assert v["kind"] == "ip6gretap" and v["lease_id"] != old["lease_id"]
+    assert ("down", old["lease_id"]) in dp.calls
+    assert {l.lease_id for l in b.store.leases()} == {v["lease_id"], other["lease_id"]}
+    # The other client's: at the next reconcile (a restart), before the kernel.
+    dp.calls.clear()
+    b.reconcile()
+    assert dp.calls == [("down", other["lease_id"]), ("reconcile", ["l2", "gre", "tnl",
+                                                                   "tnl1"])]
+    assert [l.lease_id for l in b.store.leases()] == [v["lease_id"]]
+
+
+def test_pools_shared_only_whole():
+    base = "config service a\n option kind ip6tnl\n option prefix_pool fd00:98::/48\n" \
+           " option prefix_length 64\n option ipv4_pool 10.98.0.0/24\n"
+    # The very same pool and length: one pool, items told apart by text.
+    assert problems(base + base.replace("service a", "service b")) == []
+    clash = problems(base + "config service b\n option kind ip6tnl\n"
+                     " option prefix_pool fd00:98::/64\n option prefix_length 128\n")
+    assert clash == ["services a and b: pools fd00:98::/48 and fd00:98::/64 overlap (share "
+                     "a pool only with the same pool and prefix_length)"]
+    assert any("pools 10.98.0.0/24 and 10.98.0.128/25 overlap" in m for m in problems(
+        base + "config service b\n option ipv4_pool 10.98.0.128/25\n"
+        " option ipv4_gateway 10.98.1.1\n"))
+    # Apart is fine, in either family.
+    assert problems(base + "config service b\n option kind ip6tnl\n"
+                    " option prefix_pool fd00:99::/48\n option ipv4_pool 10.99.0.0/24\n") == []
+
+
+def test_routed_checks_that_need_the_kernel_rules():
+    assert any("mtu 1200 is below 1280" in m for m in
+               problems("config service t\n option kind ip6tnl\n option mtu 1200\n"
+                        " option prefix_pool fd00::/48\n"))
+    assert problems("config service t\n option kind ip6tnl\n option mtu 1200\n"
+                    " option ipv4_pool 10.0.0.0/24\n") == []
+    assert any("routed tunnels need nft" in m for m in
+               problems("config broker\n option filter ebtables\n"
+                        "config service t\n option kind ip6tnl\n option ipv4_pool 10.0.0.0/24\n"))
