@@ -116,7 +116,10 @@ def check_tnl(exit_, c1, c2):
     assert "%s dev %s " % (prefix, if1) in run("ip", "-6", "route", ns=exit_.ns)
     assert v4 + "/32" in run("ip", "addr", "show", "tn0", ns=c1.ns)
     assert v6 + "/128" in run("ip", "addr", "show", "tn0", ns=c1.ns)
-    # IPv4 and IPv6 inside, to addresses behind the exit (-D: default routes).
+    # IPv4 and IPv6 inside, to addresses behind the exit (-D: default routes
+    # as halves, over the blackhole defaults the test put there).
+    assert "128.0.0.0/1 dev tn0" in run("ip", "route", ns=c1.ns)
+    assert "8000::/1 dev tn0" in run("ip", "-6", "route", ns=c1.ns)
     assert ping(c1.ns, BEHIND4) and ping(c1.ns, BEHIND6), exit_.log()
     assert ping(c2.ns, BEHIND4)
     # Isolated: the exit does not route one client's tunnel into another's.
@@ -131,6 +134,9 @@ def test_every_kind_through_the_client_script(world):
     kept up by a `run` loop, and an L2TPv3 one beside them; the loops are
     killed at the end (no release), so every lease has to expire."""
     exit_, (c1, c2) = world
+    # The router's own default routes: -D must win over them, not replace them.
+    run("ip", "route", "add", "blackhole", "default", ns=c1.ns)
+    run("ip", "-6", "route", "add", "blackhole", "default", ns=c1.ns)
     procs = [c1.start("-s", URL, "-K", "l2tpv3", "-i", "mb0", "run")]
     try:
         for c in (c1, c2):
@@ -156,12 +162,19 @@ def test_every_kind_through_the_client_script(world):
         for p in procs:
             p.kill()        # no release, no teardown
             p.wait()
+    # The leases held when the loops died (a lease may already have been
+    # replaced while the broker was down, so not the first ones).
+    held = {c1.state_value("LEASE_ID")} | {c.state_value("LEASE_ID", ifname)
+                                           for c in (c1, c2) for ifname in ("gr0", "tn0")}
+    assert len(held) == 5 and None not in held, held
 
     # Clients that stopped renewing: their leases expire and everything goes.
     assert wait_for(lambda: exit_links(exit_, "ip6gretap") == {} and
                     exit_links(exit_, "ip6tnl") == {} and exit_.tunnels().strip() == "",
                     timeout=LIFETIME + 60, step=1), exit_.log()
-    assert exit_.log().count(" expired (") == 5
+    log = exit_.log()
+    for lease_id in held:
+        assert "lease %s expired (" % lease_id in log, log
     assert exit_.session_ifname() is None
     assert "10.98.0." not in run("ip", "route", ns=exit_.ns)
     assert "fd00:98:" not in run("ip", "-6", "route", ns=exit_.ns)
@@ -174,6 +187,8 @@ def test_every_kind_through_the_client_script(world):
         assert c.nothing_left() == []
         links = run("ip", "-o", "link", ns=c.ns)
         assert "gr0" not in links and "tn0" not in links
+    assert "blackhole default" in run("ip", "route", ns=c1.ns)
+    assert "blackhole default" in run("ip", "-6", "route", ns=c1.ns)
 
 
 def _dotted(n):
