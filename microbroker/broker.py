@@ -705,8 +705,11 @@ class Broker:
     def reconcile(self):
         with self.lock:
             self._drop_reshaped(self.config.enabled_services())
-            return self.dataplane.reconcile(self.store,
-                                            self.config.enabled_services())
+            report = self.dataplane.reconcile(self.store,
+                                              self.config.enabled_services())
+            for w in getattr(self.dataplane, "warnings", ()):
+                log("warning", "%s", w)
+            return report
 
     # -- hooks
 

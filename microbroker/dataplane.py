@@ -108,6 +108,15 @@ def module_present(name):
     return not found
 
 
+def _br_netfilter():
+    """Does br_netfilter pass bridged IPv4 through the IP hooks here?"""
+    try:
+        with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def nft_present(config):
     """Is nft the filter tool here? (PATH search only: no subprocess import
     on a CGI offer.)"""
@@ -139,6 +148,7 @@ class Dataplane:
         self._filters = False     # not probed yet
         self._ready = set()       # services whose bridge and filters exist
         self._iso_fallback = False
+        self.warnings = []        # for the broker to log (reconcile)
         self.prefix = getattr(config, "ifname_prefix", "mb") or "mb"
 
     # -- capability --
@@ -211,8 +221,19 @@ class Dataplane:
                     if getattr(s, "enabled", True)]
         sides = set()
         for s in services + [service]:
-            if getattr(s, "isolate", True):
-                sides.add(self.prefix + "*" if KINDS[s.kind].layer == 3 else bridge_name(s))
+            if not getattr(s, "isolate", True):
+                continue
+            if KINDS[s.kind].layer == 3:
+                sides.add(self.prefix + "*")
+            elif not _br_netfilter():
+                sides.add(bridge_name(s))
+            elif not self.warnings:
+                # It hands bridged IP packets to inet forward as bridge to
+                # bridge, so the rule would cut clients off a bridge's other
+                # (uplink) ports.
+                self.warnings.append("br_netfilter is active: clients of an isolated "
+                                     "bridge can reach each other through the exit as "
+                                     "their router")
         return sides
 
     def _ensure_isolation(self, f, service):

@@ -64,7 +64,8 @@ def test_routed_kinds_are_offered_only_where_nft_is(tmp_path, monkeypatch):
     assert not dataplane.Dataplane(SimpleNamespace(filter="")).status("ip6tnl")[0]
 
 
-def test_isolated_sides_are_every_isolated_bridge_and_the_routed_links():
+def test_isolated_sides_are_every_isolated_bridge_and_the_routed_links(monkeypatch):
+    monkeypatch.setattr(dataplane, "_br_netfilter", lambda: False)
     svcs = {"a": SimpleNamespace(name="a", kind="l2tpv3", bridge="", isolate=True),
             "b": SimpleNamespace(name="b", kind="ip6gretap", bridge="br-lan", isolate=False),
             "t": SimpleNamespace(name="t", kind="ip6tnl", bridge="", isolate=True),
@@ -74,3 +75,16 @@ def test_isolated_sides_are_every_isolated_bridge_and_the_routed_links():
     assert dp._sides(svcs["b"]) == {"br-a", "tn*"}
     svcs["t"].isolate = False
     assert dp._sides(svcs["a"]) == {"br-a"}
+
+
+def test_no_bridge_rule_where_br_netfilter_passes_bridged_packets(monkeypatch):
+    # With it, bridged IP reaches inet forward as bridge -> bridge: the rule
+    # would cut clients off the bridge's uplink ports.
+    svcs = {"a": SimpleNamespace(name="a", kind="l2tpv3", bridge="", isolate=True),
+            "t": SimpleNamespace(name="t", kind="ip6tnl", bridge="", isolate=True)}
+    dp = dataplane.Dataplane(SimpleNamespace(services=svcs))
+    monkeypatch.setattr(dataplane, "_br_netfilter", lambda: True)
+    assert dp._sides(svcs["a"]) == {"mb*"}
+    assert len(dp.warnings) == 1 and "br_netfilter" in dp.warnings[0]
+    dp._sides(svcs["a"])
+    assert len(dp.warnings) == 1
