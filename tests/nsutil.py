@@ -75,6 +75,16 @@ def wait_for(pred, timeout=5.0, step=0.05):
         time.sleep(step)
 
 
+def _up(ns, dev, addr=None):
+    """Address (nodad) and up, in-process: under emulation every `ip`
+    process costs a good part of a second of set-up."""
+    from microbroker import rtnl
+    with inside(ns), rtnl.Rtnl() as rt:
+        if addr:
+            rt.add_address(dev, addr)
+        rt.set_up(dev)
+
+
 class Namespaces:
     """Creates namespaces with unique names and removes them all at the end."""
 
@@ -87,24 +97,18 @@ class Namespaces:
         Namespaces.counter += 1
         name = "mb%d%s%d" % (os.getpid() % 10000, label, Namespaces.counter)
         run("ip", "netns", "add", name)
-        run("ip", "link", "set", "lo", "up", ns=name)
         self.names.append(name)
+        _up(name, "lo")
         return name
 
     def link(self, a, b, addr_a=None, addr_b=None, name_a="veth0", name_b="veth0"):
         """A veth pair between netns a and b, with optional nodad addresses."""
-        # Made in this netns first: unique across test processes running at once.
-        tag = "%d_%d" % (os.getpid() % 10000, Namespaces.counter)
-        tmp_a, tmp_b = "mbv%sa" % tag, "mbv%sb" % tag
-        Namespaces.counter += 1
-        run("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
-        run("ip", "link", "set", tmp_a, "netns", a, "name", name_a)
-        run("ip", "link", "set", tmp_b, "netns", b, "name", name_b)
-        for ns, dev, addr in ((a, name_a, addr_a), (b, name_b, addr_b)):
-            if addr:
-                extra = ["nodad"] if ":" in addr else []
-                run("ip", "addr", "add", addr, "dev", dev, *extra, ns=ns)
-            run("ip", "link", "set", dev, "up", ns=ns)
+        # Both ends made in their namespaces at once: no name clashes with
+        # test processes running beside this one.
+        run("ip", "link", "add", name_a, "netns", a, "type", "veth", "peer", "name", name_b,
+            "netns", b)
+        _up(a, name_a, addr_a)
+        _up(b, name_b, addr_b)
 
     def cleanup(self):
         for name in reversed(self.names):

@@ -286,7 +286,8 @@ def test_run_survives_broker_restarts(world, tmp_path):
                         (None, lease), timeout=90, step=0.5), exit_.log()
         client.address()
         assert wait_for(lambda: ping(client.ns, EXIT_BR, count=1),
-                        timeout=30)
+                        timeout=30), (exit_.log(), exit_.tunnels(),
+                                      run("ip", "-d", "link", ns=client.ns))
         assert exit_leases(client) == 1
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -102,7 +102,7 @@ def check_gre(exit_, c1, c2):
 
 def check_tnl(exit_, c1, c2):
     links = exit_links(exit_, "ip6tnl")
-    assert len(links) == 2, links
+    assert len(links) == 2, (links, exit_.log())
     (if1, line1), = [(n, l) for n, l in links.items() if "remote fc00::2 " in l]
     assert "ip6tnl any remote fc00::2 local fc00::1" in line1 and "encaplimit none" in line1
     assert "master" not in line1 and "mtu 1280" in line1
