@@ -453,9 +453,10 @@ class Dataplane:
         first (so their down hooks run).
         """
         report = {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
-                  "routes_added": [], "routes_removed": []}
+                  "routes_added": [], "routes_removed": [], "filters_fixed": []}
         by_name = {s.name: s for s in services}
         live = store.leases()
+        self._ready.clear()         # check bridges and tables again, not from memory
         lo, hi = self.config.tunnel_ids
         try:
             l2 = l2tp.L2TP()
@@ -510,13 +511,23 @@ class Dataplane:
                 l2.close()
         f = self.filters()
         if f is not None:
-            names = {l.ifname for l in live}
+            # Every restricted lease in the map, whether or not its links
+            # were rebuilt: rules can go while links stay.
+            want = {"bridge": {}, "inet": {}}
+            for lease in live:
+                svc = by_name.get(lease.service)
+                profile = restrict_profile(svc) if svc is not None else None
+                if profile:
+                    fam = "bridge" if layer(lease) == 2 else "inet"
+                    want[fam][lease.ifname] = (profile, profile_ports(svc))
             families = ["bridge"]
-            if any(KINDS[s.kind].layer == 3 for s in services):
+            if want["inet"] or any(KINDS[s.kind].layer == 3 for s in services):
                 families.append("inet")
             for family in families:
-                for ifname in f.ports(family) - names:
-                    f.remove_port(ifname, family)
+                try:
+                    report["filters_fixed"] += f.sync_ports(want[family], family)
+                except (OSError, ValueError, RuntimeError) as e:
+                    report["failed"].append("%s filter rules: %s" % (family, e))
         return report
 
     @staticmethod

@@ -181,13 +181,36 @@ class Nft:
                                                                _check(ifname)), check=False)
 
     def ports(self, family="bridge"):
-        """Interfaces mapped to a profile (for reconcile)."""
+        """Interfaces mapped to a profile."""
+        return set(self._port_map(family))
+
+    def _port_map(self, family):
+        """{ifname: profile} from the restrict map."""
         p = _run([self.nft, "list", "map", _family(family), TABLE, "restrict"], check=False)
         m = re.search(r"elements = \{([^}]*)\}", p.stdout) if p.returncode == 0 else None
-        if not m:
-            return set()
-        return {e.split(":")[0].strip().strip('"') for e in m.group(1).split(",")
-                if e.strip()}
+        out = {}
+        for e in m.group(1).split(",") if m else ():
+            name, _, verdict = e.partition(":")
+            if name.strip():
+                out[name.strip().strip('"')] = verdict.split()[-1][2:] if verdict.split() else ""
+        return out
+
+    def sync_ports(self, want, family="bridge"):
+        """Make the restrict map exactly want {ifname: (profile, ports)},
+        in one call; returns the interfaces changed. Reconcile needs it: a
+        `nft flush ruleset` takes the elements with it, and a lease whose
+        links survived would otherwise go on unrestricted."""
+        fam = _family(family)
+        have = self._port_map(fam)
+        wrong = sorted(n for n in have if n not in want or want[n][0] != have[n])
+        missing = sorted(n for n in want if have.get(n) != want[n][0])
+        lines = ["delete element %s %s restrict { %s }" % (fam, TABLE, _check(n))
+                 for n in wrong]
+        lines += ["add element %s %s restrict { %s : jump r_%s }" %
+                  (fam, TABLE, _check(n), _check(want[n][0], _PROFILE)) for n in missing]
+        if lines:
+            self._apply("\n".join(lines) + "\n")
+        return sorted(set(wrong) | set(missing))
 
 
 class Ebtables:
@@ -306,10 +329,40 @@ class Ebtables:
                     self._e("-D", chain, *parts, check=False)
 
     def ports(self, family="bridge"):
+        return set(self._port_map(family))
+
+    def _port_map(self, family, chains=None):
+        """{ifname: profile chain}, for ports whose rules are in both chains."""
         if family != "bridge":
-            return set()
-        return {_after(parts, "-i") for parts in self._chains().get("MB-IN", [0, []])[1]
-                if _after(parts, "-j", "").startswith("MB-R-")} - {None}
+            return {}
+        chains = self._chains() if chains is None else chains
+        seen = []
+        for chain in ("MB-IN", "MB-FWD"):
+            seen.append({_after(parts, "-i"): _after(parts, "-j")
+                         for parts in chains.get(chain, [0, []])[1]
+                         if _after(parts, "-j", "").startswith("MB-R-")})
+        return {n: c for n, c in seen[0].items() if n and seen[1].get(n) == c}
+
+    def sync_ports(self, want, family="bridge"):
+        """The port rules exactly want {ifname: (profile, ports)}; returns
+        the interfaces changed."""
+        _family(family, ("bridge",))
+        chains = self._chains()
+        have = self._port_map(family, chains)
+        stray = {_after(parts, "-i") for c in ("MB-IN", "MB-FWD")
+                 for parts in chains.get(c, [0, []])[1]
+                 if _after(parts, "-j", "").startswith("MB-R-")} - {None}
+        changed = []
+        for n in sorted(stray | set(want)):
+            chain = self.profile_chain(*want[n]) if n in want else None
+            if have.get(n) == chain and n in want:
+                continue
+            if n in want:
+                self.add_port(n, *want[n])      # clears a half rule first
+            else:
+                self.remove_port(n)
+            changed.append(n)
+        return changed
 
 
 def _family(family, allowed=("bridge", "inet")):

@@ -96,3 +96,33 @@ def test_isolation_between_client_sides_drops_every_pair(fake):
     for bad in ({"br x"}, {"$(id)*"}, {"*"}):
         with pytest.raises(ValueError):
             nft.ensure_isolation(bad)
+
+
+def test_nft_sync_ports_fixes_only_what_differs(tmp_path):
+    """One nft call: the stray and the wrong-profile element out, the missing in."""
+    log = tmp_path / "calls"
+    nft = tmp_path / "nft"
+    nft.write_text("#!/bin/sh\n"
+                   "if [ \"$1\" = list ]; then cat <<'X'\n"
+                   "table bridge microbroker {\n\tmap restrict {\n"
+                   "\t\ttype ifname : verdict\n"
+                   "\t\telements = { \"mb101\" : jump r_web, \"mb102\" : jump r_dns,\n"
+                   "\t\t\t     \"mb900\" : jump r_web }\n\t}\n}\nX\nexit 0; fi\n"
+                   "cat >> %s\n" % log)
+    nft.chmod(0o755)
+    f = filters.Nft(str(nft))
+    assert f.ports() == {"mb101", "mb102", "mb900"}
+    changed = f.sync_ports({"mb101": ("web", [80]), "mb102": ("web", [80]),
+                            "mb103": ("web", [80])})
+    assert changed == ["mb102", "mb103", "mb900"]
+    assert log.read_text().splitlines() == [
+        "delete element bridge microbroker restrict { mb102 }",
+        "delete element bridge microbroker restrict { mb900 }",
+        "add element bridge microbroker restrict { mb102 : jump r_web }",
+        "add element bridge microbroker restrict { mb103 : jump r_web }"]
+    log.unlink()
+    assert f.sync_ports({"mb101": ("web", []), "mb102": ("dns", []),
+                         "mb900": ("web", [])}) == []
+    assert not log.exists()         # nothing to change: no second call
+    with pytest.raises(ValueError):
+        f.sync_ports({"mb 1": ("web", [80])})

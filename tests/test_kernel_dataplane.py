@@ -187,6 +187,18 @@ def test_restricted_client_reaches_dns_and_web_only(exit_net, backend):
         assert reaches(c1, "10.98.0.2", 443)
         assert not reaches(c1, "10.98.0.2", 22)
         assert not reaches(c1, "10.98.0.2", 8080)
+        # Rules gone while the links stay (an operator's flush): reconcile,
+        # in this same process, restricts the live lease again.
+        if backend == "nft":
+            run("nft", "flush", "ruleset", ns=exit_net.ns)
+        else:
+            run("ebtables", "-t", "filter", "-F", ns=exit_net.ns)
+        assert reaches(c1, "10.98.0.2", 22)
+        with inside(exit_net.ns):
+            report = exit_net.dp.reconcile(exit_net.store, [svc])
+        assert report["filters_fixed"] == [lease.ifname] and not report["rebuilt"], report
+        assert not reaches(c1, "10.98.0.2", 22)
+        assert reaches(c1, "10.98.0.2", 80)
         # The same service without restriction reaches 22: the filter did it.
         with inside(exit_net.ns):
             exit_net.dp.filters().remove_port(lease.ifname)
@@ -293,7 +305,7 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     with inside(ex):
         again = fresh.reconcile(exit_net.store, [svc])
     assert again == {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
-                     "routes_added": [], "routes_removed": []}
+                     "routes_added": [], "routes_removed": [], "filters_fixed": []}
     run("ip", "l2tp", "del", "tunnel", "tunnel_id", 5000, ns=ex)
 
 

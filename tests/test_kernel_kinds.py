@@ -152,6 +152,16 @@ def test_restricted_ip6tnl_reaches_dns_and_web_only(exit_net):
     try:
         assert reaches(c1, BEHIND4, 53) and reaches(c1, BEHIND4, 80)
         assert not reaches(c1, BEHIND4, 22)
+        # After a flush, reconcile restores the restriction and source check.
+        run("nft", "flush", "ruleset", ns=exit_net.ns)
+        assert reaches(c1, BEHIND4, 22)
+        with inside(exit_net.ns):
+            report = exit_net.dp.reconcile(exit_net.store, [svc])
+        assert report["filters_fixed"] == [lease.ifname] and not report["failed"], report
+        assert not reaches(c1, BEHIND4, 22) and reaches(c1, BEHIND4, 80)
+        assert "fib saddr . iif oif missing drop" in run("nft", "list", "chain", "inet",
+                                                         "microbroker", "spoof",
+                                                         ns=exit_net.ns)
         with inside(exit_net.ns):
             assert exit_net.dp.filters().ports("inet") == {lease.ifname}
             exit_net.dp.down(lease)
