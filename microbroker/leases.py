@@ -55,6 +55,8 @@ import time
 import _thread
 from bisect import bisect_left, insort
 
+from microbroker import jsonlite
+
 SCHEMA = 1
 FORMAT = "microbroker-leases"
 BACKENDS = ("dbm.gnu", "dbm.ndbm", "dbm.dumb")    # preference order
@@ -211,10 +213,9 @@ def _lease(row):
 
 
 def _row_bytes(row):
-    import json
     row[_EXPIRES] = float(row[_EXPIRES])
     return b"%s %r %s" % (row[_ID].encode("ascii"), row[_EXPIRES],
-                          json.dumps(row, separators=(",", ":")).encode("ascii"))
+                          jsonlite.dumps(row).encode("ascii"))
 
 
 def _row(line, where):
@@ -222,10 +223,9 @@ def _row(line, where):
 
 
 def _rows(lines, where):
-    """Parse lease lines, all in one json.loads (much faster than one call each)."""
-    import json
+    """Parse lease lines, all in one loads (much faster than one call each)."""
     try:
-        rows = json.loads("[%s]" % b",".join(
+        rows = jsonlite.loads("[%s]" % b",".join(
             [line[line.index(b" ", 17) + 1:] for line in lines]).decode("ascii"))
     except ValueError:
         raise Corrupt(f"{where}: a lease row does not parse") from None
@@ -356,8 +356,7 @@ class _Ids:
                 self.tunnels.byteswap()
                 self.sessions.byteswap()
             if nsvc:
-                import json
-                self.services = json.loads(payload[at:at + nsvc])
+                self.services = jsonlite.loads(payload[at:at + nsvc])
 
     def payload(self):
         t, s = self.tunnels, self.sessions
@@ -367,8 +366,7 @@ class _Ids:
             s.byteswap()
         svc = b""
         if self.services:
-            import json
-            svc = json.dumps(self.services, separators=(",", ":")).encode()
+            svc = jsonlite.dumps(self.services).encode()
         head = self._FIX.pack(self.cursor, len(t), len(s), len(svc))
         return head + t.tobytes() + s.tobytes() + svc
 
@@ -986,9 +984,8 @@ class LeaseStore:
         raw = rec[2]
         if raw == self._meta_raw:
             return
-        import json
         try:
-            meta = json.loads(raw)
+            meta = jsonlite.loads(raw)
             fmt, schema = meta["format"], meta["schema"]
             backend, k = meta["backend"], meta["buckets"]
         except (ValueError, KeyError, TypeError):

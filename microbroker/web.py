@@ -13,6 +13,7 @@ import is start-up time for every CGI request.
 from microbroker import broker as _broker
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_addr, format_addr, addr_kind
+from microbroker.jsonlite import dumps
 
 REASONS = {
     200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
@@ -166,56 +167,7 @@ def answer_format(query):
 
 # ---------------------------------------------------------------- encoding
 
-_JSON_PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
-                        "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
-
-
-def _jstr(s):
-    """A JSON string, ASCII only."""
-    if set(s) <= _JSON_PLAIN:
-        return '"' + s + '"'
-    out = ['"']
-    for c in s:
-        if c in _JSON_PLAIN:
-            out.append(c)
-        elif c == '"' or c == "\\":
-            out.append("\\" + c)
-        else:
-            o = ord(c)
-            if o >= 0x10000:
-                o -= 0x10000
-                out.append("\\u%04x\\u%04x" % (0xD800 | (o >> 10),
-                                               0xDC00 | (o & 0x3FF)))
-            else:
-                out.append("\\u%04x" % o)
-    out.append('"')
-    return "".join(out)
-
-
-def to_json(obj):
-    """A small JSON encoder for our own answers (dict, list, str, int,
-    float, bool, None): the json module costs more to import than a whole
-    request needs."""
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, str):
-        return _jstr(obj)
-    if isinstance(obj, int):
-        return str(int(obj))
-    if isinstance(obj, float):
-        if obj != obj or obj in (float("inf"), float("-inf")):
-            return "null"
-        return repr(obj)
-    if isinstance(obj, dict):
-        return "{" + ",".join(_jstr(str(k)) + ":" + to_json(v)
-                              for k, v in obj.items()) + "}"
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(to_json(v) for v in obj) + "]"
-    raise TypeError("cannot encode %r" % type(obj))
+to_json = dumps     # (the name the front doors and the CLI know)
 
 
 _SH_KEY0 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")

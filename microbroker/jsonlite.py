@@ -1,0 +1,159 @@
+"""JSON for our own answers and lease records, without importing json.
+
+`import json` brings re, enum and their compiled patterns with it: a third
+of a CGI request's time. What we write is plain (ASCII, compact), so:
+
+    dumps(obj)  the bytes json.dumps(obj, separators=(",", ":")) gives, for
+                dict (str keys), list, tuple, str, int, float, bool, None
+    loads(text) json.loads(text); small texts without escapes are read
+                here, anything else (escapes, NaN, a syntax error) is left
+                to the json module, which also words the errors
+"""
+
+_PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
+                   "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+_SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+          "\b": "\\b", "\f": "\\f"}
+# Bigger texts are bulk reads (every lease of a bucket): json's C parser
+# pays for its import there.
+SMALL = 8192
+
+
+def _str(s):
+    if set(s) <= _PLAIN:
+        return '"' + s + '"'
+    out = ['"']
+    for c in s:
+        if c in _PLAIN:
+            out.append(c)
+        elif c in _SHORT:
+            out.append(_SHORT[c])
+        else:
+            o = ord(c)
+            if o >= 0x10000:
+                o -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 | (o >> 10), 0xDC00 | (o & 0x3FF)))
+            else:
+                out.append("\\u%04x" % o)
+    out.append('"')
+    return "".join(out)
+
+
+def dumps(obj):
+    """Compact ASCII JSON; NaN and infinities become null (json would
+    write NaN, which is not JSON)."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, str):
+        return _str(obj)
+    if isinstance(obj, int):
+        return int.__repr__(obj)
+    if isinstance(obj, float):
+        if obj != obj or obj in (float("inf"), float("-inf")):
+            return "null"
+        return float.__repr__(obj)
+    if isinstance(obj, dict):
+        return "{" + ",".join(_str(str(k)) + ":" + dumps(v) for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(dumps(v) for v in obj) + "]"
+    raise TypeError("cannot encode %r" % type(obj))
+
+
+class _Other(Exception):
+    """Not for this reader: the json module decides."""
+
+
+_WS = " \t\n\r"
+_NUMBER = frozenset("0123456789+-.eE")
+
+
+def _skip(s, i):
+    while i < len(s) and s[i] in _WS:
+        i += 1
+    return i
+
+
+def _number(tok):
+    t = tok[1:] if tok[:1] == "-" else tok
+    mant, e, exp = t.replace("E", "e").partition("e")
+    whole, dot, frac = mant.partition(".")
+    if not whole.isdigit() or (len(whole) > 1 and whole[0] == "0") or \
+            (dot and not frac.isdigit()):
+        raise _Other
+    if e:
+        digits = exp[1:] if exp[:1] in ("+", "-") else exp
+        if not digits.isdigit():
+            raise _Other
+    return float(tok) if dot or e else int(tok)
+
+
+def _value(s, i):
+    """(value, index after it) of the value at s[i]."""
+    c = s[i]
+    if c == '"':
+        j = s.index('"', i + 1)
+        text = s[i + 1:j]
+        if not text.isprintable():          # control characters: json refuses them
+            raise _Other
+        return text, j + 1
+    if c == "{":
+        out = {}
+        i = _skip(s, i + 1)
+        if s[i] == "}":
+            return out, i + 1
+        while True:
+            if s[i] != '"':
+                raise _Other
+            key, i = _value(s, i)
+            i = _skip(s, i)
+            if s[i] != ":":
+                raise _Other
+            out[key], i = _value(s, _skip(s, i + 1))
+            i = _skip(s, i)
+            if s[i] == "}":
+                return out, i + 1
+            if s[i] != ",":
+                raise _Other
+            i = _skip(s, i + 1)
+    if c == "[":
+        out = []
+        i = _skip(s, i + 1)
+        if s[i] == "]":
+            return out, i + 1
+        while True:
+            v, i = _value(s, i)
+            out.append(v)
+            i = _skip(s, i)
+            if s[i] == "]":
+                return out, i + 1
+            if s[i] != ",":
+                raise _Other
+            i = _skip(s, i + 1)
+    for word, v in (("null", None), ("true", True), ("false", False)):
+        if s.startswith(word, i):
+            return v, i + len(word)
+    j = i
+    while j < len(s) and s[j] in _NUMBER:
+        j += 1
+    if j == i:
+        raise _Other
+    return _number(s[i:j]), j
+
+
+def loads(text):
+    """json.loads(text), for str or bytes."""
+    if len(text) <= SMALL:
+        try:
+            s = text.decode("ascii") if isinstance(text, (bytes, bytearray)) else text
+            if "\\" not in s:
+                value, i = _value(s, _skip(s, 0))
+                if _skip(s, i) == len(s):
+                    return value
+        except (_Other, IndexError, ValueError, RecursionError):
+            pass
+    import json
+    return json.loads(text)
