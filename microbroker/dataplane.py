@@ -472,9 +472,11 @@ class Dataplane:
                             for s in l2.sessions(stats=False)} if l2 else {}
                 # Bridges and filter rules first: a restart after `nft flush
                 # ruleset` or a reboot must not leave beacons or isolation open.
+                ready = set()
                 for svc in services:
                     try:
                         self.ensure_service(svc, rt)
+                        ready.add(svc.name)
                     except (OSError, ValueError, KernelUnavailable) as e:
                         report["failed"].append("service %s: %s" % (svc.name, e))
                 links = {l.name: l for l in rt.links()}
@@ -511,24 +513,33 @@ class Dataplane:
                 l2.close()
         f = self.filters()
         if f is not None:
-            # Every restricted lease in the map, whether or not its links
-            # were rebuilt: rules can go while links stay.
-            want = {"bridge": {}, "inet": {}}
-            for lease in live:
-                svc = by_name.get(lease.service)
-                profile = restrict_profile(svc) if svc is not None else None
-                if profile:
-                    fam = "bridge" if layer(lease) == 2 else "inet"
-                    want[fam][lease.ifname] = (profile, profile_ports(svc))
-            families = ["bridge"]
-            if want["inet"] or any(KINDS[s.kind].layer == 3 for s in services):
-                families.append("inet")
-            for family in families:
-                try:
-                    report["filters_fixed"] += f.sync_ports(want[family], family)
-                except (OSError, ValueError, RuntimeError) as e:
-                    report["failed"].append("%s filter rules: %s" % (family, e))
+            self._sync_ports(f, live, by_name, ready, report)
         return report
+
+    @staticmethod
+    def _sync_ports(f, live, by_name, ready, report):
+        """Every restricted lease in the filter map, whether or not its
+        links were rebuilt: rules can go while links stay. A lease whose
+        service is gone from the config, or could not be set up now, keeps
+        what it has: no rule is dropped that nothing replaces."""
+        want = {"bridge": {}, "inet": {}}
+        keep = set()
+        for lease in live:
+            svc = by_name.get(lease.service)
+            if svc is None or svc.name not in ready:
+                keep.add(lease.ifname)
+                continue
+            profile = restrict_profile(svc)
+            if profile:
+                want["bridge" if layer(lease) == 2 else "inet"][lease.ifname] = \
+                    (profile, profile_ports(svc))
+        for family in f.FAMILIES:
+            try:
+                changed, problems = f.sync_ports(want[family], family, keep)
+            except (OSError, RuntimeError) as e:
+                changed, problems = [], [str(e)]
+            report["filters_fixed"] += changed
+            report["failed"] += ["%s filter rules: %s" % (family, p) for p in problems]
 
     @staticmethod
     def _intact(lease, link, tunnel, sessions):

@@ -19,7 +19,7 @@ import zlib
 TABLE = "microbroker"
 BEACON_ETHERTYPE = "0xfc00"   # cjdns beacons never cross a pseudo-wire
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
-_PROFILE = re.compile(r"^[A-Za-z0-9_]{1,24}$")
+_PROFILE = re.compile(r"^[A-Za-z0-9_]{1,32}$")    # a service name
 _PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
 
 
@@ -55,6 +55,7 @@ class Nft:
     """nftables bridge family: static prefix rules and a verdict map ifname -> profile."""
 
     name = "nft"
+    FAMILIES = ("bridge", "inet")
 
     def __init__(self, nft="nft"):
         self.nft = nft
@@ -195,28 +196,52 @@ class Nft:
                 out[name.strip().strip('"')] = verdict.split()[-1][2:] if verdict.split() else ""
         return out
 
-    def sync_ports(self, want, family="bridge"):
-        """Make the restrict map exactly want {ifname: (profile, ports)},
-        in one call; returns the interfaces changed. Reconcile needs it: a
-        `nft flush ruleset` takes the elements with it, and a lease whose
-        links survived would otherwise go on unrestricted."""
+    def sync_ports(self, want, family="bridge", keep=()):
+        """Make the restrict map want {ifname: (profile, ports)}, leaving
+        the names in keep as they are. Returns (changed, problems).
+
+        Reconcile needs it: a `nft flush ruleset` takes the elements with
+        it, and a lease whose links survived would go on unrestricted. One
+        call; if the kernel refuses the batch, one call per element, so
+        one bad entry does not keep the others open."""
         fam = _family(family)
         have = self._port_map(fam)
-        wrong = sorted(n for n in have if n not in want or want[n][0] != have[n])
-        missing = sorted(n for n in want if have.get(n) != want[n][0])
-        lines = ["delete element %s %s restrict { %s }" % (fam, TABLE, _check(n))
-                 for n in wrong]
-        lines += ["add element %s %s restrict { %s : jump r_%s }" %
-                  (fam, TABLE, _check(n), _check(want[n][0], _PROFILE)) for n in missing]
-        if lines:
-            self._apply("\n".join(lines) + "\n")
-        return sorted(set(wrong) | set(missing))
+        problems, lines = [], {}
+        for n in sorted(set(have) | set(want)):
+            if n in keep or (n in want and have.get(n) == want[n][0]):
+                continue
+            try:
+                step = []
+                if n in have:
+                    step.append("delete element %s %s restrict { %s }" % (fam, TABLE, _check(n)))
+                if n in want:
+                    step.append("add element %s %s restrict { %s : jump r_%s }" %
+                                (fam, TABLE, _check(n), _check(want[n][0], _PROFILE)))
+                lines[n] = step
+            except ValueError as e:
+                problems.append(str(e))
+        if not lines:
+            return [], problems
+        try:
+            self._apply("\n".join(l for step in lines.values() for l in step) + "\n")
+            return sorted(lines), problems
+        except FilterError:
+            pass
+        changed = []
+        for n, step in lines.items():
+            try:
+                self._apply("\n".join(step) + "\n")
+                changed.append(n)
+            except FilterError as e:
+                problems.append("%s: %s" % (n, e))
+        return changed, problems
 
 
 class Ebtables:
     """ebtables: chains MB-IN, MB-FWD, MB-OUT jumped to from the builtin ones."""
 
     name = "ebtables"
+    FAMILIES = ("bridge",)      # it sees bridged frames only
     CHAINS = (("INPUT", "MB-IN"), ("FORWARD", "MB-FWD"), ("OUTPUT", "MB-OUT"))
 
     def __init__(self, ebtables="ebtables"):
@@ -329,40 +354,44 @@ class Ebtables:
                     self._e("-D", chain, *parts, check=False)
 
     def ports(self, family="bridge"):
-        return set(self._port_map(family))
+        return set(self._rules(family))
 
-    def _port_map(self, family, chains=None):
-        """{ifname: profile chain}, for ports whose rules are in both chains."""
+    def _rules(self, family, chains=None):
+        """{ifname: ([profile chains in MB-IN], [in MB-FWD])}, in rule order."""
         if family != "bridge":
             return {}
         chains = self._chains() if chains is None else chains
-        seen = []
-        for chain in ("MB-IN", "MB-FWD"):
-            seen.append({_after(parts, "-i"): _after(parts, "-j")
-                         for parts in chains.get(chain, [0, []])[1]
-                         if _after(parts, "-j", "").startswith("MB-R-")})
-        return {n: c for n, c in seen[0].items() if n and seen[1].get(n) == c}
+        out = {}
+        for k, chain in enumerate(("MB-IN", "MB-FWD")):
+            for parts in chains.get(chain, [0, []])[1]:
+                n, target = _after(parts, "-i"), _after(parts, "-j", "")
+                if n and target.startswith("MB-R-"):
+                    out.setdefault(n, ([], []))[k].append(target)
+        return out
 
-    def sync_ports(self, want, family="bridge"):
-        """The port rules exactly want {ifname: (profile, ports)}; returns
-        the interfaces changed."""
+    def sync_ports(self, want, family="bridge", keep=()):
+        """The port rules want {ifname: (profile, ports)}, leaving the
+        names in keep as they are. Returns (changed, problems)."""
         _family(family, ("bridge",))
-        chains = self._chains()
-        have = self._port_map(family, chains)
-        stray = {_after(parts, "-i") for c in ("MB-IN", "MB-FWD")
-                 for parts in chains.get(c, [0, []])[1]
-                 if _after(parts, "-j", "").startswith("MB-R-")} - {None}
-        changed = []
-        for n in sorted(stray | set(want)):
-            chain = self.profile_chain(*want[n]) if n in want else None
-            if have.get(n) == chain and n in want:
+        have = self._rules(family)
+        changed, problems = [], []
+        for n in sorted(set(have) | set(want)):
+            if n in keep:
                 continue
-            if n in want:
-                self.add_port(n, *want[n])      # clears a half rule first
-            else:
-                self.remove_port(n)
-            changed.append(n)
-        return changed
+            try:
+                if n in want:
+                    chain = self.profile_chain(*want[n])
+                    # Exactly one rule in each chain: ebtables obeys the
+                    # first of duplicates, which may be a stale one.
+                    if have.get(n) == ([chain], [chain]):
+                        continue
+                    self.add_port(n, *want[n])      # removes what was there first
+                else:
+                    self.remove_port(n)
+                changed.append(n)
+            except (ValueError, FilterError) as e:
+                problems.append("%s: %s" % (n, e))
+        return changed, problems
 
 
 def _family(family, allowed=("bridge", "inet")):

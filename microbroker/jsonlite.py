@@ -57,10 +57,27 @@ def dumps(obj):
             return "null"
         return float.__repr__(obj)
     if isinstance(obj, dict):
-        return "{" + ",".join(_str(str(k)) + ":" + dumps(v) for k, v in obj.items()) + "}"
+        return "{" + ",".join(_key(k) + ":" + dumps(v) for k, v in obj.items()) + "}"
     if isinstance(obj, (list, tuple)):
         return "[" + ",".join(dumps(v) for v in obj) + "]"
     raise TypeError("cannot encode %r" % type(obj))
+
+
+def _key(k):
+    """A dict key as json writes it."""
+    if isinstance(k, str):
+        return _str(str.__str__(k))
+    if k is None or k is True or k is False:
+        return '"%s"' % dumps(k)
+    if isinstance(k, int):
+        return '"%s"' % int.__repr__(k)
+    if isinstance(k, float):
+        if k != k:
+            return '"NaN"'
+        if k in (float("inf"), float("-inf")):
+            return '"%sInfinity"' % ("-" if k < 0 else "")
+        return '"%s"' % float.__repr__(k)
+    raise TypeError("keys must be str, int, float, bool or None, not %s" % type(k).__name__)
 
 
 class _Other(Exception):

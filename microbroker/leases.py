@@ -1219,7 +1219,9 @@ class LeaseStore:
             if k not in _F or k in _FIXED:
                 raise ValueError(f"update: {k!r} cannot be changed")
             if k in _NUMBERS:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                # (NaN fails both tests; infinity has no JSON)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+                        not 0 <= v < float("inf"):
                     raise ValueError(f"update: {k} must be a number >= 0, not {v!r}")
             elif k != "extra":
                 _text(v, k, empty=(k == "mac"))
@@ -1497,7 +1499,8 @@ def _text(value, name, empty=False):
 
 
 def _lifetime(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value < float("inf"):
         raise BadRequest(f"lifetime {value!r} must be a positive number of seconds")
 
 
@@ -1525,7 +1528,7 @@ def _extra(extra):
     if not isinstance(extra, dict):
         raise ValueError("extra must be a dict")
     try:
-        text = json.dumps(extra)
+        text = json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"extra must be JSON data: {e}") from None
     if len(text) > 4096:

@@ -114,15 +114,68 @@ def test_nft_sync_ports_fixes_only_what_differs(tmp_path):
     assert f.ports() == {"mb101", "mb102", "mb900"}
     changed = f.sync_ports({"mb101": ("web", [80]), "mb102": ("web", [80]),
                             "mb103": ("web", [80])})
-    assert changed == ["mb102", "mb103", "mb900"]
+    assert changed == (["mb102", "mb103", "mb900"], [])
     assert log.read_text().splitlines() == [
         "delete element bridge microbroker restrict { mb102 }",
-        "delete element bridge microbroker restrict { mb900 }",
         "add element bridge microbroker restrict { mb102 : jump r_web }",
-        "add element bridge microbroker restrict { mb103 : jump r_web }"]
+        "add element bridge microbroker restrict { mb103 : jump r_web }",
+        "delete element bridge microbroker restrict { mb900 }"]
     log.unlink()
     assert f.sync_ports({"mb101": ("web", []), "mb102": ("dns", []),
-                         "mb900": ("web", [])}) == []
+                         "mb900": ("web", [])}) == ([], [])
     assert not log.exists()         # nothing to change: no second call
-    with pytest.raises(ValueError):
-        f.sync_ports({"mb 1": ("web", [80])})
+    # A lease of a service gone from the config keeps its rule (mb900);
+    # a name no rule may hold is reported, the rest still done.
+    changed, problems = f.sync_ports({"mb 1": ("web", [80]), "mb104": ("web", [80])},
+                                     keep={"mb900"})
+    assert changed == ["mb101", "mb102", "mb104"] and len(problems) == 1
+    assert "mb900" not in log.read_text() and "mb 1" not in log.read_text()
+
+
+def test_nft_sync_ports_falls_back_to_one_call_per_element(tmp_path):
+    """One element the kernel refuses (its profile chain is missing) must not
+    keep the others out, as one all-or-nothing batch would."""
+    log = tmp_path / "calls"
+    nft = tmp_path / "nft"
+    nft.write_text("#!/bin/sh\n[ \"$1\" = list ] && exit 1\n"
+                   "s=$(cat); case $s in *r_gone*) echo 'No such file' >&2; exit 1 ;; esac\n"
+                   "echo \"$s\" >> %s\n" % log)
+    nft.chmod(0o755)
+    changed, problems = filters.Nft(str(nft)).sync_ports(
+        {"mb1": ("web", [80]), "mb2": ("gone", [80]), "mb3": ("web", [80])})
+    assert changed == ["mb1", "mb3"] and len(problems) == 1 and "mb2" in problems[0]
+    assert log.read_text().splitlines() == [
+        "add element bridge microbroker restrict { mb1 : jump r_web }",
+        "add element bridge microbroker restrict { mb3 : jump r_web }"]
+
+
+def test_ebtables_sync_ports_redoes_duplicated_or_half_rules(tmp_path):
+    """ebtables obeys the first of two rules: a stale duplicate ahead of the
+    right one is not "in place"."""
+    web = filters.Ebtables.profile_chain("web", [80])
+    dns = filters.Ebtables.profile_chain("dns", [80])
+    log = tmp_path / "calls"
+    eb = tmp_path / "ebtables"
+    eb.write_text("#!/bin/sh\n"
+                  "if [ \"$3\" = -L ]; then cat <<X\n"
+                  "Bridge table: filter\n\n"
+                  "Bridge chain: MB-IN, entries: 4, policy: RETURN\n"
+                  "-i mb1 -j %(dns)s\n-i mb1 -j %(web)s\n-i mb2 -j %(web)s\n"
+                  "-i mb3 -j %(web)s\n\n"
+                  "Bridge chain: MB-FWD, entries: 3, policy: RETURN\n"
+                  "-i mb1 -j %(web)s\n-i mb2 -j %(web)s\n-i mb4 -j %(web)s\n"
+                  "X\nexit 0; fi\necho \"$*\" >> %(log)s\n"
+                  % {"dns": dns, "web": web, "log": log})
+    eb.chmod(0o755)
+    f = filters.Ebtables(str(eb))
+    assert f.ports() == {"mb1", "mb2", "mb3", "mb4"}
+    want = {n: ("web", [80]) for n in ("mb1", "mb2", "mb3")}
+    changed, problems = f.sync_ports(want)
+    # mb2 is whole; mb1 has a stale rule first, mb3 lacks its FORWARD
+    # rule, mb4 is nobody's.
+    assert changed == ["mb1", "mb3", "mb4"] and problems == []
+    calls = log.read_text()
+    assert "-A MB-IN -i mb1 -j %s" % web in calls and "-A MB-FWD -i mb3 -j %s" % web in calls
+    assert "-D MB-IN -i mb1 -j %s" % dns in calls
+    assert "mb2" not in calls
+    assert "-A MB-IN -i mb4" not in calls and "-D MB-FWD -i mb4 -j %s" % web in calls

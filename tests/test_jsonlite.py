@@ -110,3 +110,22 @@ def test_small_records_are_read_without_the_json_module():
 
 def test_nan_and_infinity_are_written_as_null():
     assert jsonlite.dumps([float("nan"), float("inf"), -float("inf")]) == "[null,null,null]"
+
+
+def test_dict_keys_as_json_writes_them():
+    class S(str):
+        def __str__(self):
+            return "other"
+
+    class I(int):
+        def __repr__(self):
+            return "other"
+
+    d = {S("s"): 1, True: 2, None: 3, 4: 4, I(5): 5, 1.5: 6, float("nan"): 7,
+         float("-inf"): 8}
+    assert jsonlite.dumps(d) == json.dumps(d, separators=(",", ":"))
+    for bad in ({(1, 2): 0}, {b"x": 0}):
+        with pytest.raises(TypeError):
+            json.dumps(bad)
+        with pytest.raises(TypeError):
+            jsonlite.dumps(bad)

@@ -199,6 +199,11 @@ def test_restricted_client_reaches_dns_and_web_only(exit_net, backend):
         assert report["filters_fixed"] == [lease.ifname] and not report["rebuilt"], report
         assert not reaches(c1, "10.98.0.2", 22)
         assert reaches(c1, "10.98.0.2", 80)
+        # Its service gone from the config: the live lease keeps its rule.
+        with inside(exit_net.ns):
+            report = exit_net.dp.reconcile(exit_net.store, [])
+            assert exit_net.dp.filters().ports() == {lease.ifname}, report
+        assert not reaches(c1, "10.98.0.2", 22)
         # The same service without restriction reaches 22: the filter did it.
         with inside(exit_net.ns):
             exit_net.dp.filters().remove_port(lease.ifname)

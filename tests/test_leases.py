@@ -266,8 +266,9 @@ def test_bad_arguments_are_refused_before_touching_the_file(mk):
         st.allocate("fc00::1", "mesh", "l2tpv3", "gre", "fc00::ff", 1450, 600)
     with pytest.raises(L.BadRequest):
         st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 10, 600)
-    with pytest.raises(L.BadRequest):
-        st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 1450, 0)
+    for lifetime in (0, float("inf"), float("nan")):
+        with pytest.raises(L.BadRequest):
+            st.allocate("fc00::1", "mesh", "l2tpv3", "ip", "fc00::ff", 1450, lifetime)
     with pytest.raises(L.BadRequest):
         st.allocate("fc00::1", "me'sh", "l2tpv3", "ip", "fc00::ff", 1450, 600)
     assert st.count() == 0
@@ -394,8 +395,11 @@ def test_update_changes_state_and_counters_only(mk):
                   "secret_hash", "remote", "nosuchfield"):
         with pytest.raises(ValueError):
             st.update(a.lease_id, **{field: 1})
+    # Not finite: JSON has no way to keep it (it would read back as null).
+    nan, inf = float("nan"), float("inf")
     for bad in (dict(state="gone"), dict(rx_packets="x"), dict(rx_bytes=-1),
-                dict(extra={"x": object()}), dict(encap="gre")):
+                dict(extra={"x": object()}), dict(encap="gre"), dict(seen=nan),
+                dict(expires=inf), dict(extra={"x": inf}), dict(extra={"x": [nan]})):
         with pytest.raises(ValueError):
             st.update(a.lease_id, **bad)
     with pytest.raises(L.NotFound):
