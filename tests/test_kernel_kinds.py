@@ -137,6 +137,31 @@ def test_ip6tnl_is_routed_to_the_leased_addresses_and_isolated(exit_net):
     assert "fd00:98:1::" not in run("ip", "-6", "route", ns=ex)
 
 
+def test_restricted_ip6gretap_reaches_dns_and_web_only(exit_net):
+    """A GRE port gets the same bridge-family profile as an L2TPv3 one."""
+    svc = service("ip6gretap", restrict="dns+web")
+    srv = exit_net.netns.add("s")
+    exit_net.netns.link(exit_net.ns, srv, "10.98.0.1/24", "10.98.0.2/24", name_a="srv0")
+    run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=exit_net.ns)
+    run("ip", "route", "add", "default", "via", "10.98.0.1", ns=srv)
+    lease = lease_for(exit_net, 1, svc, peer_tunnel_id=501)
+    run("ip", "addr", "add", EXIT_BR + "/24", "dev", "br-exit", ns=exit_net.ns)
+    gre_client(exit_net, 1, lease, "10.99.0.11")
+    c1 = exit_net.clients[0]
+    run("ip", "route", "add", "default", "via", EXIT_BR, ns=c1)
+    socks = listen(srv, "10.98.0.2", (53, 80, 22))
+    try:
+        assert reaches(c1, "10.98.0.2", 53) and reaches(c1, "10.98.0.2", 80)
+        assert not reaches(c1, "10.98.0.2", 22)
+        with inside(exit_net.ns):
+            assert exit_net.dp.filters().ports() == {lease.ifname}
+            exit_net.dp.filters().remove_port(lease.ifname)
+        assert reaches(c1, "10.98.0.2", 22)         # the rule did it
+    finally:
+        for s in socks:
+            s.close()
+
+
 def test_restricted_ip6tnl_reaches_dns_and_web_only(exit_net):
     svc = service("ip6tnl", restrict="dns+web")
     routed_exit(exit_net)
