@@ -64,30 +64,36 @@ class Nft:
         return _run([self.nft, "-f", "-"], script, check)
 
     def ensure(self, prefix, profiles, isolate=False):
-        """Create our table if missing and (re)write every profile chain.
+        """Our table, its chains and every profile chain, as this version
+        writes them, in one call.
 
         isolate adds the fallback port isolation for kernels without
         IFLA_BRPORT_ISOLATED.
         """
         pw = '"%s*"' % _check(prefix, _PREFIX)
-        lines = []
-        if _run([self.nft, "list", "table", "bridge", TABLE], check=False).returncode != 0:
-            t = "bridge " + TABLE
-            lines += [
-                "add table %s" % t,
-                "add map %s restrict { type ifname : verdict; }" % t,
-                "add chain %s input { type filter hook input priority -200; }" % t,
-                "add chain %s forward { type filter hook forward priority -200; }" % t,
-                "add chain %s output { type filter hook output priority -200; }" % t,
-                "add chain %s isolate" % t,
-                "add rule %s input iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
-                "add rule %s input iifname vmap @restrict" % t,
-                "add rule %s forward iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
-                "add rule %s forward oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
-                "add rule %s forward jump isolate" % t,
-                "add rule %s forward iifname vmap @restrict" % t,
-                "add rule %s output oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
-            ]
+        t = "bridge " + TABLE
+        # `add` of what exists is a no-op and the map keeps its elements;
+        # the base chains are flushed and refilled in the same transaction,
+        # so no packet sees them empty, a table of an older version gets
+        # today's rules, and two processes at once cannot stack duplicates.
+        lines = [
+            "add table %s" % t,
+            "add map %s restrict { type ifname : verdict; }" % t,
+            "add chain %s input { type filter hook input priority -200; }" % t,
+            "add chain %s forward { type filter hook forward priority -200; }" % t,
+            "add chain %s output { type filter hook output priority -200; }" % t,
+            "add chain %s isolate" % t,
+            "flush chain %s input" % t,
+            "flush chain %s forward" % t,
+            "flush chain %s output" % t,
+            "add rule %s input iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+            "add rule %s input iifname vmap @restrict" % t,
+            "add rule %s forward iifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+            "add rule %s forward oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+            "add rule %s forward jump isolate" % t,
+            "add rule %s forward iifname vmap @restrict" % t,
+            "add rule %s output oifname %s ether type %s drop" % (t, pw, BEACON_ETHERTYPE),
+        ]
         lines += ["flush chain bridge %s isolate" % TABLE]
         if isolate:
             lines += ["add rule bridge %s isolate iifname %s oifname %s drop" % (TABLE, pw, pw)]
@@ -110,12 +116,11 @@ class Nft:
             ]
         self._apply("\n".join(lines) + "\n")
 
-    def _inet_table(self):
-        """Lines that create the inet table, once: its rules are not
-        idempotent. It holds what the exit routes: routed tunnels' source
-        check and profiles, and isolation between client sides."""
-        if _run([self.nft, "list", "table", "inet", TABLE], check=False).returncode == 0:
-            return []
+    @staticmethod
+    def _inet_table():
+        """Lines for the inet table and its base chains (as in ensure). It
+        holds what the exit routes: routed tunnels' source check and
+        profiles, and isolation between client sides."""
         t = "inet " + TABLE
         return [
             "add table %s" % t,
@@ -123,6 +128,8 @@ class Nft:
             "add chain %s input { type filter hook input priority -10; }" % t,
             "add chain %s forward { type filter hook forward priority -10; }" % t,
             "add chain %s isolate" % t,
+            "flush chain %s input" % t,
+            "flush chain %s forward" % t,
             "add rule %s input iifname vmap @restrict" % t,
             "add rule %s forward jump isolate" % t,
             "add rule %s forward iifname vmap @restrict" % t,
