@@ -251,6 +251,23 @@ def test_up_ping_renew_down_leaves_nothing(world):
     assert exit_leases(client) == 0
 
 
+def views(exit_, client):
+    """Both ends as the kernel sees them, printed for a failure report."""
+    for title, ns, argv in (
+            ("exit log", None, None),
+            ("exit l2tp", exit_.ns, ("ip", "l2tp", "show", "session")),
+            ("exit l2tp tunnels", exit_.ns, ("ip", "l2tp", "show", "tunnel")),
+            ("exit bridge ports", exit_.ns, ("bridge", "-d", "link")),
+            ("exit links", exit_.ns, ("ip", "-br", "link")),
+            ("exit nft", exit_.ns, ("nft", "list", "ruleset")),
+            ("client l2tp", client.ns, ("ip", "l2tp", "show", "session")),
+            ("client l2tp tunnels", client.ns, ("ip", "l2tp", "show", "tunnel")),
+            ("client addresses", client.ns, ("ip", "-br", "addr")),
+            ("client neighbours", client.ns, ("ip", "neigh"))):
+        print("== " + title)
+        print(exit_.log() if argv is None else run(*argv, ns=ns, check=False))
+
+
 def test_run_survives_broker_restarts(world, tmp_path):
     exit_, client = world
     # this client speaks through the uclient-fetch stand-in (BusyBox wget)
@@ -285,13 +302,14 @@ def test_run_survives_broker_restarts(world, tmp_path):
         assert wait_for(lambda: client.state_value("LEASE_ID") not in
                         (None, lease), timeout=90, step=0.5), exit_.log()
         client.address()
-        assert wait_for(lambda: ping(client.ns, EXIT_BR, count=1),
-                        timeout=30), (exit_.log(), exit_.tunnels(),
-                                      run("ip", "-d", "link", ns=client.ns))
+        if not wait_for(lambda: ping(client.ns, EXIT_BR, count=1), timeout=30):
+            views(exit_, client)
+            pytest.fail("no ping through the new lease (views in stdout)")
         assert exit_leases(client) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
+        print("== client's stderr\n" + err)    # shown if the test fails
     assert proc.returncode == 0, err
     assert "forgot lease %s" % lease in err
     assert client.nothing_left() == []
