@@ -601,7 +601,27 @@ class Broker:
                 raise
             except Exception as e:
                 raise _store_error(e) or e
+            self._heal(lease, svc)
         return self.view(lease, svc)
+
+    def _heal(self, lease, svc):
+        """A renewed lease whose interface is gone from the exit (deleted by
+        hand, a module reloaded, a race with a teardown) is built again: its
+        client believes it is up, and would otherwise stay cut off until
+        the lease ends."""
+        present = getattr(self.dataplane, "present", None)
+        if present is None or lease.state != "up":
+            return
+        try:
+            if present(lease):
+                return
+            log("warning", "lease %s: %s was gone from the kernel; building it again",
+                lease.lease_id, lease.ifname)
+            self.dataplane.up(lease, svc)
+            self._hook("up", lease)
+        except Exception as e:
+            log("error", "lease %s: rebuilding %s failed: %s: %s", lease.lease_id,
+                lease.ifname, type(e).__name__, e)
 
     def release(self, client, lease_id, secret):
         with self.lock:

@@ -372,6 +372,15 @@ class Dataplane:
             if (s.peer_session_id, s.ifname) != (lease.peer_session_id, lease.ifname):
                 raise
 
+    def present(self, lease):
+        """Is the lease's interface in the kernel and up? One netlink
+        request: a renew asks."""
+        with rtnl.Rtnl() as rt:
+            try:
+                return bool(rt.link(lease.ifname).flags & rtnl.IFF_UP)
+            except rtnl.NoSuchLink:
+                return False
+
     def down(self, lease):
         self._down(lease)
 

@@ -219,6 +219,21 @@ def test_renew_and_errors(setup):
     assert e.value.code == "not_found"
 
 
+def test_renew_rebuilds_a_lease_gone_from_the_kernel(setup):
+    b, dp = setup()
+    v = b.lease("fc00::99", "v6")
+    dp.present = lambda lease: True
+    b.renew("fc00::99", v["lease_id"], v["secret"])
+    assert [c[0] for c in dp.calls] == ["up"]             # there: nothing to do
+    dp.present = lambda lease: False
+    b.renew("fc00::99", v["lease_id"], v["secret"])
+    assert dp.calls[1] == ("up", v["lease_id"], v["peer_tunnel_id"], "v6")
+    # A failed rebuild is the exit's problem: the renew still counts.
+    dp.fail = OSError(19, "No such device")
+    r = b.renew("fc00::99", v["lease_id"], v["secret"])
+    assert r["lease_id"] == v["lease_id"] and len(dp.calls) == 3
+
+
 def test_renew_of_a_withdrawn_service(setup):
     b, dp = setup()
     a = b.lease("fc00::1:1", "v6")

@@ -109,6 +109,15 @@ def test_http_lease_builds_kernel_side_and_release_removes_it(net):
     assert status == 200 and st["counters"]["rx_packets"] >= 1
     status, r = request(cl, "POST", "/renew", auth)
     assert status == 200 and r["expires"] >= lease["expires"]
+    # The exit's tunnel deleted by hand while the lease lives: the next
+    # renew builds it again.
+    run("ip", "l2tp", "del", "tunnel", "tunnel_id", lease["peer_tunnel_id"], ns=ex)
+    assert wait_for(lambda: exit_if not in run("ip", "-o", "link", ns=ex))
+    assert not ping(cl, "10.99.0.1", count=1, timeout=1)
+    status, r = request(cl, "POST", "/renew", auth)
+    assert status == 200
+    assert "master br-exit" in run("ip", "link", "show", exit_if, ns=ex)
+    assert wait_for(lambda: ping(cl, "10.99.0.1", count=1), timeout=20)
     status, r = request(cl, "POST", "/release", auth)
     assert status == 200 and r["released"] is True
     assert wait_for(lambda: run("ip", "l2tp", "show", "tunnel", ns=ex).strip() == "")
