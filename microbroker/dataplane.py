@@ -522,11 +522,12 @@ class Dataplane:
                 l2.close()
         f = self.filters()
         if f is not None:
-            self._sync_ports(f, live, by_name, ready, report)
+            self._sync_ports(f, live, by_name, ready, report,
+                             any(KINDS[s.kind].layer == 3 for s in services))
         return report
 
     @staticmethod
-    def _sync_ports(f, live, by_name, ready, report):
+    def _sync_ports(f, live, by_name, ready, report, routed):
         """Every restricted lease in the filter map, whether or not its
         links were rebuilt: rules can go while links stay. A lease whose
         service is gone from the config, or could not be set up now, keeps
@@ -543,6 +544,8 @@ class Dataplane:
                 want["bridge" if layer(lease) == 2 else "inet"][lease.ifname] = \
                     (profile, profile_ports(svc))
         for family in f.FAMILIES:
+            if family == "inet" and not (routed or want["inet"]):
+                continue        # no routed service: save a process
             try:
                 changed, problems = f.sync_ports(want[family], family, keep)
             except (OSError, RuntimeError) as e:

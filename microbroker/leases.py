@@ -223,9 +223,15 @@ def _row(line, where):
 
 
 def _rows(lines, where):
-    """Parse lease lines, all in one loads (much faster than one call each)."""
+    """Parse lease lines, all in one loads (much faster than one call each).
+    One line is read without the json module; many (a listing, a sweep)
+    with its C parser, whose import then pays for itself."""
+    if len(lines) > 1:
+        import json as loader
+    else:
+        loader = jsonlite
     try:
-        rows = jsonlite.loads("[%s]" % b",".join(
+        rows = loader.loads("[%s]" % b",".join(
             [line[line.index(b" ", 17) + 1:] for line in lines]).decode("ascii"))
     except ValueError:
         raise Corrupt(f"{where}: a lease row does not parse") from None
