@@ -248,7 +248,7 @@ def main():
         ("front door (cgi, web, config, broker)",
          "import microbroker.cgi, microbroker.web"),
         ("lease store (microbroker.leases)", "import microbroker.leases"),
-        ("  json (records; imported on first read)", "import json"),
+        ("  json (only for listings of many leases)", "import json"),
         ("  hmac, hashlib (renew's secret check)", "import hmac"),
         ("kernel data plane (dataplane 'kernel')",
          "import microbroker.dataplane"),
