@@ -199,8 +199,9 @@ class Nft:
         out = {}
         for e in m.group(1).split(",") if m else ():
             name, _, verdict = e.partition(":")
+            words = verdict.split()         # ["jump", "r_<profile>"]
             if name.strip():
-                out[name.strip().strip('"')] = verdict.split()[-1][2:] if verdict.split() else ""
+                out[name.strip().strip('"')] = words[-1][2:] if words else ""
         return out
 
     def sync_ports(self, want, family="bridge", keep=()):

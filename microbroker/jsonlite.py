@@ -14,8 +14,9 @@ _PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
                    "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
 _SHORT = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
           "\b": "\\b", "\f": "\\f"}
-# Bigger texts are bulk reads (every lease of a bucket): json's C parser
-# pays for its import there.
+# What comes here is one record (leases.py hands listings of many rows to
+# json itself); a bigger text goes to json's C parser, whose import then
+# pays for itself.
 SMALL = 8192
 
 
