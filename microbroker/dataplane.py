@@ -21,6 +21,17 @@ class KernelUnavailable(Exception):
     """This host cannot build tunnels (not root, no l2tp modules)."""
 
 
+class IdInUse(Exception):
+    """The kernel already has this tunnel or session id (EEXIST): another
+    tool's, or a leftover. up() has removed what it built; ask again with
+    other ids."""
+
+    def __init__(self, message, tunnel_id=0, session_id=0):
+        super().__init__(message)
+        self.tunnel_id = tunnel_id
+        self.session_id = session_id
+
+
 STATUS_TTL = 10.0
 
 
