@@ -414,6 +414,8 @@ def _float(lo, hi):
         if not v:
             return None
         try:
+            if not v.isascii():
+                raise ValueError
             f = float(v)
         except ValueError:
             raise ValueError("needs a number")
@@ -563,8 +565,15 @@ BROKER = {
     "hook_timeout": (_int(1, 300), 10, False),
     "max_body": (_int(64, 65536), 4096, False),     # bytes, else 413
     "max_header": (_int(256, 65536), 8192, False),  # bytes, else 413
-    "max_connections": (_int(1, 4096), 64, False),  # `serve`, else 503
-    "timeout": (_int(1, 300), 10, False),           # `serve`: per connection
+    # `serve` only (under uhttpd its own -n/-N/-t options bound this):
+    "max_connections": (_int(1, 4096), 64, False),  # all sources, else 503
+    "source_connections": (_int(1, 4096), 8, False),  # per address, else 429
+    # requests per second per source address (0: no limit), and how many
+    # may come at once; past them 429 with Retry-After
+    "request_rate": (_float(0, 10000), 5.0, False),
+    "request_burst": (_int(1, 10000), 20, False),
+    # seconds for one request: reading, answering and draining together
+    "timeout": (_int(1, 300), 10, False),
 }
 
 LOCATION = {

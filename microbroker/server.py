@@ -50,7 +50,11 @@ from microbroker.config import parse_listen
 from microbroker.web import REASONS, answer_format, show
 
 HARD_HEADER_LIMIT = 65536   # beyond this we stop reading, whatever the config
-DRAIN_LIMIT = 1 << 20
+DRAIN_LIMIT = 1 << 20       # bytes read after refusing a body
+DRAIN_TIME = 1.0            # seconds for that, within the request's deadline
+ANSWER_GRACE = 1.0          # an answer due at the deadline may take this
+REFUSE_TIME = 1.0           # a refused connection is read this long, then
+REFUSE_MAX = 256            # closed; at most this many at once
 
 
 def unquote_path(path):
@@ -219,6 +223,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.handle_one_request()
         except (OSError, ValueError):
             pass  # timeouts, resets: nobody left to answer
+        except Exception as e:
+            # http.server's own parsing broke on something: still answer.
+            log("error", "request from %s: %s: %s", self.client_address[0],
+                type(e).__name__, e)
+            try:
+                self._error(e, self.fmt)
+            except (OSError, ValueError):
+                pass
 
     def handle_one_request(self):
         app = self.server.app
@@ -317,14 +329,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _drain(self, left):
         """Read what the client still sends, so that closing does not
-        reset the connection before it saw our answer; within the
-        request's one deadline."""
+        reset the connection before it saw our answer: DRAIN_LIMIT bytes
+        at most, for DRAIN_TIME at most, within the request's deadline."""
         sock = self.connection
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return
         buf = self.rfile
+        raw = buf.raw
+        raw.deadline = min(raw.deadline, time.monotonic() + DRAIN_TIME)
         while left > 0:
             chunk = buf.read1(min(left, 65536))
             if not chunk:
@@ -352,8 +366,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _write(self, answer):
         # One write for head and body: no Server or Date header (the CGI
         # door has none either), and no second small segment on the wire.
+        # Within the request's deadline, but an answer ready at the very
+        # end still gets a moment to leave.
         self.close_connection = True
-        self.connection.settimeout(self.server.timeout_s)  # a fresh budget
+        left = self.rfile.raw.deadline - time.monotonic()
+        self.connection.settimeout(max(left, ANSWER_GRACE))
         self.wfile.write(encode_answer(answer))
 
     def log_message(self, format, *args):
@@ -369,12 +386,15 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, family, addr, v6only, app, slots, timeout_s):
+    def __init__(self, family, addr, v6only, app, slots, timeout_s,
+                 sources, refuser):
         self.address_family = family
         self.v6only = v6only
         self.app = app
         self.slots = slots
         self.timeout_s = timeout_s
+        self.sources = sources
+        self.refuser = refuser
         http.server.ThreadingHTTPServer.__init__(self, addr, _Handler,
                                                  bind_and_activate=False)
         try:
@@ -394,19 +414,27 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
-        # A bounded number of connections: the rest get a short 503
-        # instead of a thread each.
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.settimeout(1)
-                request.sendall(encode_answer(self.app.error(BrokerError(
-                    "unavailable", "too many connections, try again", 5))))
-            except OSError:
-                pass
-            self.shutdown_request(request)
+        # Per source address a bounded number of connections and of
+        # requests per second, and a bounded number in all: the rest get a
+        # short 429 or 503 instead of a thread each.
+        source = client_address[0]
+        refused = self.sources.admit(source)
+        if refused is None and not self.slots.acquire(blocking=False):
+            self.sources.release(source)
+            refused = BrokerError("unavailable", "too many connections, "
+                                  "try again", 5)
+        if refused is not None:
+            log("debug", "%s: refused: %s", source, refused.message)
+            self.refuser.refuse(request, encode_answer(
+                self.app.error(refused)))
             return
-        http.server.ThreadingHTTPServer.process_request(self, request,
-                                                        client_address)
+        try:
+            http.server.ThreadingHTTPServer.process_request(self, request,
+                                                            client_address)
+        except BaseException:
+            self.slots.release()
+            self.sources.release(source)
+            raise
 
     def process_request_thread(self, request, client_address):
         try:
@@ -414,6 +442,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                 self, request, client_address)
         finally:
             self.slots.release()
+            self.sources.release(client_address[0])
 
     def handle_error(self, request, client_address):
         import sys
@@ -423,6 +452,161 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         if log.level <= 10:
             import traceback
             traceback.print_exc()
+
+
+class SourceLimits:
+    """Per source address: connections open now (at most `cap`) and a
+    token bucket of requests (`rate` per second, `burst` at once; rate 0:
+    no limit). Every request counts, whatever it asks: a token or secret
+    guessed wrongly costs a request like any other."""
+
+    TRACKED = 4096      # addresses kept; full buckets are forgotten first
+
+    def __init__(self, cap, rate, burst, clock=time.monotonic):
+        self.cap, self.rate, self.burst = cap, rate, burst
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.open = {}       # address -> connections open
+        self.buckets = {}    # address -> [tokens, when]
+
+    def admit(self, source):
+        """Take a connection and a request for source: None, or the
+        BrokerError (too_many) to answer with."""
+        with self.lock:
+            n = self.open.get(source, 0)
+            if n >= self.cap:
+                return BrokerError("too_many", "too many connections from "
+                                   "your address (at most %d)" % self.cap,
+                                   max(1, int(ANSWER_GRACE)))
+            if self.rate:
+                now = self.clock()
+                b = self.buckets.get(source)
+                if b is None:
+                    if len(self.buckets) >= self.TRACKED:
+                        self._forget(now)
+                    b = self.buckets[source] = [float(self.burst), now]
+                else:
+                    b[0] = min(float(self.burst),
+                               b[0] + (now - b[1]) * self.rate)
+                    b[1] = now
+                if b[0] < 1.0:
+                    wait = (1.0 - b[0]) / self.rate
+                    return BrokerError("too_many", "too many requests from "
+                                       "your address, at most %g per second"
+                                       % self.rate, max(1, -int(-wait // 1)))
+                b[0] -= 1.0
+            self.open[source] = n + 1
+            return None
+
+    def release(self, source):
+        with self.lock:
+            n = self.open.get(source, 0) - 1
+            if n > 0:
+                self.open[source] = n
+            else:
+                self.open.pop(source, None)
+
+    def _forget(self, now):
+        full = [a for a, (tokens, when) in self.buckets.items()
+                if tokens + (now - when) * self.rate >= self.burst]
+        for a in full:
+            del self.buckets[a]
+        if len(self.buckets) >= self.TRACKED:
+            # As many addresses as that, all busy: start again rather than
+            # grow without bound.
+            self.buckets.clear()
+
+
+class _Refuser:
+    """Refused connections: the answer is sent at once (it fits an empty
+    socket buffer), then what the client still sends is read for
+    REFUSE_TIME, so that closing does not reset the connection before
+    the answer was seen. One thread for all of them, at most REFUSE_MAX
+    at once (beyond that, closed straight away)."""
+
+    def __init__(self):
+        import selectors
+        self.sel = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.socks = {}      # socket -> deadline
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, 1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="refuser",
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def refuse(self, sock, data):
+        try:
+            sock.setblocking(False)
+            sock.send(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self.lock:
+            if self.stopping or len(self.socks) >= REFUSE_MAX:
+                sock.close()
+                return
+            self.socks[sock] = time.monotonic() + REFUSE_TIME
+            self.sel.register(sock, 1)
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _run(self):
+        while True:
+            with self.lock:
+                if self.stopping:
+                    break
+                now = time.monotonic()
+                for sock, deadline in list(self.socks.items()):
+                    if deadline <= now:
+                        self._close(sock)
+                left = min(self.socks.values(), default=now + 5) - now
+            for key, _ in self.sel.select(max(left, 0.01)):
+                sock = key.fileobj
+                if sock is self.wake_r:
+                    try:
+                        sock.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    more = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    more = b""
+                if not more:
+                    with self.lock:
+                        if sock in self.socks:
+                            self._close(sock)
+        with self.lock:
+            for sock in list(self.socks):
+                self._close(sock)
+
+    def _close(self, sock):
+        self.sel.unregister(sock)
+        del self.socks[sock]
+        sock.close()
+
+    def stop(self):
+        with self.lock:
+            self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join()
+        self.sel.close()
+        self.wake_r.close()
+        self.wake_w.close()
 
 
 class Server:
@@ -436,6 +620,9 @@ class Server:
         self.threads = []
         self.stopping = threading.Event()
         self.slots = threading.BoundedSemaphore(cfg.max_connections)
+        self.sources = SourceLimits(cfg.source_connections,
+                                    cfg.request_rate, cfg.request_burst)
+        self.refuser = _Refuser()
 
     def start(self):
         """Bind every listen address; returns [(host, port)] as bound."""
@@ -449,7 +636,8 @@ class Server:
                 v6only = not (host == "::" and port not in v4ports)
                 try:
                     srv = _HTTPServer(family, (host, port), v6only, self.app,
-                                     self.slots, cfg.timeout)
+                                      self.slots, cfg.timeout, self.sources,
+                                      self.refuser)
                 except OSError as e:
                     if e.errno == errno.EAFNOSUPPORT and len(parsed) > 1:
                         log("warning", "no IPv%d here, not listening on "
@@ -470,6 +658,7 @@ class Server:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
                                       {signal.SIGTERM, signal.SIGINT})
         try:
+            self.refuser.start()
             for srv in self.servers:
                 # daemon: an unexpected error in the main thread must not
                 # leave the process hanging on its listeners
@@ -522,6 +711,8 @@ class Server:
             srv.server_close()
         for t in self.threads:
             t.join()
+        if self.refuser.thread.is_alive():
+            self.refuser.stop()
         cfg = self.app.config
         deadline = time.monotonic() + cfg.timeout + 2
         taken = 0

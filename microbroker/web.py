@@ -10,6 +10,8 @@ anything kernel-related: on OpenWrt those are separate packages, and each
 import is start-up time for every CGI request.
 """
 
+import sys
+
 from microbroker import broker as _broker
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_addr, format_addr, addr_kind
@@ -21,6 +23,17 @@ REASONS = {
     429: "Too Many Requests", 500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+# Error code -> HTTP status: the one table, used for every error answer.
+STATUS = {
+    "bad_request": 400, "forbidden": 403, "not_found": 404,
+    "unknown_service": 404, "unknown_kind": 404, "method_not_allowed": 405,
+    "id_conflict": 409, "too_large": 413, "too_many": 429, "full": 503,
+    "ids_exhausted": 503, "pool_exhausted": 503, "unavailable": 503,
+    "busy": 503, "kernel": 500, "store": 500, "internal": 500,
+}
+DEFAULT_RETRY = 60      # Retry-After of a 429/503 that names none
+BUSY_RETRY = 2          # the lease store's lock was held too long
 
 # path -> (allowed methods, required fields, optional fields)
 ROUTES = {
@@ -142,6 +155,9 @@ def parse_json_body(body):
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise BrokerError("bad_request", "body is not valid JSON")
+    except RecursionError:
+        # json's parser recurses once per [ or {; ours are flat objects.
+        raise BrokerError("bad_request", "JSON body nested too deep")
     if not isinstance(obj, dict):
         raise BrokerError("bad_request", "JSON body must be an object")
     pairs = []
@@ -168,9 +184,22 @@ def _collect(pairs, fields):
 
 
 def answer_format(query):
-    """The format a query string asks for, for errors found before the
-    request reaches App.handle."""
-    return "sh" if "format=sh" in query.split("&") else "json"
+    """The format a query string asks for (as parse_form would read it),
+    for errors found before the rest of the request is judged."""
+    if "format" not in query and "%" not in query:
+        return "json"
+    return _format_in(query.encode("latin-1", "replace"))
+
+
+def _format_in(data):
+    for part in data.split(b"&"):
+        k, _, v = part.partition(b"=")
+        try:
+            if _unquote(k) == "format" and _unquote(v) == "sh":
+                return "sh"
+        except BrokerError:
+            pass
+    return "json"
 
 
 # ---------------------------------------------------------------- encoding
@@ -260,21 +289,20 @@ class App:
         # Errors use the answer format as far as it is known: a shell
         # client must get its 200 even when the rest of the request is bad.
         fmt = [answer_format(query)]
-        if body and b"format=sh" in body.split(b"&"):
-            fmt[0] = "sh"
+        if body and fmt[0] != "sh" and b"format" in body:
+            fmt[0] = _format_in(body)
         try:
             return self._handle(method, path, query, headers, body, remote,
                                 local, content_length, fmt)
-        except BrokerError as e:
-            return self.error(e, fmt[0])
         except Exception as e:
-            log("error", "internal error on %s %s: %s: %s", method, path,
-                type(e).__name__, e)
-            if _broker.log.level <= 10:
-                import traceback
-                traceback.print_exc()
-            return self.error(BrokerError("internal", "internal error; see "
-                                          "the broker log"), fmt[0])
+            if not isinstance(e, BrokerError) and \
+                    http_error(e)[1] == "internal":
+                log("error", "internal error on %s %s: %s: %s", method,
+                    show(path), type(e).__name__, e)
+                if _broker.log.level <= 10:
+                    import traceback
+                    traceback.print_exc()
+            return self.error(e, fmt[0])
 
     def _handle(self, method, path, query, headers, body, remote, local,
                 content_length, fmt):
@@ -315,20 +343,25 @@ class App:
             local = ""
         _broker.check_client(cfg, family, packed)
 
-        fields = {}
+        pairs = []
         if query:
-            _collect(parse_form(query.encode("latin-1", "replace")), fields)
+            pairs += parse_form(query.encode("latin-1", "replace"))
         if body:
             ctype = headers.get("content-type", "").split(";")[0].strip() \
                 .lower()
             if ctype == "application/x-www-form-urlencoded":
-                _collect(parse_form(body), fields)
+                pairs += parse_form(body)
             elif ctype == "application/json":
-                _collect(parse_json_body(body), fields)
+                pairs += parse_json_body(body)
             else:
                 raise BrokerError("bad_request", "send the body as "
                                   "application/x-www-form-urlencoded or "
                                   "application/json")
+        for k, v in pairs:
+            if k == "format" and v == "sh":
+                fmt[0] = "sh"   # (a JSON body's format, for what follows)
+        fields = {}
+        _collect(pairs, fields)
         if fields.get("format") in ("json", "sh"):
             fmt[0] = fields["format"]
         args = {}
@@ -397,24 +430,59 @@ class App:
             (to_json(obj) + "\n").encode("utf-8")
 
     def error(self, e, fmt="json"):
+        """The answer for any exception raised while handling a request."""
+        status, code, message, retry = http_error(e)
         extra = []
-        if e.retry_after is not None:
-            extra.append(("Retry-After", str(int(e.retry_after))))
+        if retry is not None:
+            extra.append(("Retry-After", str(retry)))
         allow = getattr(e, "allow", None)
         if allow:
             extra.append(("Allow", allow))
         if fmt == "sh":
-            pairs = [("STATUS", e.status), ("ERROR", e.code),
-                     ("MESSAGE", e.message)]
-            if e.retry_after is not None:
-                pairs.append(("RETRY_AFTER", int(e.retry_after)))
+            pairs = [("STATUS", status), ("ERROR", code),
+                     ("MESSAGE", message)]
+            if retry is not None:
+                pairs.append(("RETRY_AFTER", retry))
             return 200, _headers("text/plain; charset=utf-8") + extra, \
                 to_sh(pairs).encode("utf-8")
-        obj = {"error": {"code": e.code, "message": e.message}}
-        if e.retry_after is not None:
-            obj["error"]["retry_after"] = int(e.retry_after)
-        return e.status, _headers("application/json") + extra, \
+        obj = {"error": {"code": code, "message": message}}
+        if retry is not None:
+            obj["error"]["retry_after"] = retry
+        return status, _headers("application/json") + extra, \
             (to_json(obj) + "\n").encode("utf-8")
+
+
+def http_error(e):
+    """Any exception -> (status, code, message, retry_after or None): the
+    one place where errors become HTTP answers, by class."""
+    # The lease store's classes, if the store was loaded at all (a CGI
+    # refused before it opened the store does not import it for this).
+    leases = sys.modules.get("microbroker.leases")
+    if leases is not None:
+        # A store error may arrive wrapped in a BrokerError (raised while
+        # handling it): the class of what was wrapped decides.
+        for x in (e, e.__cause__, e.__context__):
+            if isinstance(x, leases.Locked):
+                return 503, "busy", "the lease store is busy, try again", \
+                    BUSY_RETRY
+    if isinstance(e, BrokerError):
+        code, message = e.code, e.message
+        retry = e.retry_after
+    elif leases is not None and isinstance(e, leases.LeaseError):
+        code, message = e.code, str(e) or e.code.replace("_", " ")
+        retry = e.retry_after
+    elif leases is not None and isinstance(e, leases.StoreError):
+        log("error", "lease store: %s", e)
+        code, message = "store", "the lease store is not usable; see the " \
+            "broker log"
+        retry = None
+    else:
+        code, message = "internal", "internal error; see the broker log"
+        retry = None
+    status = STATUS.get(code, 500)
+    if retry is None and status in (429, 503):
+        retry = DEFAULT_RETRY
+    return status, code, message, None if retry is None else int(retry)
 
 
 def _headers(ctype):
@@ -432,7 +500,10 @@ def config_error_app(problems):
         def __init__(self):
             pass
 
-        def handle(self, method, path, query="", *a, **kw):
-            return self.error(BrokerError("unavailable", msg),
-                              answer_format(query or ""))
+        def handle(self, method, path, query="", headers=None, body=b"",
+                   *a, **kw):
+            fmt = answer_format(query or "")
+            if body and fmt != "sh" and b"format" in body:
+                fmt = _format_in(body)
+            return self.error(BrokerError("unavailable", msg), fmt)
     return _Broken()

@@ -19,6 +19,7 @@ config broker
 	option max_per_client '2'
 	option max_body '512'
 	option sweep_interval '3600'
+	option request_rate '0'
 
 config service 'v4'
 	option family '4'

@@ -38,6 +38,8 @@ config broker
 	list allow '::1/128'
 	list deny '127.0.0.5'
 	option sweep_interval '3600'
+	# the table sends far more than a client would
+	option request_rate '0'
 
 config location
 	option country 'DE'
