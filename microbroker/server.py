@@ -253,6 +253,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 not target.startswith("/"):
             return self._error(BrokerError("bad_request", "malformed request "
                                            "line"))
+        self.command = method   # (a HEAD is answered without a body)
         self.fmt = answer_format(target.partition("?")[2])
         self.raw_requestline = line
         if not self.parse_request():    # it answered through send_error
@@ -261,7 +262,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head, self.rfile.head = self.rfile.head, None
         bad = _check_head(head)
         if bad is None:
-            return  # the client went away mid-request
+            # EOF inside the head: gone, or only half-closed and waiting
+            return self._error(BrokerError("bad_request", "request head "
+                                           "ends early"), self.fmt)
         if not bad and (self.headers.defects or self.headers.get_payload()):
             bad = BrokerError("bad_request", "malformed header line")
         if bad:
@@ -308,7 +311,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self._continue(headers)
                 body = self.rfile.read(n) if n else b""
                 if len(body) != n:
-                    return
+                    return self._error(BrokerError(
+                        "bad_request", "body shorter than its "
+                        "Content-Length"), self.fmt)
         if path is None:
             answer = app.error(BrokerError("bad_request", "bad %-escape in "
                                            "path"), self.fmt)
@@ -371,7 +376,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         left = self.rfile.raw.deadline - time.monotonic()
         self.connection.settimeout(max(left, ANSWER_GRACE))
-        self.wfile.write(encode_answer(answer))
+        data = encode_answer(answer)
+        if getattr(self, "command", None) == "HEAD":   # the head only
+            data = data[:data.index(b"\r\n\r\n") + 4]
+        self.wfile.write(data)
 
     def log_message(self, format, *args):
         # http.server would write to stderr; ours goes to the broker log.
@@ -385,6 +393,10 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     # grows with every request on Python < 3.9.2 (bpo-37193).
     daemon_threads = True
     block_on_close = False
+    # socketserver's listen backlog is 5: a burst of connections (one
+    # address's refused ones included) would have SYNs dropped and
+    # retried a second later, the good clients' among them.
+    request_queue_size = 128
 
     def __init__(self, family, addr, v6only, app, slots, timeout_s,
                  sources, refuser):
@@ -425,8 +437,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
                                   "try again", 5)
         if refused is not None:
             log("debug", "%s: refused: %s", source, refused.message)
-            self.refuser.refuse(request, encode_answer(
-                self.app.error(refused)))
+            self.refuser.refuse(request, refused)
             return
         try:
             http.server.ThreadingHTTPServer.process_request(self, request,
@@ -518,17 +529,18 @@ class SourceLimits:
 
 
 class _Refuser:
-    """Refused connections: the answer is sent at once (it fits an empty
-    socket buffer), then what the client still sends is read for
-    REFUSE_TIME, so that closing does not reset the connection before
-    the answer was seen. One thread for all of them, at most REFUSE_MAX
-    at once (beyond that, closed straight away)."""
+    """Refused connections, all in one thread: the request line is read
+    (for the answer format it asks for), the answer sent, then what the
+    client still sends is read so that closing does not reset the
+    connection before the answer was seen; REFUSE_TIME in all, at most
+    REFUSE_MAX connections at once (beyond that, closed straight away)."""
 
-    def __init__(self):
+    def __init__(self, answer):
         import selectors
+        self.answer = answer     # (BrokerError, fmt) -> bytes
         self.sel = selectors.DefaultSelector()
         self.lock = threading.Lock()
-        self.socks = {}      # socket -> deadline
+        self.socks = {}      # socket -> [deadline, error, head so far]
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -540,22 +552,28 @@ class _Refuser:
     def start(self):
         self.thread.start()
 
-    def refuse(self, sock, data):
-        try:
-            sock.setblocking(False)
-            sock.send(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            sock.close()
-            return
+    def refuse(self, sock, error):
         with self.lock:
             if self.stopping or len(self.socks) >= REFUSE_MAX:
+                self._send(sock, error, b"")
                 sock.close()
                 return
-            self.socks[sock] = time.monotonic() + REFUSE_TIME
+            sock.setblocking(False)
+            self.socks[sock] = [time.monotonic() + REFUSE_TIME, error, b""]
             self.sel.register(sock, 1)
         try:
             self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _send(self, sock, error, line):
+        target = line.split(b" ")[1:2]
+        query = target[0].partition(b"?")[2] if target else b""
+        fmt = answer_format(query.decode("latin-1"))
+        try:
+            sock.setblocking(False)
+            sock.send(self.answer(error, fmt))   # fits an empty buffer
+            sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
@@ -565,10 +583,11 @@ class _Refuser:
                 if self.stopping:
                     break
                 now = time.monotonic()
-                for sock, deadline in list(self.socks.items()):
-                    if deadline <= now:
+                for sock, st in list(self.socks.items()):
+                    if st[0] <= now:
                         self._close(sock)
-                left = min(self.socks.values(), default=now + 5) - now
+                left = min((st[0] for st in self.socks.values()),
+                           default=now + 5) - now
             for key, _ in self.sel.select(max(left, 0.01)):
                 sock = key.fileobj
                 if sock is self.wake_r:
@@ -583,17 +602,28 @@ class _Refuser:
                     continue
                 except OSError:
                     more = b""
-                if not more:
-                    with self.lock:
-                        if sock in self.socks:
-                            self._close(sock)
+                with self.lock:
+                    st = self.socks.get(sock)
+                    if st is None:
+                        continue
+                    if st[1] is not None:
+                        head = st[2] + more
+                        if b"\n" in head or not more or len(head) > 8192:
+                            self._send(sock, st[1], head.split(b"\n")[0])
+                            st[1] = None
+                        else:
+                            st[2] = head
+                    if not more:
+                        self._close(sock)
         with self.lock:
             for sock in list(self.socks):
                 self._close(sock)
 
     def _close(self, sock):
+        st = self.socks.pop(sock)
+        if st[1] is not None:    # no request line came: the default format
+            self._send(sock, st[1], b"")
         self.sel.unregister(sock)
-        del self.socks[sock]
         sock.close()
 
     def stop(self):
@@ -622,7 +652,8 @@ class Server:
         self.slots = threading.BoundedSemaphore(cfg.max_connections)
         self.sources = SourceLimits(cfg.source_connections,
                                     cfg.request_rate, cfg.request_burst)
-        self.refuser = _Refuser()
+        self.refuser = _Refuser(
+            lambda e, fmt: encode_answer(app.error(e, fmt)))
 
     def start(self):
         """Bind every listen address; returns [(host, port)] as bound."""

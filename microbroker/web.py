@@ -456,22 +456,26 @@ def http_error(e):
     """Any exception -> (status, code, message, retry_after or None): the
     one place where errors become HTTP answers, by class."""
     # The lease store's classes, if the store was loaded at all (a CGI
-    # refused before it opened the store does not import it for this).
+    # refused before it opened the store does not import it for this);
+    # () where not (yet: another thread may be importing it), which no
+    # exception is an instance of.
     leases = sys.modules.get("microbroker.leases")
-    if leases is not None:
-        # A store error may arrive wrapped in a BrokerError (raised while
-        # handling it): the class of what was wrapped decides.
-        for x in (e, e.__cause__, e.__context__):
-            if isinstance(x, leases.Locked):
-                return 503, "busy", "the lease store is busy, try again", \
-                    BUSY_RETRY
+    Locked = getattr(leases, "Locked", ())
+    LeaseError = getattr(leases, "LeaseError", ())
+    StoreError = getattr(leases, "StoreError", ())
+    # A store error may arrive wrapped in a BrokerError (raised while
+    # handling it): the class of what was wrapped decides.
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, Locked):
+            return 503, "busy", "the lease store is busy, try again", \
+                BUSY_RETRY
     if isinstance(e, BrokerError):
         code, message = e.code, e.message
         retry = e.retry_after
-    elif leases is not None and isinstance(e, leases.LeaseError):
+    elif isinstance(e, LeaseError):
         code, message = e.code, str(e) or e.code.replace("_", " ")
         retry = e.retry_after
-    elif leases is not None and isinstance(e, leases.StoreError):
+    elif isinstance(e, StoreError):
         log("error", "lease store: %s", e)
         code, message = "store", "the lease store is not usable; see the " \
             "broker log"
