@@ -201,187 +201,31 @@ def parse_listen(text):
 
 # ---------------------------------------------------------------- UCI reader
 
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz"
-                        "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
-_KEYWORDS = {"package": "package", "p": "package", "config": "config",
-             "c": "config", "option": "option", "o": "option",
-             "list": "list", "l": "list"}
-_BLANK = " \t\r\v\f"
-
-
 def _is_name(s, extra=""):
     return bool(s) and all(c in _NAME_CHARS or c in extra for c in s)
 
 
-def tokenize(text):
-    """Split UCI text into statements as libuci reads them.
-
-    Returns (statements, problems): statements are (line, [words]) with
-    quoting already resolved, line being where the statement starts.
-    The rules, from libuci's file.c: blanks separate words, a newline or
-    an unquoted ';' ends a statement, an unquoted '#' comments out the
-    rest of the line, pieces next to each other concatenate ('a'"b"c is
-    abc), single quotes are literal and may span lines, inside double
-    quotes and outside quotes a backslash keeps the next character and a
-    backslash before a newline joins the lines.
-    """
-    statements, problems = [], []
-    words, word, in_word = [], [], False
-    line, start_line = 1, 1
-    i, n = 0, len(text)
-
-    def end_word():
-        nonlocal word, in_word
-        if in_word:
-            words.append("".join(word))
-        word, in_word = [], False
-
-    def end_statement():
-        nonlocal words
-        end_word()
-        if words:
-            statements.append((start_line, words))
-        words = []
-
-    while i < n:
-        c = text[i]
-        if c == "\n":
-            end_statement()
-            line += 1
-            i += 1
-        elif c in _BLANK:
-            end_word()
-            i += 1
-        elif c == ";":
-            end_statement()
-            i += 1
-        elif c == "#":
-            end_word()
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif c == "\\":
-            if not words and not in_word:
-                start_line = line
-            if text.startswith("\n", i + 1) or text.startswith("\r\n", i + 1):
-                i += 2 if text[i + 1] == "\n" else 3
-                line += 1
-            elif i + 1 < n:
-                word.append(text[i + 1])
-                in_word = True
-                i += 2
-            else:
-                i += 1
-        elif c == "'" or c == '"':
-            if not words and not in_word:
-                start_line = line
-            in_word = True
-            quote_line = line
-            i += 1
-            while True:
-                if i >= n:
-                    problems.append((quote_line, "unterminated %s" % c))
-                    break
-                d = text[i]
-                if d == c:
-                    i += 1
-                    break
-                if d == "\\" and c == '"':
-                    if text.startswith("\n", i + 1):
-                        i += 2
-                        line += 1
-                        continue
-                    if text.startswith("\r\n", i + 1):
-                        i += 3
-                        line += 1
-                        continue
-                    if i + 1 < n:
-                        i += 1
-                        d = text[i]
-                if d == "\n":
-                    line += 1
-                word.append(d)
-                i += 1
-        else:
-            if not words and not in_word:
-                start_line = line
-            word.append(c)
-            in_word = True
-            i += 1
-    end_statement()
-    return statements, problems
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz"
+                        "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+MAX_FILE = 1 << 20      # a config file larger than this is refused
 
 
-class Section:
-    """One `config TYPE [NAME]` block: options map to (value, line), where
-    value is a str for `option` and a list of (item, line) for `list`."""
-
-    def __init__(self, type, name, line):
-        self.type, self.name, self.line = type, name, line
-        self.options = {}
+def _uci_section(type, name, line):
+    from microbroker.uci import Section
+    return Section(type, name, line)
 
 
-def parse_uci(text):
-    """Parse UCI text into ([Section], [(line, problem)])."""
-    statements, problems = tokenize(text)
-    sections, named, current = [], {}, None
-    for line, words in statements:
-        kw = _KEYWORDS.get(words[0])
-        args = words[1:]
-        if kw is None:
-            problems.append((line, "invalid command %r" % words[0]))
-            continue
-        if kw == "package":
-            if len(args) != 1 or not _is_name(args[0], "-"):
-                problems.append((line, "package needs one name"))
-            continue
-        if kw == "config":
-            if not args or not _is_name(args[0]) or len(args) > 2:
-                problems.append((line, "config needs TYPE [NAME] with "
-                                 "names of letters, digits and _"))
-                current = None
-                continue
-            name = args[1] if len(args) > 1 else ""
-            if name and not _is_name(name):
-                problems.append((line, "invalid section name %r" % name))
-                current = None
-                continue
-            if name and name in named:
-                current = named[name]
-                if current.type != args[0]:
-                    problems.append((line, "section %r redefined with type "
-                                     "%r (was %r)" % (name, args[0],
-                                                      current.type)))
-                continue
-            current = Section(args[0], name, line)
-            sections.append(current)
-            if name:
-                named[name] = current
-            continue
-        # option / list
-        if current is None:
-            problems.append((line, "%s outside a config section" % kw))
-            continue
-        if not args or not _is_name(args[0]):
-            problems.append((line, "%s needs a name of letters, digits "
-                             "and _" % kw))
-            continue
-        if len(args) > 2:
-            problems.append((line, "too many arguments (quote values "
-                             "with blanks)"))
-            continue
-        key, value = args[0], args[1] if len(args) > 1 else ""
-        if kw == "option":
-            current.options[key] = (value, line)
-        else:
-            # Lists keep each item's line, for check-config.
-            old = current.options.get(key)
-            if old is None:
-                current.options[key] = ([(value, line)], line)
-            elif isinstance(old[0], list):
-                old[0].append((value, line))
-            else:  # libuci turns an option into a list on `list`
-                current.options[key] = ([old, (value, line)], old[1])
-    return sections, problems
+def parse_uci(data):
+    """UCI text (bytes, or str) into ([uci.Section], [(line, problem)]),
+    read as libuci reads it (see uci.py); names and values as str."""
+    from microbroker import uci
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    sections, problems = uci.parse(data)
+    if problems:
+        return [], problems
+    problems = uci.decode(sections)
+    return ([], problems) if problems else (sections, [])
 
 
 # ---------------------------------------------------------------- schema
@@ -786,7 +630,7 @@ def build(sections, problems=(), path=None, overrides=(), euid=None,
         if stype not in SCHEMAS:
             cfg.problems.append(("--set", "unknown section type %r" % stype))
             continue
-        sec = Section(stype, sname, 0)
+        sec = _uci_section(stype, sname, 0)
         sec.options[key] = (value, 0)
         if stype == "service":
             if not _is_name(sname) or len(sname) > 32:
@@ -1021,7 +865,7 @@ def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):
         must_exist = True
     try:
         with open(path, "rb") as f:
-            raw = f.read(1 << 20)
+            raw = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         if must_exist:
             cfg = build([], [], path, overrides, euid, environ)
@@ -1032,13 +876,11 @@ def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):
         cfg = build([], [], path, overrides, euid, environ)
         cfg.problems.insert(0, (path, "cannot read: %s" % e.strerror))
         return cfg
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+    if len(raw) > MAX_FILE:
         cfg = build([], [], path, overrides, euid, environ)
-        cfg.problems.insert(0, ("%s:%d" % (path, line), "not UTF-8"))
+        cfg.problems.insert(0, (path, "larger than %d bytes: not read"
+                                % MAX_FILE))
         return cfg
-    sections, problems = parse_uci(text)
+    sections, problems = parse_uci(raw)
     cfg = build(sections, problems, path, overrides, euid, environ)
     return cfg

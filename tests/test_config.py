@@ -8,79 +8,111 @@ import sys
 import pytest
 
 from microbroker import config
-from microbroker.config import (parse_uci, tokenize, build, load, parse_addr,
+from microbroker.config import (parse_uci, build, load, parse_addr,
                                 norm_addr, parse_prefix, in_prefixes,
                                 parse_listen, default_state_dir)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def words(text):
-    statements, problems = tokenize(text)
+def opts(text, section=0):
+    """{option: value} of one section, lines dropped."""
+    secs, problems = parse_uci(text)
     assert problems == []
-    return [w for _, w in statements]
+    return {k: [x for x, _ in v] if isinstance(v, list) else v
+            for k, (v, _) in secs[section].options.items()}
 
 
-# ---------------------------------------------------------------- tokenizer
+def problem_line(text):
+    secs, problems = parse_uci(text)
+    assert secs == [] and len(problems) == 1, problems
+    return problems[0][0]
+
+
+# ---------------------------------------------------------------- reader
+# The reader is libuci's parser ported (microbroker/uci.py);
+# tests/test_uci_libuci.py holds it against the real uci.
 
 def test_plain_statements_and_lines():
-    st, pr = tokenize("config broker\n\toption name 'x'\n\n  list a b\n")
+    secs, pr = parse_uci("config broker\n\toption name 'x'\n\n  list a b\n")
     assert pr == []
-    assert st == [(1, ["config", "broker"]), (2, ["option", "name", "x"]),
-                  (4, ["list", "a", "b"])]
+    assert secs[0].options == {"name": ("x", 2), "a": ([("b", 4)], 4)}
 
 
-def test_single_quotes_are_literal():
-    assert words(r"option a 'x\y \"z'") == [["option", "a", r'x\y \"z']]
-
-
-def test_double_quotes_backslash_keeps_next_char():
-    assert words(r'option a "x\"y\\z\q"') == [["option", "a", 'x"y\\zq']]
-
-
-def test_concatenation_of_pieces():
-    assert words("option a 'a'\"b\"c") == [["option", "a", "abc"]]
-    assert words("option a x'y z'") == [["option", "a", "xy z"]]
+def test_quotes():
+    assert opts("config a\noption a 'x\\y \\\"z'") == {"a": r'x\y \"z'}
+    assert opts('config a\noption a "x\\"y\\\\z\\q"') == {"a": 'x"y\\zq'}
+    assert opts("config a\noption a 'a'\"b\"c\noption b x'y z'") == {
+        "a": "abc", "b": "xy z"}
 
 
 def test_comments():
-    assert words("# all comment\noption a b # tail\noption c d#e\n") == [
-        ["option", "a", "b"], ["option", "c", "d"]]
-    assert words("option a '#not a comment'") == [["option", "a",
-                                                   "#not a comment"]]
+    assert opts("config a\n# all comment\noption a b # tail\n"
+                "option c d#e\noption e '#no'\n") == {"a": "b", "c": "d",
+                                                        "e": "#no"}
 
 
-def test_semicolon_separates_statements():
-    assert words("config broker; option a b;option c 'd;e'") == [
-        ["config", "broker"], ["option", "a", "b"], ["option", "c", "d;e"]]
+def test_semicolon_like_libuci():
+    # after a quoted value ';' ends the statement; right after an unquoted
+    # one it ends the line
+    assert opts("config a\noption a 'b'; option c d\n") == {"a": "b",
+                                                             "c": "d"}
+    assert opts("config a\noption a b; option c d\n") == {"a": "b"}
+    assert opts("config a\noption a b ; option c d\n") == {"a": "b",
+                                                            "c": "d"}
+    assert opts("config a\noption c 'd;e'\n") == {"c": "d;e"}
 
 
 def test_backslash_newline_continues():
-    st, _ = tokenize("option a \\\n  b\noption c d\\\ne\n")
-    assert st == [(1, ["option", "a", "b"]), (3, ["option", "c", "de"])]
-    assert words('option a "x\\\ny"') == [["option", "a", "xy"]]
-    assert words("option a x\\ y") == [["option", "a", "x y"]]
+    assert opts("config a\noption c d\\\ne\n") == {"c": "de"}
+    # a continued line that starts with a blank ends the word there
+    assert problem_line("config a\noption a x\\\n  b\n") == 3
+    assert opts('config a\noption a "x\\\ny"') == {"a": "xy"}
+    assert opts("config a\noption a x\\ y") == {"a": "x y"}
 
 
 def test_quotes_span_lines_and_lines_keep_counting():
-    st, _ = tokenize("option a 'x\ny'\noption b c\n")
-    assert st == [(1, ["option", "a", "x\ny"]), (3, ["option", "b", "c"])]
+    secs, _ = parse_uci("config a\noption a 'x\ny'\noption b c\n")
+    assert secs[0].options == {"a": ("x\ny", 2), "b": ("c", 4)}
 
 
 def test_unterminated_quote_reported_with_line():
-    _, pr = tokenize("config a\noption b 'open\nmore\n")
-    assert pr == [(2, "unterminated '")]
-    _, pr = tokenize('option b "open')
-    assert pr == [(1, 'unterminated "')]
+    assert problem_line("config a\noption b 'open\nmore\n") == 3
+    assert problem_line('config a\noption b "open') == 2
 
 
-def test_empty_quoted_value_is_a_word():
-    assert words("option a ''") == [["option", "a", ""]]
+def test_empty_value_is_no_option():
+    assert opts("config a\noption a ''\noption b\noption c \"\"\n") == {}
+    # and does not remove one given before (libuci's uci_set)
+    assert opts("config a\noption a x\noption a ''\n") == {"a": "x"}
+    assert opts("config a\nlist a ''\n") == {"a": [""]}
 
 
 def test_crlf_files():
-    assert words("config broker\r\noption a 'b'\r\n") == [
-        ["config", "broker"], ["option", "a", "b"]]
+    assert opts("config broker\r\noption a 'b'\r\n") == {"a": "b"}
+
+
+def test_section_types_libuci_takes():
+    secs, pr = parse_uci("config my-type 'x'\noption a b\nconfig a.b\n")
+    assert pr == [] and [s.type for s in secs] == ["my-type", "a.b"]
+    cfg = build(secs, pr)
+    assert [m for _, m in cfg.problems][:2] == [
+        "unknown section type 'my-type'", "unknown section type 'a.b'"]
+
+
+def test_too_large_file_is_refused(tmp_path):
+    p = tmp_path / "big"
+    p.write_bytes(b"config broker\n" + b"# pad\n" * (1 << 18))
+    cfg = load(str(p))
+    assert cfg.problems[0][1].startswith("larger than")
+
+
+def test_non_utf8_value_is_refused_at_its_line(tmp_path):
+    p = tmp_path / "c"
+    p.write_bytes(b"config broker\n\toption name 'a'\n\toption text "
+                  b"'\xff'\n")
+    cfg = load(str(p))
+    assert cfg.problems[0][0] == "%s:3" % p
 
 
 # ---------------------------------------------------------------- sections
@@ -95,8 +127,9 @@ def test_abbreviated_keywords():
 
 
 def test_bad_keyword_and_option_outside_section():
-    _, pr = parse_uci("option a b\nconfigure x\nconf x\n")
-    assert [l for l, _ in pr] == [1, 2, 3]
+    assert problem_line("option a b\nconfig x\n") == 1
+    assert problem_line("config x\nconfigure x\n") == 2
+    assert problem_line("config x\n\nconf x\n") == 3
 
 
 def test_option_then_list_becomes_list_like_libuci():
@@ -109,14 +142,14 @@ def test_named_sections_merge():
                          "config service 'a'\noption lifetime 2\n")
     assert pr == [] and len(secs) == 1
     assert set(secs[0].options) == {"mtu", "lifetime"}
-    _, pr = parse_uci("config service 'a'\nconfig broker 'a'\n")
-    assert pr and pr[0][0] == 2
+    assert problem_line("config service 'a'\nconfig broker 'a'\n") == 2
 
 
-def test_bad_names():
-    _, pr = parse_uci("config 'ser vice'\nconfig service 'a-b'\n"
-                      "config x\noption 'a b' c\noption a b c\n")
-    assert [l for l, _ in pr] == [1, 2, 4, 5]
+@pytest.mark.parametrize("text,line", [
+    ("config 'ser vice'\n", 1), ("config x\nconfig service 'a-b'\n", 2),
+    ("config x\noption 'a b' c\n", 2), ("config x\n\noption a b c\n", 3)])
+def test_bad_names(text, line):
+    assert problem_line(text) == line
 
 
 # ---------------------------------------------------------------- schema
@@ -315,7 +348,7 @@ def test_file_problems(tmp_path):
     p = tmp_path / "bad"
     p.write_bytes(b"config broker\noption name '\xff'\n")
     c = load(str(p))
-    assert c.problems == [(str(p) + ":2", "not UTF-8")]
+    assert c.problems == [(str(p) + ":2", "value of name is not UTF-8")]
 
 
 # ---------------------------------------------------------------- overrides
