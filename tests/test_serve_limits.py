@@ -259,3 +259,19 @@ def test_http_error_by_class():
             raise web.BrokerError("store", "wrapped")
     except web.BrokerError as e:
         assert web.http_error(e)[:2] == (503, "busy")
+
+
+@pytest.mark.parametrize("opt,value", [
+    ("request_rate", "-1"), ("request_rate", "\u0665"),
+    ("request_burst", "0"), ("source_connections", "0"), ("timeout", "0")])
+def test_limits_are_checked(tmp_path, opt, value):
+    from microbroker import config as mbconfig
+    cfg = mbconfig.load(config(tmp_path, **{opt: value}))
+    assert [m for _, m in cfg.problems if m.startswith(opt)], cfg.problems
+
+
+def test_limit_defaults(tmp_path):
+    from microbroker import config as mbconfig
+    cfg = mbconfig.load(config(tmp_path))
+    assert (cfg.source_connections, cfg.request_rate, cfg.request_burst,
+            cfg.timeout) == (8, 5.0, 20, 10)
