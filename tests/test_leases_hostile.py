@@ -215,7 +215,7 @@ class Crash:
 
     def install(self):
         crash = self
-        write, flush = L._Txn.write, L._Txn.flush
+        write, flush = L.Records.write, L.Records.flush
 
         def patched_write(tx, *a):
             if crash.mode not in ("after", "torn", "torn_close"):
@@ -253,7 +253,7 @@ class Crash:
                 if crash.n == crash.k:
                     os._exit(9)
 
-        L._Txn.write, L._Txn.flush = patched_write, patched_flush
+        L.Records.write, L.Records.flush = patched_write, patched_flush
         install = L.LeaseStore._install
 
         def patched_install(store, tmp):
@@ -316,7 +316,7 @@ def crash_op(st, scenario, target, secret):
         st.sweep(now=T0 + 50)
     else:
         # a lease that needs a bigger record: the file is rebuilt (gnu, ndbm)
-        with st._txn(True) as tx:
+        with st._open(True) as tx:
             tx.reserve({b"b%02x" % (int(target.lease_id[:2], 16) % st.buckets): 200000})
         crash_op(st, "allocate", target, secret)
 
