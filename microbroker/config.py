@@ -401,6 +401,13 @@ BROKER = {
     "ifname_prefix": (_ifprefix, "mb", False),      # exit interfaces: mb<id>
     "max_leases": (_int(1, 100000), 256, False),    # all services together
     "max_per_client": (_int(1, 1000), 4, False),    # per source address
+    # New leases (not re-issues) per minute, all clients together, after a
+    # burst of lease_burst; 0: no limit. Shared by CGI processes (the store).
+    "lease_rate": (_int(0, 100000), 60, False),
+    "lease_burst": (_int(1, 100000), 256, False),
+    # When full, a lease that has carried no traffic (exit rx counters) this
+    # many seconds after it was granted makes room for a newcomer; 0: never.
+    "idle_grace": (_int(0, 7 * 86400), 600, False),
     "allow": (_prefix, [], True),                   # empty: everyone
     "deny": (_prefix, [], True),                    # wins over allow
     "token": (_token, [], True),                    # any of them; none: open
@@ -671,6 +678,10 @@ def _finish(cfg, at, euid, environ):
         p.append((at(0), "ifname_prefix %r with tunnel ids up to %d makes "
                   "interface names longer than 15 characters"
                   % (cfg.ifname_prefix, cfg.tunnel_ids[1])))
+    if 0 < cfg.idle_grace < 60:
+        p.append((at(0), "idle_grace %d is too short for a client to bring "
+                  "its tunnel up and send through it (0, or at least 60)"
+                  % cfg.idle_grace))
     ports = {}
     for text in cfg.listen:
         try:

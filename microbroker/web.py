@@ -12,6 +12,16 @@ import is start-up time for every CGI request.
 
 from microbroker import broker as _broker
 from microbroker.broker import BrokerError, log
+
+# code -> HTTP status, from docs/api.md; "internal" covers our own bugs.
+STATUS = {
+    "bad_request": 400, "forbidden": 403, "not_found": 404,
+    "unknown_service": 404, "unknown_kind": 404, "method_not_allowed": 405,
+    "id_conflict": 409,
+    "too_large": 413, "too_many": 429, "full": 503, "ids_exhausted": 503,
+    "pool_exhausted": 503, "unavailable": 503, "busy": 503, "kernel": 500,
+    "store": 500, "internal": 500,
+}
 from microbroker.config import parse_addr, format_addr, addr_kind
 from microbroker.jsonlite import dumps
 
@@ -396,7 +406,7 @@ class App:
         if allow:
             extra.append(("Allow", allow))
         if fmt == "sh":
-            pairs = [("STATUS", e.status), ("ERROR", e.code),
+            pairs = [("STATUS", STATUS[e.code]), ("ERROR", e.code),
                      ("MESSAGE", e.message)]
             if e.retry_after is not None:
                 pairs.append(("RETRY_AFTER", int(e.retry_after)))
@@ -405,7 +415,7 @@ class App:
         obj = {"error": {"code": e.code, "message": e.message}}
         if e.retry_after is not None:
             obj["error"]["retry_after"] = int(e.retry_after)
-        return e.status, _headers("application/json") + extra, \
+        return STATUS[e.code], _headers("application/json") + extra, \
             (to_json(obj) + "\n").encode("utf-8")
 
 

@@ -48,6 +48,9 @@ class FakeDataplane:
                            service.name))
         if self.fail:
             raise self.fail
+        if (lease.tunnel_id, lease.session_id) in self.kernel:
+            # as dataplane.up does on EEXIST, after removing what it built
+            raise IdInUse("File exists", lease.tunnel_id, lease.session_id)
 
     def down(self, lease):
         self.calls.append(("down", lease.lease_id))
@@ -63,8 +66,7 @@ class FakeDataplane:
         return {"rebuilt": []}
 
 
-class KernelUnavailable(Exception):
-    pass
+from microbroker.dataplane import IdInUse, KernelUnavailable  # noqa: E402
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def test_kernel_failure_rolls_back(setup):
     b, dp = setup(FakeDataplane(fail=OSError(17, "File exists")))
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::99", "v6")
-    assert e.value.code == "kernel" and e.value.status == 500
+    assert e.value.code == "kernel" and web.STATUS[e.value.code] == 500
     assert "rolled back" in e.value.message and "File exists" in \
         e.value.message
     assert b.store.count() == 0
@@ -141,11 +143,41 @@ def test_missing_dataplane_module_is_reported_not_fatal(setup, monkeypatch):
 
 
 def test_ids_in_the_kernel_are_skipped(setup):
+    # A CGI knows nothing of the kernel: it learns from IdInUse, and asks
+    # again with those ids left out.
     dp = FakeDataplane()
     dp.kernel = {(1, 1), (2, 2)}
     b, _ = setup(dp)
     v = b.lease("fc00::99", "v6")
     assert v["peer_tunnel_id"] == 3
+    assert [c[2] for c in dp.calls if c[0] == "up"] == [1, 2, 3]
+    assert b.store.count() == 1 and b.store.check()["ok"]
+
+
+def test_a_server_keeps_the_kernels_ids_from_its_reconcile(setup):
+    dp = FakeDataplane()
+    dp.kernel = {(1, 1), (2, 2)}
+    b, _ = setup(dp)
+    b.hold_leases()
+    with pytest.raises(mb.BrokerError) as e:     # while it reconciles
+        b.lease("fc00::98", "v6")
+    assert e.value.code == "busy" and web.STATUS["busy"] == 503
+    assert e.value.retry_after <= 5
+    assert b.offer()["services"]["v6"]["free"] > 0   # offers meanwhile
+    b.reconcile()
+    assert b.foreign_ids == {(1, 1), (2, 2)}
+    v = b.lease("fc00::99", "v6")
+    assert v["peer_tunnel_id"] == 3
+    assert [c[2] for c in dp.calls if c[0] == "up"] == [3]
+
+
+def test_ids_the_kernel_keeps_refusing_end_in_ids_exhausted(setup):
+    dp = FakeDataplane()
+    dp.kernel = {(t, t) for t in range(1, 100)}
+    b, _ = setup(dp)
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "ids_exhausted" and b.store.count() == 0
 
 
 def test_udp_ports_one_per_tunnel(setup):
@@ -444,7 +476,7 @@ config service 'pool'
 	option endpoint 'fc00::1'
 	option prefix_pool 'fd00:beef::/62'
 	option prefix_length '64'
-	option ipv4_pool '198.51.100.0/31'
+	option ipv4_pool '198.51.100.0/30'
 	option ipv4_gateway '198.51.100.254'
 """
 
@@ -467,19 +499,20 @@ def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
     assert offer["v6"]["provides"] == []
     v1 = b.lease("fc00::91", "pool")
     v2 = b.lease("fc00::92", "pool")
+    # Item 0 (the pool's network address) and IPv4's broadcast never.
     assert (v1["prefix"], v1["ipv4"], v1["ipv4_gateway"]) == \
-        ("fd00:beef::/64", "198.51.100.0", "198.51.100.254")
-    assert (v2["prefix"], v2["ipv4"]) == ("fd00:beef:0:1::/64", "198.51.100.1")
+        ("fd00:beef:0:1::/64", "198.51.100.1", "198.51.100.254")
+    assert (v2["prefix"], v2["ipv4"]) == ("fd00:beef:0:2::/64", "198.51.100.2")
     lease = b.store.get(v1["lease_id"])
-    assert lease.extra == {"prefix": "fd00:beef::/64", "ipv4": "198.51.100.0"}
+    assert lease.extra == {"prefix": "fd00:beef:0:1::/64", "ipv4": "198.51.100.1"}
     # Re-issued: the same items.
     again = b.lease("fc00::91", "pool")
     assert (again["prefix"], again["ipv4"]) == (v1["prefix"], v1["ipv4"])
     # Only two IPv4 addresses: the third lease is refused, and rolled back.
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::93", "pool")
-    assert e.value.code == "pool_exhausted" and e.value.status == 503
-    assert "ipv4_pool 198.51.100.0/31" in e.value.message and e.value.retry_after
+    assert e.value.code == "pool_exhausted" and web.STATUS[e.value.code] == 503
+    assert "pool 198.51.100.0/30" in e.value.message and e.value.retry_after
     assert b.store.count(service="pool") == 2
     # Released items are handed out again.
     b.release("fc00::91", v1["lease_id"], again["secret"])
@@ -487,27 +520,19 @@ def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
     assert (v3["prefix"], v3["ipv4"]) == (v1["prefix"], v1["ipv4"])
 
 
-def test_a_rival_process_with_the_same_item_makes_us_pick_again(setup):
+def test_pool_items_are_picked_with_the_ids_in_one_transaction(setup):
     b, dp = setup(extra=POOLS)
     v1 = b.lease("fc00::91", "pool")
-    # What a CGI process racing us would leave: a lower tunnel id holding
-    # the item our scan is about to choose.
-    real_pick = b._pick
-    calls = []
-
-    def pick(key, svc, lease, skip):
-        calls.append(skip)
-        if len(calls) == 1:
-            return {"prefix": v1["prefix"], "ipv4": v1["ipv4"]}[key]
-        return real_pick(key, svc, lease, skip)
-    b._pick = pick
+    # No write after the allocation may change what it picked.
+    with pytest.raises(ValueError):
+        b.store.update(v1["lease_id"], extra={"prefix": "fd00:beef:0:2::/64"})
     v2 = b.lease("fc00::92", "pool")
-    assert v2["prefix"] != v1["prefix"]
-    assert b.store.get(v2["lease_id"]).extra["prefix"] == v2["prefix"]
+    assert v2["prefix"] != v1["prefix"] and v2["ipv4"] != v1["ipv4"]
+    assert b.store.check()["ok"]
 
 
 def test_pool_answer_in_shell_format(setup):
     b, dp = setup(extra=POOLS)
     v = b.lease("fc00::91", "pool")
     text = web.to_sh(web.flatten(v))
-    assert "PREFIX='fd00:beef::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text
+    assert "PREFIX='fd00:beef:0:1::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text
