@@ -461,6 +461,8 @@ class Broker:
         """The kernel side of an allocated lease, then state "up"; undone
         on any failure (IdInUse passes through for other ids)."""
         IdInUse, KernelUnavailable = _dataplane_errors()
+        from microbroker.leases.store import _test_pause
+        _test_pause("build")
         hooked = False
         try:
             self.dataplane.up(lease, svc)

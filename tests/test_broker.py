@@ -536,3 +536,97 @@ def test_pool_answer_in_shell_format(setup):
     v = b.lease("fc00::91", "pool")
     text = web.to_sh(web.flatten(v))
     assert "PREFIX='fd00:beef:0:1::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text
+
+
+def test_offer_free_is_the_least_of_service_broker_and_bridge(setup):
+    # Issue 13 item 6: max_leases taken by another service leaves none.
+    b, dp = setup(extra="config service 'big'\n\toption endpoint 'fc00::1'\n"
+                        "\toption capacity '10'\n")
+    for i in range(9):
+        b.lease("fc00::1:%x" % (i + 1), "v6")
+    svcs = b.offer()["services"]
+    assert svcs["big"]["free"] == 1 and svcs["u4"]["free"] == 1
+    b.lease("10.0.0.9", "u4")
+    svcs = b.offer()["services"]
+    assert svcs["big"]["free"] == 0 and svcs["big"]["used"] == 0
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::2:1", "big")
+    assert e.value.code == "full" and e.value.retry_after
+
+
+def test_a_bridge_holds_at_most_its_port_cap(setup, monkeypatch):
+    monkeypatch.setattr(mb, "BRIDGE_PORTS", 3)
+    b, dp = setup(extra="config service 'w6'\n\toption endpoint 'fc00::1'\n"
+                        "\toption bridge 'br-v6'\n")
+    b.lease("fc00::1:1", "v6")
+    b.lease("fc00::1:2", "w6")
+    assert b.offer()["services"]["v6"]["free"] == 1
+    b.lease("fc00::1:3", "v6")
+    assert b.offer()["services"]["w6"]["free"] == 0
+    assert b.offer()["services"]["u4"]["free"] > 0        # routed elsewhere
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::1:4", "w6")
+    assert e.value.code == "full" and "br-v6" in e.value.message
+    assert b.store.count() == 3
+
+
+def test_the_kernels_exfull_is_answered_full_not_500(setup):
+    b, dp = setup(FakeDataplane(fail=OSError(54, "Exchange full")))
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "full" and web.STATUS["full"] == 503
+    assert b.store.count() == 0
+
+
+def test_new_leases_are_rate_limited_broker_wide(setup):
+    b, dp = setup(extra="config broker 'main'\n\toption lease_rate '1'\n"
+                        "\toption lease_burst '2'\n")
+    now = [1000.0]
+    b.clock = lambda: now[0]
+    b.lease("fc00::1:1", "v6")
+    b.lease("fc00::1:2", "v6")
+    b.lease("fc00::1:1", "v6")                  # a re-issue costs nothing
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::1:3", "v6")
+    assert e.value.code == "too_many" and web.STATUS["too_many"] == 429
+    assert 1 <= e.value.retry_after <= 61
+    # Another process (a CGI) shares the bucket: it lives in the store.
+    other = mb.make_broker(b.config, dataplane=FakeDataplane())
+    other.clock = b.clock
+    with pytest.raises(mb.BrokerError):
+        other.lease("fc00::1:4", "v6")
+    now[0] += 60
+    other.lease("fc00::1:4", "v6")
+
+
+def test_a_lease_that_never_carried_traffic_makes_room_after_its_grace(setup):
+    b, dp = setup(extra="config broker 'main'\n\toption idle_grace '300'\n"
+                        "\toption lease_rate '0'\n")
+    now = [1000.0]
+    b.clock = lambda: now[0]
+    for i in range(10):
+        b.lease("fc00::1:%x" % (i + 1), "v6")
+    busy = b.store.leases()[0]
+    dp.stats = {}                                # nobody's counters rise
+    b.store.update(busy.lease_id, rx_packets=5, seen=now[0])
+    with pytest.raises(mb.BrokerError) as e:     # within the grace: full
+        b.lease("fc00::2:1", "v6")
+    assert e.value.code == "full"
+    now[0] += 301
+    v = b.lease("fc00::2:1", "v6")
+    assert b.store.count() == 10
+    left = {l.lease_id for l in b.store.leases()}
+    assert busy.lease_id in left and v["lease_id"] in left
+    gone = [c[1] for c in dp.calls if c[0] == "down"]
+    assert len(gone) == 1 and gone[0] not in left
+    # A lease whose exit counters show traffic stays.
+    dp.stats = {"rx_packets": 3}
+    with pytest.raises(mb.BrokerError):
+        b.lease("fc00::2:2", "v6")
+
+
+def test_check_config_refuses_a_short_idle_grace(tmp_path):
+    path = tmp_path / "microbroker"
+    path.write_text(CONFIG % {"state": tmp_path} + "config broker 'main'\n"
+                    "\toption idle_grace '10'\n")
+    assert any("idle_grace" in m for _w, m in mbconfig.load(str(path)).problems)

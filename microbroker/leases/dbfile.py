@@ -33,7 +33,7 @@ from microbroker import jsonlite
 from microbroker.leases.errors import Busy, Corrupt, StoreError
 from microbroker.leases.record import (
     _CHUNK, _HEAD, _MINCAP, _UNIT, Bucket, Holdings, _capacity, _fixed_cap,
-    _meta_payload, _pack, _put_slot, _unpack)
+    _meta_payload, _pack, _put_slot, _sorted_json, _unpack)
 
 SCHEMA = 1
 FORMAT = "microbroker-leases"
@@ -263,7 +263,6 @@ class Records:
     def grow(self, needs):
         """Rebuild the file (gnu, ndbm) with room for `needs` and half as much again
         as every record uses now, under a new name, and rename it over the old one."""
-        import json
         st = self.store
         names = st._names()
         slots, used = {}, {}
@@ -279,7 +278,7 @@ class Records:
             n = used[name] if name in (b"ids", b"meta") else max(used[name], mean + 1024)
             layout[name] = _fixed_cap(n + n // 2, st.unit)
         gen, _, _, raw = max((p for p in slots[b"meta"] if p), key=lambda p: p[0])
-        meta = json.loads(raw)
+        meta = jsonlite.loads(raw)
         payload = _meta_payload(meta, layout, st.unit)
         slots[b"meta"] = [(gen + 1, 0, 0.0, payload), (gen, 0, 0.0, payload)]
         tmp = st.path + ".grow"
@@ -439,10 +438,14 @@ class LeaseFile:
             except ImportError:
                 raise StoreError(f"backend {wanted} is not available in this Python", self.path)
             return wanted
-        avail = available_backends()
-        if not avail:
-            raise StoreError("no dbm backend in this Python", self.path)
-        return avail[0]
+        # The first that imports: importing dbm.dumb loads ast and enum.
+        for name in BACKENDS:
+            try:
+                __import__(name)
+            except ImportError:
+                continue
+            return name
+        raise StoreError("no dbm backend in this Python", self.path)
 
     def _suffixes(self):
         return {"dbm.gnu": ("",), "dbm.ndbm": (".db", ".pag", ".dir"),
@@ -572,7 +575,6 @@ class LeaseFile:
 
     def _create(self):
         """Build an empty store under a temporary name, then rename it into place."""
-        import json
         k = _BUCKETS[self.backend]
         names = self._names(k)
         meta = {"format": FORMAT, "schema": SCHEMA, "backend": self.backend,
@@ -584,7 +586,7 @@ class LeaseFile:
                     for name, p in payloads.items()}
             payloads[b"meta"] = _meta_payload(meta, caps, self.unit)
         else:
-            payloads[b"meta"] = json.dumps(meta, sort_keys=True).encode()
+            payloads[b"meta"] = _sorted_json(meta)
             caps = {name: _capacity(_HEAD.size + len(p), 0) for name, p in payloads.items()}
         # Both slots exist from the start, so later writes keep the key set fixed.
         slots = {name: [(1, 0, 0.0, p), (0, 0, 0.0, p)] for name, p in payloads.items()}

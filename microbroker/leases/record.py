@@ -239,16 +239,22 @@ _UNIT = {"dbm.gnu": 512, "dbm.ndbm": 960}
 
 def _meta_payload(meta, layout, unit):
     """The meta record with `layout` in it, room for itself included."""
-    import json
     meta = dict(meta)
     layout[b"meta"] = 0
     for _ in range(3):
         meta["layout"] = {k.decode(): v for k, v in layout.items()}
-        payload = json.dumps(meta, sort_keys=True).encode()
+        payload = _sorted_json(meta)
         if layout[b"meta"] >= _HEAD.size + len(payload):
             return payload
         layout[b"meta"] = _fixed_cap(2 * (_HEAD.size + len(payload)), unit)  # rarely rewritten
     raise AssertionError("meta layout does not settle")
+
+
+def _sorted_json(obj):
+    """json.dumps(obj, sort_keys=True), compact, without importing json."""
+    def srt(v):
+        return {k: srt(v[k]) for k in sorted(v)} if isinstance(v, dict) else v
+    return jsonlite.dumps(srt(obj)).encode()
 
 
 def _put_slot(db, key, raw, chunk, need):
