@@ -630,3 +630,24 @@ def test_check_config_refuses_a_short_idle_grace(tmp_path):
     path.write_text(CONFIG % {"state": tmp_path} + "config broker 'main'\n"
                     "\toption idle_grace '10'\n")
     assert any("idle_grace" in m for _w, m in mbconfig.load(str(path)).problems)
+
+
+def test_a_stalled_store_lock_is_503_busy_and_offers_still_answer(setup):
+    import fcntl
+    b, dp = setup()
+    b.lease("fc00::1:1", "v6")                  # the counts file exists now
+    b.store.lock_timeout = 0.2
+    app = web.App(b.config, broker=b)
+    fd = os.open(b.store.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # a SIGSTOPped process, say
+        status, headers, body = app.handle("POST", "/lease", body=b"service=v6",
+                                           headers={"content-type":
+                                                    "application/x-www-form-urlencoded"},
+                                           remote="fc00::1:2", local="fc00::1")
+        assert status == 503 and b'"busy"' in body, body
+        assert 1 <= int(dict(headers)["Retry-After"]) <= 5
+        status, _h, body = app.handle("GET", "/offer", remote="fc00::1:2", local="fc00::1")
+        assert status == 200 and b'"used":1' in body
+    finally:
+        os.close(fd)
