@@ -181,8 +181,13 @@ class Broker:
 
     def hold_leases(self):
         """Lease requests wait (briefly, then 503 busy) until leases_ready():
-        the server's start-up reconcile runs meanwhile; offers are answered."""
+        the server's start-up reconcile runs meanwhile; offers are answered,
+        from the counts file made here if the store has none yet."""
         self.ready.clear()
+        try:
+            self.store.counts()
+        except Exception as e:
+            log("warning", "lease counts: %s: %s", type(e).__name__, e)
 
     def leases_ready(self):
         self.ready.set()
