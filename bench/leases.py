@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from microbroker import leases as L  # noqa: E402
+from microbroker.leases import dbfile as D, record as R, store as S  # noqa: E402
 
 LIFETIME = 3600.0
 
@@ -33,9 +34,9 @@ def bulk_load(store, n, now):
     """Fill a fresh store with n leases in one call (allocate() one by one would
     take minutes on dbm.dumb; the records are exactly what allocate writes)."""
     store.count()                                  # creates the file
-    with store._txn(True) as tx:
+    with store._open(True) as tx:
         buckets = {}
-        ids = L._Ids()
+        ids = R.Holdings()
         for i in range(n):
             client = client_addr(i)
             home = store._home(client)
@@ -43,20 +44,20 @@ def bulk_load(store, n, now):
             t = s = i + 1
             row = [None] * len(L.FIELDS)
             values = dict(
-                lease_id="%02x%s" % (home, os.urandom(7).hex()), secret_hash=L._hash("x" * 32),
+                lease_id="%02x%s" % (home, os.urandom(7).hex()), secret_hash=S._hash("x" * 32),
                 client=client, service="mesh", kind="l2tpv3", encap="ip", local="fc00::1",
                 remote=client, tunnel_id=t, peer_tunnel_id=t, session_id=s, peer_session_id=s,
                 ifname=f"mb{t}", mtu=1450, mac="", udp_port=0, peer_udp_port=0, created=now,
                 renewed=now, expires=now + LIFETIME + random.random(), state="up",
                 rx_packets=0, rx_bytes=0, tx_packets=0, tx_bytes=0, seen=0.0, extra={})
             for k, v in values.items():
-                row[L._F[k]] = v
-            buckets.setdefault(b, L._Bucket(b"", "")).put(None, row)
+                row[R._F[k]] = v
+            buckets.setdefault(b, R.Bucket(b"", "")).put(None, row)
             ids.add(row)
         ids.cursor = n + 1
         ids.next_expiry = now + LIFETIME
-        tx.reserve({b"ids": L._HEAD.size + len(ids.payload()), **{
-            b"b%02x" % b: L._HEAD.size + len(bucket.payload()[0])
+        tx.reserve({b"ids": R._HEAD.size + len(ids.payload()), **{
+            b"b%02x" % b: R._HEAD.size + len(bucket.payload()[0])
             for b, bucket in buckets.items()}})
         tx.put_ids(ids)
         tx.flush()
@@ -222,7 +223,7 @@ def main():
     print("|" + "---|" * len(head))
     rows = []
     for b in backends:
-        rows.append((b, L._BUCKETS[L._norm_backend(b)],
+        rows.append((b, D._BUCKETS[D._norm_backend(b)],
                      bench_dbm(b, args.leases, args.ops, not args.no_fsync)))
     rows.append(("sqlite3 (reference)", "-", bench_sqlite(args.leases, args.ops)))
     for name, k, r in rows:

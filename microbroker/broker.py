@@ -12,134 +12,43 @@ request loads this module every time.
 """
 
 import os
-import sys
 import time
 
 from microbroker import __version__
+from microbroker.log import LEVELS, Log, log  # noqa: F401 (broker.log for the front doors)
+from microbroker.nulldataplane import BrokenDataplane, NullDataplane  # noqa: F401
+from microbroker.addresses import lease_mac, routed_address  # noqa: F401
 
 API_VERSION = 1
-
-# code -> HTTP status, from docs/api.md; "internal" covers our own bugs.
-STATUS = {
-    "bad_request": 400, "forbidden": 403, "not_found": 404,
-    "unknown_service": 404, "unknown_kind": 404, "method_not_allowed": 405,
-    "id_conflict": 409,
-    "too_large": 413, "too_many": 429, "full": 503, "ids_exhausted": 503,
-    "pool_exhausted": 503, "unavailable": 503, "kernel": 500, "store": 500,
-    "internal": 500,
-}
 
 # Retry-After for 429/503 when nothing better is known.
 DEFAULT_RETRY = 60
 UNAVAILABLE_RETRY = 600
+# Codes answered 429 or 503 (web.STATUS), which always carry a Retry-After.
+RETRY_CODES = ("too_many", "full", "ids_exhausted", "pool_exhausted",
+               "unavailable", "busy")
+
+# A Linux bridge numbers its ports 1..1023 (BR_MAX_PORTS 1024 in
+# net/bridge/br_private.h); past that, adding a port fails with EXFULL.
+BRIDGE_PORTS = 1023
+# How often the IdInUse of a lease build is answered with other ids.
+ID_RETRIES = 3
+# While the start-up reconcile runs, a lease request waits this long, then
+# is answered 503 busy.
+STARTUP_WAIT = 2.0
 
 
 class BrokerError(Exception):
-    """An answer for the client: stable code, human message."""
+    """An answer for the client: stable code, human message (web.py maps
+    the code to an HTTP status)."""
 
     def __init__(self, code, message, retry_after=None):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
-        self.status = STATUS[code]
-        if retry_after is None and self.status in (429, 503):
+        if retry_after is None and code in RETRY_CODES:
             retry_after = DEFAULT_RETRY
         self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------- logging
-# `logging` is a separate package on OpenWrt (python3-logging) and costs
-# start-up time; this is all the broker needs.
-
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-
-
-class Log:
-    def __init__(self):
-        self.level = LEVELS["info"]
-        self.syslog = None
-
-    def configure(self, target="stderr", level="info"):
-        self.level = LEVELS[level]
-        self.syslog = None
-        if target == "syslog":
-            try:
-                import syslog
-            except ImportError:
-                self("warning", "no syslog module here, logging to stderr")
-                return
-            syslog.openlog("microbroker", syslog.LOG_PID, syslog.LOG_DAEMON)
-            self.syslog = syslog
-
-    def __call__(self, level, message, *args):
-        n = LEVELS[level]
-        if n < self.level:
-            return
-        if args:
-            message = message % args
-        if self.syslog is not None:
-            prio = {10: self.syslog.LOG_DEBUG, 20: self.syslog.LOG_INFO,
-                    30: self.syslog.LOG_WARNING}.get(n, self.syslog.LOG_ERR)
-            self.syslog.syslog(prio, message)
-            return
-        try:
-            sys.stderr.write("microbroker: %s: %s\n" % (level, message))
-            sys.stderr.flush()
-        except (OSError, ValueError, AttributeError):
-            pass  # no stderr (daemonised, closed): nothing we can do
-
-
-log = Log()
-
-
-# ---------------------------------------------------------------- data planes
-
-class NullDataplane:
-    """`dataplane 'none'`: grants leases and builds nothing. For tests and
-    dry runs; the offer says so (kernel false with this reason)."""
-
-    dry_run = True
-
-    def __init__(self, config=None):
-        pass
-
-    def status(self, kind=None):
-        return False, "dataplane none: leases are granted but no " \
-                      "tunnels are built (dry run)"
-
-    def up(self, lease, service):
-        pass
-
-    def down(self, lease):
-        pass
-
-    def counters(self, lease):
-        return {}
-
-    def kernel_ids(self):
-        return set()
-
-    def reconcile(self, store, services):
-        return {}
-
-
-class BrokenDataplane(NullDataplane):
-    """Stands in when the kernel data plane cannot even be loaded, so the
-    broker still answers offers and says why leases are unavailable."""
-
-    dry_run = False
-
-    def __init__(self, reason):
-        self.reason = reason
-
-    def status(self, kind=None):
-        return False, self.reason
-
-    def up(self, lease, service):
-        raise BrokerError("unavailable", self.reason, UNAVAILABLE_RETRY)
-
-    def reconcile(self, store, services):
-        raise BrokerError("unavailable", self.reason, UNAVAILABLE_RETRY)
 
 
 def make_dataplane(config):
@@ -152,6 +61,21 @@ def make_dataplane(config):
         reason = "kernel dataplane unavailable: %s: %s" % (
             type(e).__name__, e)
         return BrokenDataplane(reason)
+
+
+class _Never(Exception):
+    """Stands for a data plane error class whose module is not loaded:
+    nothing raises it then."""
+
+
+def _dataplane_errors():
+    """(IdInUse, KernelUnavailable) of microbroker.dataplane when it is
+    loaded (a NullDataplane never loads it)."""
+    import sys
+    dp = sys.modules.get("microbroker.dataplane")
+    if dp is None:
+        return _Never, _Never
+    return dp.IdInUse, dp.KernelUnavailable
 
 
 def open_store(config):
@@ -184,16 +108,19 @@ def make_broker(config, store=None, dataplane=None):
 def _store_error(e):
     """Turn a leases.LeaseError/StoreError into a BrokerError, or None for
     anything that is not ours to explain."""
-    code = getattr(e, "code", None)
-    if code == "store":
+    from microbroker.leases import Busy, LeaseError, StoreError
+    if isinstance(e, Busy):
+        log("warning", "lease store: %s", e)
+        return BrokerError("busy", "the lease store is busy, try again",
+                           e.retry_after)
+    if isinstance(e, StoreError):
         # The details (paths, backends) are for the operator, not clients.
         log("error", "lease store: %s", e)
-        return BrokerError("store", "the lease store is %s; see the broker "
-                           "log" % ("busy, try again" if type(e).__name__ ==
-                                    "Locked" else "not usable"))
-    if code in STATUS and isinstance(e, Exception):
-        return BrokerError(code, str(e) or code.replace("_", " "),
-                           getattr(e, "retry_after", None))
+        return BrokerError("store", "the lease store is not usable; see the "
+                           "broker log")
+    if isinstance(e, LeaseError):
+        return BrokerError(e.code, str(e) or e.code.replace("_", " "),
+                           e.retry_after)
     return None
 
 
@@ -218,56 +145,52 @@ def check_client(config, family, packed):
 
 COUNTERS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
 
-# Locally administered unicast (02), then "mb", then the exit tunnel id's
-# low 24 bits: unique among the leases of one exit, and stable, so the
-# exit knows the client's link-local address before the client is up.
-MAC_OUI = "02:6d:62"
+# lease.extra key -> (pool option, length option or a fixed length)
+POOLS = (("prefix", "prefix_pool", "prefix_length"),
+         ("ipv4", "ipv4_pool", 32))
 
 
-def lease_mac(tunnel_id):
-    t = tunnel_id & 0xFFFFFF
-    return "%s:%02x:%02x:%02x" % (MAC_OUI, t >> 16, (t >> 8) & 0xFF, t & 0xFF)
-
-
-def routed_address(prefix):
-    """The client's own address in a routed IPv6 prefix: the address of a
-    /128, else the prefix's first host (NET::1 of a /64)."""
-    if not prefix:
-        return ""
-    from microbroker.config import format_addr, parse_prefix
-    _f, value, length = parse_prefix(prefix)
-    if length < 128:
-        value += 1
-    return format_addr(6, value.to_bytes(16, "big"))
-
-
-def _pool_item(pool, length, index):
-    """The index-th prefix of `length` in pool: 'NET/LEN' for IPv6
-    prefixes, a bare address for IPv4 (each one is a /32)."""
-    from microbroker.config import format_addr, pool_size
-    family, first, step, _count = pool_size(pool, length)
-    packed = (first + index * step).to_bytes(16 if family == 6 else 4, "big")
-    text = format_addr(family, packed)
-    return text if family == 4 else "%s/%d" % (text, length)
-
-
-# lease.extra key -> (pool option, length option or a fixed length, what)
-POOLS = (("prefix", "prefix_pool", "prefix_length", "prefix"),
-         ("ipv4", "ipv4_pool", 32, "address"))
+def bridge_of(svc):
+    """The bridge a layer 2 service's ports join (config sets br-NAME by
+    default), or None for a routed one."""
+    from microbroker.kinds import KINDS
+    return svc.bridge if KINDS[svc.kind].layer == 2 else None
 
 
 class Broker:
-    """offer, lease, renew, release, status, sweep. Not thread-safe by
-    itself: each public call takes self.lock, a plain lock the threaded
-    server shares (a CGI process has only one thread)."""
+    """offer, lease, renew, release, status, sweep, reconcile.
+
+    No process-wide lock: server threads and CGI processes meet in the
+    lease store, whose every call is one bounded, locked transaction.  An
+    offer reads the store's lock-free counts; a lease is allocated in one
+    transaction and built outside any lock, ordered by its own `pending`
+    state (a second request for it while it is built is answered 503)."""
 
     def __init__(self, config, store, dataplane, clock=time.time):
-        import _thread
+        import threading
         self.config = config
         self.store = store
         self.dataplane = dataplane
         self.clock = clock
-        self.lock = _thread.allocate_lock()
+        # Kernel (tunnel_id, session_id) pairs no lease of ours holds: a
+        # long-lived server learns them at reconcile and from IdInUse; a
+        # CGI keeps None and learns from IdInUse within its one request.
+        self.foreign_ids = None
+        self.ready = threading.Event()
+        self.ready.set()
+
+    def hold_leases(self):
+        """Lease requests wait (briefly, then 503 busy) until leases_ready():
+        the server's start-up reconcile runs meanwhile; offers are answered,
+        from the counts file made here if the store has none yet."""
+        self.ready.clear()
+        try:
+            self.store.counts()
+        except Exception as e:
+            log("warning", "lease counts: %s: %s", type(e).__name__, e)
+
+    def leases_ready(self):
+        self.ready.set()
 
     # -- the offer
 
@@ -277,16 +200,13 @@ class Broker:
         from microbroker.kinds import KINDS
         cfg = self.config
         ok, reason, kernel = self.kernel_status()
-        with self.lock:
-            try:
-                total = self.store.count()
-                counts = {s.name: self.store.count(service=s.name)
-                          for s in cfg.enabled_services()}
-            except Exception as e:
-                raise _store_error(e) or e
+        try:
+            total, counts = self.store.counts()
+        except Exception as e:
+            raise _store_error(e) or e
         services = {}
         for svc in cfg.enabled_services():
-            used = counts[svc.name]
+            used = counts.get(svc.name, 0)
             services[svc.name] = {
                 "kind": svc.kind, "layer": KINDS[svc.kind].layer,
                 "encap": svc.encap, "family": svc.family,
@@ -296,7 +216,7 @@ class Broker:
                 "lifetime": svc.lifetime,
                 "renew_interval": svc.renew_interval,
                 "capacity": svc.capacity, "used": used,
-                "free": max(0, svc.capacity - used),
+                "free": self._free(svc, total, counts),
                 "token": bool(svc.token or cfg.token),
                 "kernel": bool(kernel[svc.kind][0]),
                 "text": svc.text,
@@ -315,6 +235,29 @@ class Broker:
                        "max_per_client": cfg.max_per_client},
             "services": services,
         }
+
+    def _free(self, svc, total, counts):
+        """What a new lease of svc still finds: the least of the service's,
+        the broker's (max_leases) and its bridge's (BRIDGE_PORTS) room."""
+        cfg = self.config
+        free = min(svc.capacity - counts.get(svc.name, 0),
+                   cfg.max_leases - total)
+        for names, most, _why in self._limits(svc):
+            free = min(free, most - sum(counts.get(n, 0) for n in names))
+        return max(0, free)
+
+    def _limits(self, svc):
+        """(services, most, message) a new lease of svc must stay within,
+        besides max_leases: the service's capacity, its bridge's ports."""
+        out = [((svc.name,), svc.capacity, "service %s is full (%d leases)"
+                % (svc.name, svc.capacity))]
+        br = bridge_of(svc)
+        if br:
+            names = tuple(s.name for s in self.config.services.values()
+                          if bridge_of(s) == br)
+            out.append((names, BRIDGE_PORTS, "bridge %s has all its %d ports "
+                        "taken" % (br, BRIDGE_PORTS)))
+        return out
 
     def kernel_status(self):
         """(ok, why, {kind: (ok, why)}) over the kinds of enabled services."""
@@ -371,9 +314,11 @@ class Broker:
         if not ok and not getattr(self.dataplane, "dry_run", False):
             raise BrokerError("unavailable", "this exit cannot build "
                               "tunnels now: %s" % reason, UNAVAILABLE_RETRY)
-        with self.lock:
-            return self._lease(svc, client, endpoint, tunnel_id, session_id,
-                               udp_sport)
+        if not self.ready.wait(STARTUP_WAIT):
+            raise BrokerError("busy", "this exit is starting (reconciling "
+                              "its kernel with its leases); ask again", 2)
+        return self._lease(svc, client, endpoint, tunnel_id, session_id,
+                           udp_sport)
 
     def _service(self, name, kind):
         """The enabled service a request names, by name and/or kind."""
@@ -403,64 +348,147 @@ class Broker:
 
     def _lease(self, svc, client, endpoint, tunnel_id, session_id,
                udp_sport):
-        store, dp = self.store, self.dataplane
-        now = self.clock()
-        kernel = []
         self._drop_reshaped([svc], client)
         if svc.kind == "ip6tnl":
             self._one_ip6tnl(svc, client, endpoint)
+        exclude = set(self.foreign_ids or ())
+        for attempt in range(ID_RETRIES + 1):
+            lease, secret, reused = self._allocate(svc, client, endpoint,
+                                                   tunnel_id, session_id,
+                                                   udp_sport, exclude)
+            if reused:
+                return self._reissue(lease, svc, client, secret)
+            try:
+                return self._build(lease, svc, client, secret)
+            except _dataplane_errors()[0] as e:
+                # The kernel has these ids (another tool's, a leftover): the
+                # build removed what it made; the lease goes, new ids follow.
+                pair = (e.tunnel_id or lease.tunnel_id,
+                        e.session_id or lease.session_id)
+                log("warning", "lease %s: the kernel already has tunnel %d / "
+                    "session %d; asking again with other ids",
+                    lease.lease_id, pair[0], pair[1])
+                exclude.add(pair)
+                if self.foreign_ids is not None:
+                    self.foreign_ids.add(pair)
+                try:
+                    self.store.remove(lease.lease_id)
+                except Exception as e2:
+                    raise _store_error(e2) or e2
+        raise BrokerError("ids_exhausted", "the kernel holds every id this "
+                          "exit tried (%d times); ask again later"
+                          % (ID_RETRIES + 1), svc.renew_interval)
 
-        def in_kernel(tid, sid):
-            # Leftover tunnels (a crash, another tool) must not be handed
-            # out again; ask the kernel once per request, lazily.
-            if not kernel:
-                kernel.append(dp.kernel_ids())
-                kernel.append({t for t, _ in kernel[0]})
-                kernel.append({s for _, s in kernel[0]})
-            return tid in kernel[1] or sid in kernel[2]
+    def _allocate(self, svc, client, endpoint, tunnel_id, session_id,
+                  udp_sport, exclude):
+        """One store transaction: ids, quotas, UDP port, pool items; when
+        full, one idle lease may make room (see _displace)."""
+        cfg = self.config
+        pools = []
+        for key, pool_opt, length in POOLS:
+            pool = getattr(svc, pool_opt)
+            if pool:
+                pools.append((key, pool, length if isinstance(length, int)
+                              else getattr(svc, length)))
+        mac = ""
+        from microbroker.kinds import KINDS
+        rate = None
+        if getattr(cfg, "lease_rate", 0):
+            rate = (cfg.lease_rate / 60.0, max(1, cfg.lease_burst))
+        for attempt in range(2):
+            now = self.clock()
+            try:
+                lease, secret, reused = self.store.allocate(
+                    client, svc.name, svc.kind, svc.encap, endpoint, svc.mtu,
+                    svc.lifetime, peer_tunnel_id=tunnel_id,
+                    peer_session_id=session_id, exclude=exclude, now=now,
+                    udp_ports=(svc.udp_port, svc.udp_port + svc.capacity - 1)
+                    if svc.encap == "udp" else None,
+                    peer_udp_port=udp_sport or 0, pools=pools,
+                    limits=self._limits(svc), rate=rate)
+            except Exception as e:
+                from microbroker.leases import Full
+                if isinstance(e, Full) and attempt == 0 and \
+                        self._displace(svc, now):
+                    continue
+                raise _store_error(e) or e
+            if not reused and not lease.mac and KINDS[svc.kind].layer == 2:
+                # Stored with state "up": one write less.
+                lease.mac = lease_mac(lease.tunnel_id)
+            return lease, secret, reused
+        raise AssertionError("not reached")
 
+    def _displace(self, svc, now):
+        """Make room for a newcomer: end the oldest lease that has never
+        carried traffic (no rx counted by the exit) idle_grace seconds after
+        it was granted.  Cheap client addresses cannot hold an exit full."""
+        grace = getattr(self.config, "idle_grace", 0)
+        if not grace:
+            return False
         try:
-            if store.count(service=svc.name, client=client) == 0 and \
-                    store.count(service=svc.name) >= svc.capacity:
-                raise BrokerError("full", "service %s is full (%d leases)"
-                                  % (svc.name, svc.capacity),
-                                  svc.renew_interval)
-            lease, secret, reused = store.allocate(
-                client, svc.name, svc.kind, svc.encap, endpoint, svc.mtu,
-                svc.lifetime, peer_tunnel_id=tunnel_id,
-                peer_session_id=session_id, in_kernel=in_kernel, now=now)
-        except BrokerError:
-            raise
+            idle = [l for l in self.store.leases()
+                    if l.state == "up" and l.created <= now - grace
+                    and not l.seen and not l.rx_packets]
         except Exception as e:
             raise _store_error(e) or e
-        if reused and lease.state == "up":
+        for lease in idle[:8]:
+            try:
+                c = self.dataplane.counters(lease) or {}
+            except Exception as e:
+                log("warning", "counters of %s: %s", lease.lease_id, e)
+                continue
+            if int(c.get("rx_packets", 0)):
+                continue
+            try:
+                gone = self.store.remove(lease.lease_id)
+            except Exception as e:
+                raise _store_error(e) or e
+            if gone is None:
+                continue
+            self._take_down(gone, "displaced for %s (no traffic in %d s)"
+                            % (svc.name, int(now - lease.created)))
+            return True
+        return False
+
+    def _reissue(self, lease, svc, client, secret):
+        if lease.state == "up":
             log("info", "lease %s re-issued to %s (%s)", lease.lease_id,
                 client, svc.name)
             return self.view(lease, svc, secret)
-        if reused and now - lease.created < self.config.hook_timeout + 30:
-            # Another process (CGI) is building this very lease right now;
-            # building it twice could roll back its work.
+        if self.clock() - lease.created < self.config.hook_timeout + 30:
+            # Another request (a thread, a CGI) is building this very lease
+            # right now; building it twice could roll back its work.
             raise BrokerError("unavailable", "your lease is still being "
                               "built; ask again", 2)
+        return self._build(lease, svc, client, secret)
+
+    def _build(self, lease, svc, client, secret):
+        """The kernel side of an allocated lease, then state "up"; undone
+        on any failure (IdInUse passes through for other ids)."""
+        IdInUse, KernelUnavailable = _dataplane_errors()
+        from microbroker.leases.store import _test_pause
+        _test_pause("build")
         hooked = False
         try:
-            if svc.encap == "udp" and not lease.udp_port:
-                lease = self._udp_ports(lease, svc, udp_sport)
-            lease = self._addresses(lease, svc)
-            dp.up(lease, svc)
+            self.dataplane.up(lease, svc)
             hooked = True
             self._hook("up", lease)
-            lease = store.update(lease.lease_id, state="up", mac=lease.mac)
+            lease = self.store.update(lease.lease_id, state="up", mac=lease.mac)
+        except IdInUse:
+            raise
         except Exception as e:
             self._rollback(lease, hooked)
             if isinstance(e, BrokerError):
                 raise
             err = _store_error(e)
-            if err is not None and err.code == "store":
+            if err is not None and err.code in ("store", "busy"):
                 raise err
-            if type(e).__name__ == "KernelUnavailable":
+            if isinstance(e, KernelUnavailable):
                 raise BrokerError("unavailable", "this exit cannot build "
                                   "tunnels now: %s" % e, UNAVAILABLE_RETRY)
+            if getattr(e, "errno", None) == 54:     # EXFULL: the bridge
+                raise BrokerError("full", "the bridge of service %s has no "
+                                  "free port" % svc.name, svc.renew_interval)
             raise BrokerError("kernel", "the kernel refused the tunnel "
                               "(%s: %s); the lease was rolled back"
                               % (type(e).__name__, e))
@@ -501,73 +529,6 @@ class Broker:
                                       l.lease_id, l.service, client,
                                       endpoint))
 
-    def _udp_ports(self, lease, svc, udp_sport):
-        # The kernel makes one UDP socket per tunnel, so every tunnel of a
-        # service needs its own exit port: the lowest free one from
-        # udp_port on.
-        used = {l.udp_port for l in self.store.leases()
-                if l.service == svc.name and l.lease_id != lease.lease_id}
-        for port in range(svc.udp_port, svc.udp_port + svc.capacity):
-            if port not in used:
-                return self.store.update(lease.lease_id, udp_port=port,
-                                         peer_udp_port=udp_sport or port)
-        raise BrokerError("ids_exhausted", "no free UDP port left for "
-                          "service %s" % svc.name, svc.renew_interval)
-
-    def _addresses(self, lease, svc):
-        """The lease's MAC and, from the service's pools, its prefix and
-        IPv4 address (kept when a rebuilt lease has them already)."""
-        from microbroker.kinds import KINDS
-        fields = {}
-        if not lease.mac and KINDS[svc.kind].layer == 2:
-            fields["mac"] = lease_mac(lease.tunnel_id)
-        extra = dict(lease.extra or {})
-        wanted = [key for key, pool, _l, _w in POOLS
-                  if getattr(svc, pool) and not extra.get(key)]
-        for key in wanted:
-            extra[key] = self._pick(key, svc, lease, ())
-        if not wanted:
-            # The MAC alone is stored with state "up": one write less.
-            if fields:
-                lease = lease.replace(**fields)
-            return lease
-        fields["extra"] = extra
-        lease = self.store.update(lease.lease_id, **fields)
-        # A CGI process may have picked the same item between our scan and
-        # our update: the lower tunnel id keeps it, the other picks again.
-        for key in wanted:
-            lost = set()
-            for _ in range(8):
-                rival = [l for l in self.store.leases()
-                         if l.lease_id != lease.lease_id
-                         and (l.extra or {}).get(key) == lease.extra[key]
-                         and l.tunnel_id < lease.tunnel_id]
-                if not rival:
-                    break
-                lost.add(lease.extra[key])
-                extra = dict(lease.extra)
-                extra[key] = self._pick(key, svc, lease, lost)
-                lease = self.store.update(lease.lease_id, extra=extra)
-        return lease
-
-    def _pick(self, key, svc, lease, skip):
-        """The first item of the service's pool no other lease holds."""
-        from microbroker.config import pool_size
-        _k, pool_opt, length, what = next(p for p in POOLS if p[0] == key)
-        pool = getattr(svc, pool_opt)
-        length = length if isinstance(length, int) else getattr(svc, length)
-        used = {(l.extra or {}).get(key) for l in self.store.leases()
-                if l.lease_id != lease.lease_id} | set(skip)
-        count = pool_size(pool, length)[3]
-        # At most len(used) items are taken: the scan stops before that.
-        for i in range(min(count, len(used) + 1)):
-            item = _pool_item(pool, length, i)
-            if item not in used:
-                return item
-        raise BrokerError("pool_exhausted", "no free %s left in %s %s of "
-                          "service %s" % (what, pool_opt, pool, svc.name),
-                          svc.renew_interval)
-
     def _rollback(self, lease, hooked):
         if hooked:  # the up hook may have done half its work
             try:
@@ -586,22 +547,21 @@ class Broker:
 
     def renew(self, client, lease_id, secret):
         """The heartbeat: push `expires` out by the service's lifetime."""
-        with self.lock:
-            try:
-                lease = self.store.get(lease_id)
-                svc = self.config.services.get(lease.service)
-                if svc is None or not svc.enabled:
-                    self.store.authorize(lease_id, secret, client)
-                    raise BrokerError("unknown_service", "service %s is no "
-                                      "longer offered; the lease ends at "
-                                      "its expiry" % lease.service)
-                lease = self.store.renew(lease_id, secret, client,
-                                         svc.lifetime, now=self.clock())
-            except BrokerError:
-                raise
-            except Exception as e:
-                raise _store_error(e) or e
-            self._heal(lease, svc)
+        try:
+            lease = self.store.get(lease_id)
+            svc = self.config.services.get(lease.service)
+            if svc is None or not svc.enabled:
+                self.store.authorize(lease_id, secret, client)
+                raise BrokerError("unknown_service", "service %s is no "
+                                  "longer offered; the lease ends at "
+                                  "its expiry" % lease.service)
+            lease = self.store.renew(lease_id, secret, client,
+                                     svc.lifetime, now=self.clock())
+        except BrokerError:
+            raise
+        except Exception as e:
+            raise _store_error(e) or e
+        self._heal(lease, svc)
         return self.view(lease, svc)
 
     def _heal(self, lease, svc):
@@ -624,22 +584,20 @@ class Broker:
                 lease.ifname, type(e).__name__, e)
 
     def release(self, client, lease_id, secret):
-        with self.lock:
-            try:
-                lease = self.store.release(lease_id, secret, client)
-            except Exception as e:
-                raise _store_error(e) or e
-            self._take_down(lease, "released")
+        try:
+            lease = self.store.release(lease_id, secret, client)
+        except Exception as e:
+            raise _store_error(e) or e
+        self._take_down(lease, "released")
         return {"released": True, "lease_id": lease.lease_id}
 
     def status(self, client, lease_id, secret):
         """The lease with the exit side's counters."""
-        with self.lock:
-            try:
-                lease = self.store.authorize(lease_id, secret, client)
-            except Exception as e:
-                raise _store_error(e) or e
-            lease = self._refresh_counters(lease)
+        try:
+            lease = self.store.authorize(lease_id, secret, client)
+        except Exception as e:
+            raise _store_error(e) or e
+        lease = self._refresh_counters(lease)
         svc = self.config.services.get(lease.service)
         view = self.view(lease, svc)
         view["counters"] = {k: getattr(lease, k) for k in COUNTERS}
@@ -669,16 +627,15 @@ class Broker:
 
     def sweep(self):
         """Remove expired leases and their tunnels; returns them."""
-        with self.lock:
-            if getattr(self.config, "traffic_keepalive", False) and \
-                    not getattr(self.dataplane, "dry_run", False):
-                self._keep_busy_alive()
-            try:
-                gone = self.store.sweep(now=self.clock())
-            except Exception as e:
-                raise _store_error(e) or e
-            for lease in gone:
-                self._take_down(lease, "expired")
+        if getattr(self.config, "traffic_keepalive", False) and \
+                not getattr(self.dataplane, "dry_run", False):
+            self._keep_busy_alive()
+        try:
+            gone = self.store.sweep(now=self.clock())
+        except Exception as e:
+            raise _store_error(e) or e
+        for lease in gone:
+            self._take_down(lease, "expired")
         return gone
 
     def _keep_busy_alive(self):
@@ -723,13 +680,25 @@ class Broker:
             log("warning", "hook down for %s: %s", lease.lease_id, e)
 
     def reconcile(self):
-        with self.lock:
+        """Make the kernel match the lease store; then lease requests held
+        by hold_leases() go ahead, and this broker keeps the kernel's ids
+        that no lease holds (foreign_ids), so that no lease asks the kernel
+        for its whole id set again."""
+        try:
             self._drop_reshaped(self.config.enabled_services())
             report = self.dataplane.reconcile(self.store,
                                               self.config.enabled_services())
             for w in getattr(self.dataplane, "warnings", ()):
                 log("warning", "%s", w)
+            try:
+                ours = {(l.tunnel_id, l.session_id) for l in self.store.leases()}
+                self.foreign_ids = set(self.dataplane.kernel_ids()) - ours
+            except Exception as e:
+                log("warning", "kernel ids after reconcile: %s: %s",
+                    type(e).__name__, e)
             return report
+        finally:
+            self.leases_ready()
 
     # -- hooks
 

@@ -16,6 +16,9 @@ With no file at all the defaults give one working service, `default`
 
 import os
 
+from microbroker.addresses import (  # noqa: F401 (config.parse_addr etc.)
+    addr_kind, format_addr, in_prefixes, norm_addr, parse_addr, parse_prefix,
+    pool_size)
 from microbroker.kinds import KINDS, auto_mtu
 
 DEFAULT_PATH = "/etc/config/microbroker"
@@ -33,152 +36,6 @@ class ConfigError(Exception):
         self.problems = problems
         Exception.__init__(self, "; ".join(
             "%s: %s" % (w, m) if w else m for w, m in problems))
-
-
-# ---------------------------------------------------------------- addresses
-# Own parsing instead of `ipaddress` or even `_socket`: each costs more
-# start-up time than the rest of a CGI request's address handling.
-
-_HEXDIGITS = frozenset("0123456789abcdefABCDEF")
-
-
-def _v4(text):
-    parts = text.split(".")
-    # No shorthand forms, no leading zeros (some libcs read them as octal).
-    if len(parts) != 4 or any(
-            not p.isdigit() or not p.isascii() or len(p) > 3
-            or (len(p) > 1 and p[0] == "0") or int(p) > 255 for p in parts):
-        raise ValueError("not an IPv4 address: %r" % text)
-    return bytes(int(p) for p in parts)
-
-
-def _v6(text):
-    if text.count("::") > 1:
-        raise ValueError("not an IPv6 address: %r" % text)
-    head, gap, tail = text.partition("::")
-    groups = []
-    for side in (head, tail):
-        g = side.split(":") if side else []
-        groups.append(g)
-    tail_v4 = b""
-    last = groups[1] if gap else groups[0]
-    if last and "." in last[-1]:
-        tail_v4 = _v4(last.pop())
-    words = []
-    for g in groups:
-        w = []
-        for x in g:
-            if not 1 <= len(x) <= 4 or not set(x) <= _HEXDIGITS:
-                raise ValueError("not an IPv6 address: %r" % text)
-            w.append(int(x, 16))
-        words.append(w)
-    n = len(words[0]) + len(words[1]) + (2 if tail_v4 else 0)
-    if gap:
-        if n > 7:
-            raise ValueError("not an IPv6 address: %r" % text)
-        words = words[0] + [0] * (8 - n) + words[1]
-    else:
-        if n != 8:
-            raise ValueError("not an IPv6 address: %r" % text)
-        words = words[0]
-    return b"".join(w.to_bytes(2, "big") for w in words) + tail_v4
-
-
-def parse_addr(text):
-    """Return (family, packed bytes) of an IPv4/IPv6 address, IPv4-mapped
-    IPv6 turned into IPv4; raise ValueError."""
-    if not isinstance(text, str) or not text or len(text) > 45:
-        raise ValueError("not an IP address: %r" % (text,))
-    if text[:1] == "[" and text[-1:] == "]":
-        text = text[1:-1]
-    if ":" in text:
-        if "%" in text:
-            raise ValueError("scoped address not allowed: %r" % text)
-        packed = _v6(text)
-        if packed[:12] == b"\0" * 10 + b"\xff\xff":
-            return 4, packed[12:]
-        return 6, packed
-    return 4, _v4(text)
-
-
-def format_addr(family, packed):
-    """Canonical text (RFC 5952 for IPv6: lowercase, shortest, the first
-    longest run of two or more zero groups as ::)."""
-    if family == 4:
-        return "%d.%d.%d.%d" % tuple(packed)
-    words = [int.from_bytes(packed[i:i + 2], "big") for i in range(0, 16, 2)]
-    best, best_len, i = -1, 1, 0
-    while i < 8:
-        if words[i] == 0:
-            j = i
-            while j < 8 and words[j] == 0:
-                j += 1
-            if j - i > best_len:
-                best, best_len = i, j - i
-            i = j
-        else:
-            i += 1
-    hexes = ["%x" % w for w in words]
-    if best < 0:
-        return ":".join(hexes)
-    return ":".join(hexes[:best]) + "::" + ":".join(hexes[best + best_len:])
-
-
-def norm_addr(text):
-    """Canonical text form; IPv4-mapped IPv6 becomes IPv4. ValueError."""
-    return format_addr(*parse_addr(text))
-
-
-def addr_kind(family, packed):
-    """'' for an ordinary unicast address, else why it cannot be a tunnel
-    endpoint."""
-    if packed == b"\0" * len(packed):
-        return "unspecified"
-    if family == 6:
-        if packed[0] == 0xFF:
-            return "multicast"
-        if packed[0] == 0xFE and packed[1] & 0xC0 == 0x80:
-            return "link-local"
-    else:
-        if 224 <= packed[0] <= 239 or packed == b"\xff" * 4:
-            return "multicast or broadcast"
-        if packed[0] == 169 and packed[1] == 254:
-            return "link-local"
-    return ""
-
-
-def parse_prefix(text):
-    """'fc00::/8' -> (family, int network, prefix length); ValueError."""
-    addr, slash, plen = text.partition("/")
-    family, packed = parse_addr(addr)
-    bits = 32 if family == 4 else 128
-    mapped = ":" in addr and family == 4
-    if not slash:
-        n = bits
-    elif plen.isdigit() and len(plen) <= 3 and \
-            int(plen) <= (128 if mapped else bits):
-        n = int(plen)
-        # A mapped address with a v6 prefix length means the v4 part.
-        if mapped:
-            if n < 96:
-                raise ValueError("prefix length too short for %r" % text)
-            n -= 96
-    else:
-        raise ValueError("bad prefix length in %r" % text)
-    value = int.from_bytes(packed, "big")
-    mask = ((1 << n) - 1) << (bits - n)
-    if value & ~mask & ((1 << bits) - 1):
-        raise ValueError("host bits set in %r" % text)
-    return family, value, n
-
-
-def in_prefixes(family, packed, prefixes):
-    value = int.from_bytes(packed, "big")
-    bits = 32 if family == 4 else 128
-    for pfam, net, n in prefixes:
-        if pfam == family and value >> (bits - n) == net >> (bits - n):
-            return True
-    return False
 
 
 def parse_listen(text):
@@ -390,6 +247,13 @@ BROKER = {
     "ifname_prefix": (_ifprefix, "mb", False),      # exit interfaces: mb<id>
     "max_leases": (_int(1, 100000), 256, False),    # all services together
     "max_per_client": (_int(1, 1000), 4, False),    # per source address
+    # New leases (not re-issues) per minute, all clients together, after a
+    # burst of lease_burst; 0: no limit. Shared by CGI processes (the store).
+    "lease_rate": (_int(0, 100000), 60, False),
+    "lease_burst": (_int(1, 100000), 256, False),
+    # When full, a lease that has carried no traffic (exit rx counters) this
+    # many seconds after it was granted makes room for a newcomer; 0: never.
+    "idle_grace": (_int(0, 7 * 86400), 600, False),
     "allow": (_prefix, [], True),                   # empty: everyone
     "deny": (_prefix, [], True),                    # wins over allow
     "token": (_token, [], True),                    # any of them; none: open
@@ -667,6 +531,10 @@ def _finish(cfg, at, euid, environ):
         p.append((at(0), "ifname_prefix %r with tunnel ids up to %d makes "
                   "interface names longer than 15 characters"
                   % (cfg.ifname_prefix, cfg.tunnel_ids[1])))
+    if 0 < cfg.idle_grace < 60:
+        p.append((at(0), "idle_grace %d is too short for a client to bring "
+                  "its tunnel up and send through it (0, or at least 60)"
+                  % cfg.idle_grace))
     ports = {}
     for text in cfg.listen:
         try:
@@ -760,14 +628,6 @@ def _check_pool_overlap(services, where, p):
                               "pool and prefix_length)"
                               % (other, svc.name, opool, pool)))
             seen.append((svc.name, family, net, n, length, pool))
-
-
-def pool_size(pool, length):
-    """(family, first network as int, step, count) of the prefixes of
-    `length` in `pool` ('NET/LEN'); the broker hands them out in order."""
-    family, value, n = parse_prefix(pool)
-    bits = 128 if family == 6 else 32
-    return family, value, 1 << (bits - length), 1 << (length - n)
 
 
 def _check_pools(svc, where, p, layer=2):

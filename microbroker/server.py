@@ -776,6 +776,7 @@ def serve(app):
            for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         b = app.broker   # open the lease store before taking requests
+        b.hold_leases()  # offers at once, leases after the reconcile
         bound = srv.start()
         names = ", ".join(s.name for s in cfg.enabled_services())
         log("info", "microbroker listening on %s; services: %s; leases in "
@@ -797,6 +798,7 @@ def serve(app):
             except Exception as e:
                 log("error", "reconcile at start failed: %s: %s",
                     type(e).__name__, e)
+        b.leases_ready()
         if not got:
             srv.sweep()
         srv.run(r, lambda: bool(got))

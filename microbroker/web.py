@@ -14,6 +14,7 @@ import sys
 
 from microbroker import broker as _broker
 from microbroker.broker import BrokerError, log
+
 from microbroker.config import parse_addr, format_addr, addr_kind
 from microbroker.jsonlite import dumps
 
@@ -459,7 +460,7 @@ def http_error(e):
     # refused before it opened the store does not import it for this);
     # () where not (yet: another thread may be importing it), which no
     # exception is an instance of.
-    leases = sys.modules.get("microbroker.leases")
+    leases = sys.modules.get("microbroker.leases.errors")
     Locked = getattr(leases, "Locked", ())
     LeaseError = getattr(leases, "LeaseError", ())
     StoreError = getattr(leases, "StoreError", ())

@@ -48,6 +48,9 @@ class FakeDataplane:
                            service.name))
         if self.fail:
             raise self.fail
+        if (lease.tunnel_id, lease.session_id) in self.kernel:
+            # as dataplane.up does on EEXIST, after removing what it built
+            raise IdInUse("File exists", lease.tunnel_id, lease.session_id)
 
     def down(self, lease):
         self.calls.append(("down", lease.lease_id))
@@ -63,8 +66,7 @@ class FakeDataplane:
         return {"rebuilt": []}
 
 
-class KernelUnavailable(Exception):
-    pass
+from microbroker.dataplane import IdInUse, KernelUnavailable  # noqa: E402
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def test_kernel_failure_rolls_back(setup):
     b, dp = setup(FakeDataplane(fail=OSError(17, "File exists")))
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::99", "v6")
-    assert e.value.code == "kernel" and e.value.status == 500
+    assert e.value.code == "kernel" and web.STATUS[e.value.code] == 500
     assert "rolled back" in e.value.message and "File exists" in \
         e.value.message
     assert b.store.count() == 0
@@ -141,11 +143,41 @@ def test_missing_dataplane_module_is_reported_not_fatal(setup, monkeypatch):
 
 
 def test_ids_in_the_kernel_are_skipped(setup):
+    # A CGI knows nothing of the kernel: it learns from IdInUse, and asks
+    # again with those ids left out.
     dp = FakeDataplane()
     dp.kernel = {(1, 1), (2, 2)}
     b, _ = setup(dp)
     v = b.lease("fc00::99", "v6")
     assert v["peer_tunnel_id"] == 3
+    assert [c[2] for c in dp.calls if c[0] == "up"] == [1, 2, 3]
+    assert b.store.count() == 1 and b.store.check()["ok"]
+
+
+def test_a_server_keeps_the_kernels_ids_from_its_reconcile(setup):
+    dp = FakeDataplane()
+    dp.kernel = {(1, 1), (2, 2)}
+    b, _ = setup(dp)
+    b.hold_leases()
+    with pytest.raises(mb.BrokerError) as e:     # while it reconciles
+        b.lease("fc00::98", "v6")
+    assert e.value.code == "busy" and web.STATUS["busy"] == 503
+    assert e.value.retry_after <= 5
+    assert b.offer()["services"]["v6"]["free"] > 0   # offers meanwhile
+    b.reconcile()
+    assert b.foreign_ids == {(1, 1), (2, 2)}
+    v = b.lease("fc00::99", "v6")
+    assert v["peer_tunnel_id"] == 3
+    assert [c[2] for c in dp.calls if c[0] == "up"] == [3]
+
+
+def test_ids_the_kernel_keeps_refusing_end_in_ids_exhausted(setup):
+    dp = FakeDataplane()
+    dp.kernel = {(t, t) for t in range(1, 100)}
+    b, _ = setup(dp)
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "ids_exhausted" and b.store.count() == 0
 
 
 def test_udp_ports_one_per_tunnel(setup):
@@ -444,7 +476,7 @@ config service 'pool'
 	option endpoint 'fc00::1'
 	option prefix_pool 'fd00:beef::/62'
 	option prefix_length '64'
-	option ipv4_pool '198.51.100.0/31'
+	option ipv4_pool '198.51.100.0/30'
 	option ipv4_gateway '198.51.100.254'
 """
 
@@ -467,19 +499,20 @@ def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
     assert offer["v6"]["provides"] == []
     v1 = b.lease("fc00::91", "pool")
     v2 = b.lease("fc00::92", "pool")
+    # Item 0 (the pool's network address) and IPv4's broadcast never.
     assert (v1["prefix"], v1["ipv4"], v1["ipv4_gateway"]) == \
-        ("fd00:beef::/64", "198.51.100.0", "198.51.100.254")
-    assert (v2["prefix"], v2["ipv4"]) == ("fd00:beef:0:1::/64", "198.51.100.1")
+        ("fd00:beef:0:1::/64", "198.51.100.1", "198.51.100.254")
+    assert (v2["prefix"], v2["ipv4"]) == ("fd00:beef:0:2::/64", "198.51.100.2")
     lease = b.store.get(v1["lease_id"])
-    assert lease.extra == {"prefix": "fd00:beef::/64", "ipv4": "198.51.100.0"}
+    assert lease.extra == {"prefix": "fd00:beef:0:1::/64", "ipv4": "198.51.100.1"}
     # Re-issued: the same items.
     again = b.lease("fc00::91", "pool")
     assert (again["prefix"], again["ipv4"]) == (v1["prefix"], v1["ipv4"])
     # Only two IPv4 addresses: the third lease is refused, and rolled back.
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::93", "pool")
-    assert e.value.code == "pool_exhausted" and e.value.status == 503
-    assert "ipv4_pool 198.51.100.0/31" in e.value.message and e.value.retry_after
+    assert e.value.code == "pool_exhausted" and web.STATUS[e.value.code] == 503
+    assert "pool 198.51.100.0/30" in e.value.message and e.value.retry_after
     assert b.store.count(service="pool") == 2
     # Released items are handed out again.
     b.release("fc00::91", v1["lease_id"], again["secret"])
@@ -487,27 +520,134 @@ def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
     assert (v3["prefix"], v3["ipv4"]) == (v1["prefix"], v1["ipv4"])
 
 
-def test_a_rival_process_with_the_same_item_makes_us_pick_again(setup):
+def test_pool_items_are_picked_with_the_ids_in_one_transaction(setup):
     b, dp = setup(extra=POOLS)
     v1 = b.lease("fc00::91", "pool")
-    # What a CGI process racing us would leave: a lower tunnel id holding
-    # the item our scan is about to choose.
-    real_pick = b._pick
-    calls = []
-
-    def pick(key, svc, lease, skip):
-        calls.append(skip)
-        if len(calls) == 1:
-            return {"prefix": v1["prefix"], "ipv4": v1["ipv4"]}[key]
-        return real_pick(key, svc, lease, skip)
-    b._pick = pick
+    # No write after the allocation may change what it picked.
+    with pytest.raises(ValueError):
+        b.store.update(v1["lease_id"], extra={"prefix": "fd00:beef:0:2::/64"})
     v2 = b.lease("fc00::92", "pool")
-    assert v2["prefix"] != v1["prefix"]
-    assert b.store.get(v2["lease_id"]).extra["prefix"] == v2["prefix"]
+    assert v2["prefix"] != v1["prefix"] and v2["ipv4"] != v1["ipv4"]
+    assert b.store.check()["ok"]
 
 
 def test_pool_answer_in_shell_format(setup):
     b, dp = setup(extra=POOLS)
     v = b.lease("fc00::91", "pool")
     text = web.to_sh(web.flatten(v))
-    assert "PREFIX='fd00:beef::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text
+    assert "PREFIX='fd00:beef:0:1::/64'" in text and "IPV4_GATEWAY='198.51.100.254'" in text
+
+
+def test_offer_free_is_the_least_of_service_broker_and_bridge(setup):
+    # Issue 13 item 6: max_leases taken by another service leaves none.
+    b, dp = setup(extra="config service 'big'\n\toption endpoint 'fc00::1'\n"
+                        "\toption capacity '10'\n")
+    for i in range(9):
+        b.lease("fc00::1:%x" % (i + 1), "v6")
+    svcs = b.offer()["services"]
+    assert svcs["big"]["free"] == 1 and svcs["u4"]["free"] == 1
+    b.lease("10.0.0.9", "u4")
+    svcs = b.offer()["services"]
+    assert svcs["big"]["free"] == 0 and svcs["big"]["used"] == 0
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::2:1", "big")
+    assert e.value.code == "full" and e.value.retry_after
+
+
+def test_a_bridge_holds_at_most_its_port_cap(setup, monkeypatch):
+    monkeypatch.setattr(mb, "BRIDGE_PORTS", 3)
+    b, dp = setup(extra="config service 'w6'\n\toption endpoint 'fc00::1'\n"
+                        "\toption bridge 'br-v6'\n")
+    b.lease("fc00::1:1", "v6")
+    b.lease("fc00::1:2", "w6")
+    assert b.offer()["services"]["v6"]["free"] == 1
+    b.lease("fc00::1:3", "v6")
+    assert b.offer()["services"]["w6"]["free"] == 0
+    assert b.offer()["services"]["u4"]["free"] > 0        # routed elsewhere
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::1:4", "w6")
+    assert e.value.code == "full" and "br-v6" in e.value.message
+    assert b.store.count() == 3
+
+
+def test_the_kernels_exfull_is_answered_full_not_500(setup):
+    b, dp = setup(FakeDataplane(fail=OSError(54, "Exchange full")))
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::99", "v6")
+    assert e.value.code == "full" and web.STATUS["full"] == 503
+    assert b.store.count() == 0
+
+
+def test_new_leases_are_rate_limited_broker_wide(setup):
+    b, dp = setup(extra="config broker 'main'\n\toption lease_rate '1'\n"
+                        "\toption lease_burst '2'\n")
+    now = [1000.0]
+    b.clock = lambda: now[0]
+    b.lease("fc00::1:1", "v6")
+    b.lease("fc00::1:2", "v6")
+    b.lease("fc00::1:1", "v6")                  # a re-issue costs nothing
+    with pytest.raises(mb.BrokerError) as e:
+        b.lease("fc00::1:3", "v6")
+    assert e.value.code == "too_many" and web.STATUS["too_many"] == 429
+    assert 1 <= e.value.retry_after <= 61
+    # Another process (a CGI) shares the bucket: it lives in the store.
+    other = mb.make_broker(b.config, dataplane=FakeDataplane())
+    other.clock = b.clock
+    with pytest.raises(mb.BrokerError):
+        other.lease("fc00::1:4", "v6")
+    now[0] += 60
+    other.lease("fc00::1:4", "v6")
+
+
+def test_a_lease_that_never_carried_traffic_makes_room_after_its_grace(setup):
+    b, dp = setup(extra="config broker 'main'\n\toption idle_grace '300'\n"
+                        "\toption lease_rate '0'\n")
+    now = [1000.0]
+    b.clock = lambda: now[0]
+    for i in range(10):
+        b.lease("fc00::1:%x" % (i + 1), "v6")
+    busy = b.store.leases()[0]
+    dp.stats = {}                                # nobody's counters rise
+    b.store.update(busy.lease_id, rx_packets=5, seen=now[0])
+    with pytest.raises(mb.BrokerError) as e:     # within the grace: full
+        b.lease("fc00::2:1", "v6")
+    assert e.value.code == "full"
+    now[0] += 301
+    v = b.lease("fc00::2:1", "v6")
+    assert b.store.count() == 10
+    left = {l.lease_id for l in b.store.leases()}
+    assert busy.lease_id in left and v["lease_id"] in left
+    gone = [c[1] for c in dp.calls if c[0] == "down"]
+    assert len(gone) == 1 and gone[0] not in left
+    # A lease whose exit counters show traffic stays.
+    dp.stats = {"rx_packets": 3}
+    with pytest.raises(mb.BrokerError):
+        b.lease("fc00::2:2", "v6")
+
+
+def test_check_config_refuses_a_short_idle_grace(tmp_path):
+    path = tmp_path / "microbroker"
+    path.write_text(CONFIG % {"state": tmp_path} + "config broker 'main'\n"
+                    "\toption idle_grace '10'\n")
+    assert any("idle_grace" in m for _w, m in mbconfig.load(str(path)).problems)
+
+
+def test_a_stalled_store_lock_is_503_busy_and_offers_still_answer(setup):
+    import fcntl
+    b, dp = setup()
+    b.lease("fc00::1:1", "v6")                  # the counts file exists now
+    b.store.lock_timeout = 0.2
+    app = web.App(b.config, broker=b)
+    fd = os.open(b.store.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # a SIGSTOPped process, say
+        status, headers, body = app.handle("POST", "/lease", body=b"service=v6",
+                                           headers={"content-type":
+                                                    "application/x-www-form-urlencoded"},
+                                           remote="fc00::1:2", local="fc00::1")
+        assert status == 503 and b'"busy"' in body, body
+        assert 1 <= int(dict(headers)["Retry-After"]) <= 5
+        status, _h, body = app.handle("GET", "/offer", remote="fc00::1:2", local="fc00::1")
+        assert status == 200 and b'"used":1' in body
+    finally:
+        os.close(fd)

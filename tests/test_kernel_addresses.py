@@ -91,28 +91,28 @@ def test_leased_prefix_and_address_are_reachable_through_the_client(net):
     t = v["peer_tunnel_id"]
     assert v["mac"] == "02:6d:62:00:00:%02x" % t
     assert (v["prefix"], v["ipv4"], v["ipv4_gateway"]) == \
-        ("fd00:beef::/64", "198.51.100.16", GATEWAY4)
+        ("fd00:beef:0:1::/64", "198.51.100.17", GATEWAY4)
     ll = dataplane.link_local(v["mac"])
     assert ll == "fe80::6d:62ff:fe00:%x" % t
-    assert "fd00:beef::/64 via %s" % ll in routes(ex)
-    assert any(line.startswith("198.51.100.16 ") and "scope link" in line
+    assert "fd00:beef:0:1::/64 via %s" % ll in routes(ex)
+    assert any(line.startswith("198.51.100.17 ") and "scope link" in line
                for line in routes(ex, "-4").splitlines())
     run("ip", "addr", "add", GATEWAY4 + "/24", "dev", "br-exit", ns=ex)
     client_end(cl, v)
     # The client's link-local address is the one the exit routes to.
     assert ll in run("ip", "-6", "addr", "show", "dev", "pw0", ns=cl)
-    run("ip", "-6", "addr", "add", "fd00:beef::1/128", "dev", "pw0", "nodad", ns=cl)
+    run("ip", "-6", "addr", "add", "fd00:beef:0:1::1/128", "dev", "pw0", "nodad", ns=cl)
     run("ip", "-6", "route", "add", FAR_NET6, "via", bridge_link_local(ex), "dev", "pw0",
         ns=cl)
     run("ip", "-6", "route", "add", "default", "via", FAR_GW6, ns=far)
     run("ip", "-4", "route", "add", "default", "via", FAR_GW4, ns=far)
-    assert ping(far, "fd00:beef::1")
-    assert ping(far, "198.51.100.16")
+    assert ping(far, "fd00:beef:0:1::1")
+    assert ping(far, "198.51.100.17")
     # Release: the routes go with the tunnel, the bridge stays.
     with inside(ex):
         b.release(CLIENT6, v["lease_id"], v["secret"])
     assert "fd00:beef" not in routes(ex)
-    assert "198.51.100.16" not in routes(ex, "-4")
+    assert "198.51.100.17" not in routes(ex, "-4")
 
 
 def test_reconcile_restores_lease_routes_and_removes_strays(net):
@@ -120,7 +120,7 @@ def test_reconcile_restores_lease_routes_and_removes_strays(net):
     with inside(ex):
         v1 = b.lease(CLIENT6, "exit")
         v2 = b.lease("fc00:1::3", "exit")
-    assert v2["prefix"] == "fd00:beef:0:1::/64" and v2["ipv4"] == "198.51.100.17"
+    assert v2["prefix"] == "fd00:beef:0:2::/64" and v2["ipv4"] == "198.51.100.18"
     # Lost by hand: one lease's prefix route, the other's IPv4 route.
     run("ip", "-6", "route", "del", v1["prefix"], ns=ex)
     run("ip", "-4", "route", "del", v2["ipv4"] + "/32", ns=ex)

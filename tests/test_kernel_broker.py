@@ -45,7 +45,9 @@ def net(netns, tmp_path):
                               "-c", str(cfg), "serve"], cwd=ROOT, stderr=subprocess.PIPE,
                              text=True)
         procs.append(p)
-        assert wait_for(lambda: _up(cl), 20), "broker did not start"
+        if not wait_for(lambda: _up(cl), 20):
+            p.terminate()
+            raise AssertionError("broker did not start: %s" % p.communicate(timeout=10)[1])
         return p
     yield ex, cl, start, str(cfg)
     for p in procs:
@@ -56,12 +58,24 @@ def net(netns, tmp_path):
 
 def _up(ns):
     try:
-        return request(ns, "GET", "/offer")[0] == 200
+        return _request(ns, "GET", "/offer")[0] == 200
     except OSError:
         return False
 
 
 def request(ns, method, path, fields=None):
+    """One request; a 503 busy (the broker still reconciling at start, or its
+    lease file's lock) is asked again after its Retry-After, as clients do."""
+    deadline = time.monotonic() + 60
+    while True:
+        status, answer = _request(ns, method, path, fields)
+        if status != 503 or answer.get("error", {}).get("code") != "busy" or \
+                time.monotonic() > deadline:
+            return status, answer
+        time.sleep(answer["error"].get("retry_after", 1))
+
+
+def _request(ns, method, path, fields=None):
     with inside(ns):
         c = http.client.HTTPConnection(EXIT6, 8053, timeout=10)
         c.connect()

@@ -185,27 +185,27 @@ def test_routed_client_gets_its_address_and_prefix(pool_world):
     exit_, client = pool_world
     run("ip", "addr", "add", "192.0.2.1/32", "dev", "br-exit", ns=exit_.ns)
     p = client.run("-s", URL, "up")
-    assert "ipv4 198.51.100.16 via 192.0.2.1, prefix fd00:beef::/64" in p.stderr
+    assert "ipv4 198.51.100.17 via 192.0.2.1, prefix fd00:beef:0:1::/64" in p.stderr
     mac = client.state_value("MAC")
     assert mac.startswith("02:6d:62:")
     link = run("ip", "link", "show", "mb0", ns=client.ns)
     assert "link/ether " + mac in link
-    assert "198.51.100.16/32" in run("ip", "-4", "addr", "show", "mb0", ns=client.ns)
+    assert "198.51.100.17/32" in run("ip", "-4", "addr", "show", "mb0", ns=client.ns)
     # The exit reaches the leased address from its gateway address, and
     # the prefix (an address of it on the client) through the client's
     # link-local address.
     bb = BUSYBOX
-    run(bb, "ping", "-4", "-c", 2, "-W", 2, "-I", "192.0.2.1", "198.51.100.16",
+    run(bb, "ping", "-4", "-c", 2, "-W", 2, "-I", "192.0.2.1", "198.51.100.17",
         ns=exit_.ns)
-    run("ip", "-6", "addr", "add", "fd00:beef::1/128", "dev", "mb0", "nodad",
+    run("ip", "-6", "addr", "add", "fd00:beef:0:1::1/128", "dev", "mb0", "nodad",
         ns=client.ns)
     for ns, dev in ((client.ns, "mb0"), (exit_.ns, "br-exit")):
         assert wait_for(lambda: "tentative" not in run("ip", "-6", "addr", "show", dev,
                                                        ns=ns), 10)
-    assert ping(exit_.ns, "fd00:beef::1"), exit_.log()
+    assert ping(exit_.ns, "fd00:beef:0:1::1"), exit_.log()
     client.run("down")
     assert wait_for(lambda: "fd00:beef" not in run("ip", "-6", "route", ns=exit_.ns))
-    assert "198.51.100.16" not in run("ip", "-4", "route", ns=exit_.ns)
+    assert "198.51.100.17" not in run("ip", "-4", "route", ns=exit_.ns)
 
 
 def exit_leases(client):

@@ -108,8 +108,9 @@ def check_tnl(exit_, c1, c2):
     assert "master" not in line1 and "mtu 1280" in line1
     v4, v6, prefix = (c1.state_value(k, "tn0") for k in ("IPV4", "IPV6", "PREFIX"))
     # The first or second item of each pool: the two clients lease at once.
-    assert v4 in ("10.98.0.0", "10.98.0.1"), v4
-    assert prefix in ("fd00:98::/64", "fd00:98:0:1::/64") and v6 == prefix.split("/")[0] + "1"
+    # (Item 0, the pool's network address, is never handed out.)
+    assert v4 in ("10.98.0.1", "10.98.0.2"), v4
+    assert prefix in ("fd00:98:0:1::/64", "fd00:98:0:2::/64") and v6 == prefix.split("/")[0] + "1"
     # The exit routes the lease's addresses into the tunnel.
     assert re.search(r"^%s dev %s " % (re.escape(v4), if1), run("ip", "route", ns=exit_.ns),
                      re.M)

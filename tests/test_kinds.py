@@ -127,7 +127,7 @@ def test_ip6gretap_lease_carries_keys_not_l2tp_ids(broker):
     assert lease.peer_tunnel_id == 777
     assert not {"tunnel_id", "session_id", "peer_tunnel_id", "peer_session_id"} & set(v)
     assert v["mac"] == mb.lease_mac(lease.tunnel_id)     # a bridge port like L2TP
-    assert v["prefix"] == "fd00:6::/64" and "ipv6" not in v
+    assert v["prefix"] == "fd00:6:0:1::/64" and "ipv6" not in v
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::98", "gre", session_id=5)
     assert e.value.code == "bad_request" and "session_id does not apply to kind ip6gretap" \
@@ -138,15 +138,15 @@ def test_ip6tnl_lease_carries_its_addresses(broker):
     b, dp = broker
     v = b.lease("fc00::99", "tnl")
     assert v["kind"] == "ip6tnl" and v["mac"] == "" and v["ipv4_gateway"] == ""
-    assert v["ipv4"] == "10.98.0.0" and v["prefix"] == "fd00:98::/64"
-    assert v["ipv6"] == "fd00:98::1"
+    assert v["ipv4"] == "10.98.0.1" and v["prefix"] == "fd00:98:0:1::/64"
+    assert v["ipv6"] == "fd00:98:0:1::1"
     assert not {"tunnel_id", "session_id", "ikey", "okey"} & set(v)
     v2 = b.lease("fc00::98", "tnl")
-    assert (v2["ipv4"], v2["prefix"], v2["ipv6"]) == ("10.98.0.1", "fd00:98:0:1::/64",
-                                                      "fd00:98:0:1::1")
+    assert (v2["ipv4"], v2["prefix"], v2["ipv6"]) == ("10.98.0.2", "fd00:98:0:2::/64",
+                                                      "fd00:98:0:2::1")
     # prefix_length 128: one address, nothing routed behind it.
     v3 = b.lease("fc00::97", "tnl1")
-    assert (v3["ipv6"], v3["prefix"], v3["ipv4"]) == ("fd00:97::", "", "")
+    assert (v3["ipv6"], v3["prefix"], v3["ipv4"]) == ("fd00:97::1", "", "")
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::96", "tnl", tunnel_id=5)
     assert e.value.code == "bad_request" and "tunnel_id does not apply" in e.value.message
@@ -230,7 +230,7 @@ def test_kind_field_through_the_front_door(broker):
     assert "OKEY=" in text and "SESSION_ID" not in text
     status, _h, body = post("kind=ip6tnl")
     v = json.loads(body)
-    assert status == 200 and v["ipv6"] == "fd00:98::1"
+    assert status == 200 and v["ipv6"] == "fd00:98:0:1::1"
     status, _h, body = post("kind=ip6tnl%3Brm")
     assert status == 400 and "kind names are 1-16 letters" in json.loads(body)["error"]["message"]
     status, _h, body = post("kind=gre")

@@ -215,7 +215,7 @@ class Crash:
 
     def install(self):
         crash = self
-        write, flush = L._Txn.write, L._Txn.flush
+        write, flush = L.Records.write, L.Records.flush
 
         def patched_write(tx, *a):
             if crash.mode not in ("after", "torn", "torn_close"):
@@ -253,7 +253,7 @@ class Crash:
                 if crash.n == crash.k:
                     os._exit(9)
 
-        L._Txn.write, L._Txn.flush = patched_write, patched_flush
+        L.Records.write, L.Records.flush = patched_write, patched_flush
         install = L.LeaseStore._install
 
         def patched_install(store, tmp):
@@ -316,7 +316,7 @@ def crash_op(st, scenario, target, secret):
         st.sweep(now=T0 + 50)
     else:
         # a lease that needs a bigger record: the file is rebuilt (gnu, ndbm)
-        with st._txn(True) as tx:
+        with st._open(True) as tx:
             tx.reserve({b"b%02x" % (int(target.lease_id[:2], 16) % st.buckets): 200000})
         crash_op(st, "allocate", target, secret)
 
@@ -501,3 +501,97 @@ def test_cli_checks_and_repairs_a_damaged_lease_file(tmp_path):
     assert "reconcile" in p.stderr
     p = cli("check-leases")
     assert p.returncode == 0 and json.loads(p.stdout)["ok"], p.stderr
+
+
+RACE_CONFIG = """
+config broker
+	option state_dir '%(state)s'
+	option dataplane 'none'
+	option max_leases '400'
+	option max_per_client '4'
+	option lease_rate '0'
+	option idle_grace '0'
+
+config service 'l2'
+	option endpoint 'fc00::1'
+	option encap 'udp'
+	option udp_port '5000'
+	option prefix_pool 'fd00:beef::/56'
+	option prefix_length '64'
+	option ipv4_pool '198.51.100.0/24'
+	option ipv4_gateway '192.0.2.1'
+
+config service 'l3'
+	option kind 'ip6tnl'
+	option endpoint 'fc00::1'
+	option prefix_pool 'fd00:cafe::/120'
+	option prefix_length '128'
+	option ipv4_pool '10.98.0.0/24'
+"""
+
+
+def _race_broker(tmp_path):
+    from microbroker import broker as mb, config as mbconfig
+    path = tmp_path / "microbroker"
+    if not path.exists():
+        path.write_text(RACE_CONFIG % {"state": tmp_path / "state"})
+    cfg = mbconfig.load(str(path))
+    assert cfg.problems == []
+    return mb.make_broker(cfg)
+
+
+def _lease_many(tmp_path, worker, n, backend_name):
+    b = _race_broker(tmp_path)
+    for i in range(n):
+        for svc in ("l2", "l3"):
+            try:
+                b.lease("fc00::%x:%x" % (worker + 1, i + 1), svc)
+            except Exception as e:      # only store refusals, never a duplicate
+                if getattr(e, "code", None) not in ("busy", "full"):
+                    raise
+
+
+def assert_nothing_held_twice(store):
+    live = assert_sound(store)
+    for what in ("tunnel_id", "session_id", "ifname"):
+        assert len({getattr(x, what) for x in live}) == len(live), what
+    ports = [(x.service, x.udp_port) for x in live if x.udp_port]
+    assert len(set(ports)) == len(ports)
+    items = [x.extra[k] for x in live for k in ("prefix", "ipv4") if x.extra.get(k)]
+    assert len(set(items)) == len(items)
+    assert not [i for i in items if i.endswith((".0", ".255")) or i.startswith(
+        ("fd00:beef::/", "fd00:cafe::/"))], "a pool's network or broadcast address"
+    return live
+
+
+def test_concurrent_cgi_leases_hold_nothing_twice_with_the_race_window_open(
+        tmp_path, monkeypatch):
+    # Each broker call is what a CGI process does; the pauses hold open the
+    # windows between the store's write of the ids and of the lease, and
+    # between allocation and the kernel build, where two processes used to
+    # pick the same pool item and UDP port.
+    monkeypatch.setenv("MICROBROKER_TEST_PAUSE", "build:0.01")
+    pids = [forked(_lease_many, tmp_path, w, 6, "") for w in range(6)]
+    assert [wait(p) for p in pids] == [0] * 6
+    b = _race_broker(tmp_path)
+    live = assert_nothing_held_twice(b.store)
+    assert len(live) == 6 * 6 * 2
+    assert {x.state for x in live} == {"up"}
+
+
+def test_kill_9_during_concurrent_cgi_leases_leaves_a_consistent_file(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("MICROBROKER_TEST_PAUSE", "allocate:0.003")
+    rng = random.Random(7)
+    for round_ in range(12):
+        pids = [forked(_lease_many, tmp_path, round_ * 4 + w, 3, "") for w in range(4)]
+        time.sleep(rng.uniform(0.005, 0.05))
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        for p in pids:
+            wait(p)
+        b = _race_broker(tmp_path)
+        assert_nothing_held_twice(b.store)
+    b.store.sweep(now=time.time() + 10 ** 6)
+    report = b.store.check()
+    assert report["ok"] and report["leases"] == 0 and report["leaked_ids"] == 0

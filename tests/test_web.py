@@ -631,24 +631,36 @@ def test_cgi_bad_content_length(tmp_path):
 
 def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
-    or anything kernel-related (with dataplane none)."""
+    or anything kernel-related (with dataplane none), and an offer, a lease
+    and a renew never json, re or enum (jsonlite.py)."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
         "sys.exit(main())",
         "main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
-    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/lease",
-           "REMOTE_ADDR": V4, "SERVER_ADDR": V4, "QUERY_STRING": "",
-           "CONTENT_TYPE": FORM, "CONTENT_LENGTH": "10",
-           "MICROBROKER_CONFIG": path}
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", boot],
-                       input=b"service=v4", env=env, capture_output=True)
-    assert b"STATE" in r.stdout or b'"state"' in r.stdout, r.stdout
-    mods = set(r.stderr.decode().split())
-    for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
-                "cgi", "logging", "argparse", "socketserver",
-                "microbroker.netlink", "microbroker.dataplane",
-                "microbroker.server", "ipaddress"):
-        assert bad not in mods, bad
+
+    def cgi(method, where, body=b""):
+        env = {"REQUEST_METHOD": method, "PATH_INFO": where,
+               "REMOTE_ADDR": V4, "SERVER_ADDR": V4, "QUERY_STRING": "format=sh",
+               "CONTENT_TYPE": FORM, "CONTENT_LENGTH": str(len(body)),
+               "MICROBROKER_CONFIG": path}
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", boot],
+                           input=body, env=env, capture_output=True)
+        assert b"STATUS='200'" in r.stdout, (where, r.stdout)
+        return r.stdout, set(r.stderr.decode().split())
+
+    out, lease_mods = cgi("POST", "/lease", b"service=v4")
+    fields = dict(line.split("=", 1) for line in out.decode().splitlines() if "=" in line)
+    lease_id, secret = fields["LEASE_ID"].strip("'"), fields["SECRET"].strip("'")
+    _, renew_mods = cgi("POST", "/renew",
+                        ("lease_id=%s&secret=%s" % (lease_id, secret)).encode())
+    _, offer_mods = cgi("GET", "/offer")
+    for what, mods in (("lease", lease_mods), ("renew", renew_mods),
+                       ("offer", offer_mods)):
+        for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
+                    "cgi", "logging", "argparse", "socketserver",
+                    "microbroker.netlink", "microbroker.dataplane",
+                    "microbroker.server", "ipaddress", "json", "re", "enum"):
+            assert bad not in mods, (what, bad)
 
 
 def test_server_rejects_what_cgi_servers_would(tmp_path):
