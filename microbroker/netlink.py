@@ -11,6 +11,7 @@ import struct
 
 # include/uapi/linux/netlink.h
 NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
