@@ -1,7 +1,9 @@
 """The exit at 1,000 leases: per-lease time by live count, reconcile, restart, rebuild.
 
 Run in the VM (root, L2TP, the lease file on tmpfs):
-    tests/vm/run exec /work/wt/kernel/.venv/bin/python bench/scale.py [N]
+    tests/vm/run exec /work/wt/kernel/.venv/bin/python bench/scale.py [-p] [N]
+
+-p: cProfile of one no-op reconcile and of the restart's serve, top entries.
 
 Leases go through the broker (Broker.lease with the real Dataplane and a
 lease file, as `serve` does); the live ones between the measured points
@@ -86,6 +88,8 @@ class Exit:
         with inside(self.ns):
             for _t, c, v in leases:
                 self.broker.release(c, v["lease_id"], v["secret"])
+        # The kernel finishes deleting tunnels on a workqueue.
+        assert wait_for(lambda: len(self.tunnels()) == self.store.count(), 60)
 
     def fill(self, upto):
         """Live leases up to `upto` the direct way; dataplane.up times."""
@@ -117,13 +121,52 @@ def at_live(ex, live, rows):
     return median_ms([t for t, _c, _v in sample])
 
 
+class Read:
+    """The store with its leases read once: reconcile's kernel work alone."""
+
+    def __init__(self, store):
+        self.live = store.leases()
+
+    def leases(self):
+        return self.live
+
+
+def kernel_part(ex, rows):
+    """Where a no-op reconcile's time goes: the lease file, the kernel."""
+    from microbroker import rtnl
+    t0 = time.perf_counter()
+    read = Read(ex.store)
+    rows.append(("  of which: store.leases() (%d)" % len(read.live),
+                 time.perf_counter() - t0, "s"))
+    with inside(ex.ns):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            report = ex.dp.reconcile(read, ex.cfg.enabled_services())
+            times.append(time.perf_counter() - t0)
+        assert not any(report.values()), report
+        rows.append(("  of which: dataplane.reconcile, leases read (median of 3)",
+                     statistics.median(times), "s"))
+        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+            for what, fn in (("l2tp tunnel dump", lambda: l2.tunnels(stats=False)),
+                             ("l2tp session dump", lambda: l2.sessions(stats=False)),
+                             ("link dumps (bridge ports, kinds)",
+                              lambda: ex.dp._links(rt)),
+                             ("full link dump (before)", rt.links)):
+                t0 = time.perf_counter()
+                fn()
+                rows.append(("    %s" % what, time.perf_counter() - t0, "s"))
+
+
 def restart(ex, rows):
     """serve started on the lease file with every lease live: when it
     answers an offer, when its start-up reconcile is done, what it dropped."""
     before = ex.tunnels()
     t0 = time.monotonic()
-    p = subprocess.Popen(["ip", "netns", "exec", ex.ns, sys.executable, "-m", "microbroker",
-                          "-c", ex.path, "serve"], cwd=ROOT, stderr=subprocess.PIPE,
+    prof = ["-m", "cProfile", "-s", "cumulative"] if PROFILE else []
+    p = subprocess.Popen(["ip", "netns", "exec", ex.ns, sys.executable] + prof +
+                         ["-m", "microbroker", "-c", ex.path, "serve"], cwd=ROOT,
+                         stderr=subprocess.PIPE, stdout=None if PROFILE else subprocess.DEVNULL,
                          text=True)
     done = []
 
@@ -175,8 +218,24 @@ def reboot(ex, rows):
                  % (live, len(report["rebuilt"]), len(report["failed"])), took, "s"))
 
 
+def profiled(fn):
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return fn()
+    finally:
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
+
+
+PROFILE = "-p" in sys.argv
+
+
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+    args = [a for a in sys.argv[1:] if a != "-p"]
+    n = int(args[0]) if args else 1000
     ns = Namespaces()
     tmp = tempfile.mkdtemp()
     rows = []
@@ -215,6 +274,10 @@ def main():
                 report = ex.broker.reconcile()
                 recs.append(time.perf_counter() - t0)
             assert not any(report.values()), report
+        kernel_part(ex, rows)
+        if PROFILE:
+            with inside(ex.ns):
+                profiled(ex.broker.reconcile)
         rows.append(("no-op reconcile at %d live (median of 3; goal <= 0.5 s)"
                      % ex.store.count(), statistics.median(recs), "s"))
         restart(ex, rows)
