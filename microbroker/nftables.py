@@ -135,7 +135,7 @@ class Nftables:
         self.close()
 
     def _recv(self):
-        data, flags, _a = self.sock.sock.recvmsg(nl.RECV_SIZE)
+        data, _anc, flags, _a = self.sock.sock.recvmsg(nl.RECV_SIZE)
         if flags & socket.MSG_TRUNC:
             raise nl.NetlinkError(errno.EMSGSIZE, "", "nf_tables reply truncated")
         return data

@@ -290,7 +290,7 @@ class _FakeNfSock:
         for off, err in self.answers.pop(0):
             out += nl.message(nl.NLMSG_ERROR, nl.NLM_F_CAPPED, seq + off,
                               struct.pack("=i", -err) + nl.NLMSGHDR.pack(16, 0, 0, seq + off, 0))
-        return out, 0, None
+        return out, [], 0, None
 
 
 def _nft_with(answers):
