@@ -208,7 +208,10 @@ class Dataplane:
             try:
                 rt.add_bridge(br, bridge_mac(br))
             except rtnl.LinkExists:
-                pass
+                # Ours (no `bridge` configured) but made without its MAC, by
+                # an older version or by hand: give it the stable one.
+                if not service.bridge and rt.link(br).address != bridge_mac(br):
+                    rt.set_mac(br, bridge_mac(br))
             rt.set_up(br)
         finally:
             if own:
@@ -272,12 +275,14 @@ class Dataplane:
 
     # -- per lease --
     def up(self, lease, service):
-        """Build the lease in the kernel; on failure leave nothing behind."""
+        """Build the lease in the kernel; on failure leave nothing of ours
+        behind. IdInUse when its tunnel or session id (or GRE key) is held
+        by a tunnel that is not this lease's: ask again with other ids."""
         bridged = layer(lease) == 2
         with rtnl.Rtnl() as rt:
             self.ensure_service(service, rt)
+            self._link(rt, lease)       # undoes itself on IdInUse
             try:
-                self._link(rt, lease)
                 rt.setup_port(lease.ifname, bridge_name(service) if bridged else None,
                               mtu=lease.mtu)
                 if bridged and getattr(service, "isolate", True):
@@ -308,7 +313,15 @@ class Dataplane:
         if lease.kind == "l2tpv3":
             with l2tp.L2TP() as l2:
                 self._tunnel(l2, lease)
-                self._session(l2, lease)
+                try:
+                    self._session(l2, lease)
+                except Exception:
+                    # The tunnel is this lease's (made now or by an earlier try).
+                    try:
+                        l2.delete_tunnel(lease.tunnel_id)
+                    except l2tp.NotFound:
+                        pass
+                    raise
             return
         if lease.kind == "ip6gretap":
             # The exit receives with its own id as key and sends the client's.
@@ -346,9 +359,12 @@ class Dataplane:
             return
         except rtnl.NoSuchLink:
             if lease.kind != "ip6tnl":
-                raise
+                # Not the name: another GRE link has these ends and key.
+                raise IdInUse("%s: another ip6gretap from %s to %s has key %d"
+                              % (lease.ifname, lease.local, lease.remote, lease.tunnel_id),
+                              lease.tunnel_id, 0) from None
         lo, hi = self.config.tunnel_ids
-        for link in rt.links():
+        for link in rt.links_of_kind("ip6tnl"):
             digits = link.name[len(self.prefix):]
             if link.kind == "ip6tnl" and link.name.startswith(self.prefix) and \
                     digits.isdigit() and lo <= int(digits) <= hi and \
@@ -359,16 +375,22 @@ class Dataplane:
                               "not ours" % (lease.ifname, lease.local, lease.remote))
 
     def _tunnel(self, l2, lease):
+        """The lease's tunnel, made now or found as an earlier try made it."""
         try:
             l2.create_tunnel(lease.tunnel_id, lease.peer_tunnel_id, lease.local, lease.remote,
                              encap=lease.encap, udp_sport=lease.udp_port,
                              udp_dport=lease.peer_udp_port)
-        except l2tp.Exists:
+        except l2tp.Exists as e:
             # Ours already (a retry, a reconcile) if it points the same way.
-            t = l2.get_tunnel(lease.tunnel_id)
+            try:
+                t = l2.get_tunnel(lease.tunnel_id)
+            except l2tp.NotFound:
+                raise e from None     # EADDRINUSE: the UDP port, not the id
             if (t.peer_tunnel_id, t.remote, t.local) != (lease.peer_tunnel_id, lease.remote,
                                                          lease.local):
-                raise
+                raise IdInUse("l2tp tunnel %d exists and is not lease %s's (peer %s)"
+                              % (lease.tunnel_id, lease.lease_id, t.remote),
+                              lease.tunnel_id, 0) from None
 
     def _session(self, l2, lease):
         try:
@@ -378,10 +400,14 @@ class Dataplane:
             try:
                 s = l2.get_session(lease.tunnel_id, lease.session_id)
             except l2tp.NotFound:
-                raise l2tp.Exists(17, "session id %d or interface %s is taken by another "
-                                  "tunnel" % (lease.session_id, lease.ifname)) from None
+                # L2TPv3 session ids are unique per netns, not per tunnel.
+                raise IdInUse("l2tp session id %d or interface %s is taken by another "
+                              "tunnel" % (lease.session_id, lease.ifname),
+                              0, lease.session_id) from None
             if (s.peer_session_id, s.ifname) != (lease.peer_session_id, lease.ifname):
-                raise
+                raise IdInUse("l2tp session %d in tunnel %d exists and is not lease %s's"
+                              % (lease.session_id, lease.tunnel_id, lease.lease_id),
+                              0, lease.session_id) from None
 
     def present(self, lease):
         """Is the lease's interface in the kernel and up? One netlink
@@ -499,7 +525,7 @@ class Dataplane:
                         ready.add(svc.name)
                     except (OSError, ValueError, KernelUnavailable) as e:
                         report["failed"].append("service %s: %s" % (svc.name, e))
-                links = {l.name: l for l in rt.links()}
+                links = self._links(rt)
                 owned = set()
                 for lease in live:
                     owned.add(lease.tunnel_id)
@@ -515,7 +541,7 @@ class Dataplane:
                             l2.delete_tunnel(lease.tunnel_id)
                         self.up(lease, svc)
                         report["rebuilt"].append(lease.lease_id)
-                    except (OSError, ValueError, KernelUnavailable) as e:
+                    except (OSError, ValueError, KernelUnavailable, IdInUse) as e:
                         report["failed"].append("%s: %s" % (lease.lease_id, e))
                 for tid in sorted(tunnels):
                     if lo <= tid <= hi and tid not in owned:
@@ -526,7 +552,7 @@ class Dataplane:
                         report["removed"].append(tid)
                 self._remove_links(rt, links, owned, report)
                 if report["rebuilt"] or report["links_removed"]:
-                    links = {l.name: l for l in rt.links()}    # indexes changed
+                    links = self._links(rt)    # indexes changed
                 self._reconcile_routes(rt, live, by_name, services, report, links)
         finally:
             if l2 is not None:
@@ -563,6 +589,17 @@ class Dataplane:
                 changed, problems = [], [str(e)]
             report["filters_fixed"] += changed
             report["failed"] += ["%s filter rules: %s" % (family, p) for p in problems]
+
+    @staticmethod
+    def _links(rt):
+        """{name: Link} of what reconcile looks at: bridge ports (as
+        `bridge link`: a few attributes each), bridges, and the GRE and
+        ip6tnl links by kind, filtered in the kernel. A full link dump
+        costs several times as much at a thousand leases."""
+        links = {l.name: l for l in rt.bridge_ports()}
+        for kind in ("bridge", "ip6gretap", "ip6tnl"):
+            links.update((l.name, l) for l in rt.links_of_kind(kind))
+        return links
 
     @staticmethod
     def _intact(lease, link, tunnel, sessions):

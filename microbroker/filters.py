@@ -11,24 +11,29 @@ per lease; only a restricted lease adds (and removes) one element or rule. Comma
 interface and profile names are checked before they reach an argument.
 """
 
-import re
-import shutil
-import subprocess
+import errno
+import os
 import zlib
+
+from . import nftables
 
 TABLE = "microbroker"
 BEACON_ETHERTYPE = "0xfc00"   # cjdns beacons never cross a pseudo-wire
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
-_PROFILE = re.compile(r"^[A-Za-z0-9_]{1,32}$")    # a service name
-_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+# (first character, the others, most characters)
+_NAME = (_ALNUM, _ALNUM | set(".-"), 15)        # an interface
+_PROFILE = (_ALNUM, _ALNUM, 32)                 # a service name
+_PREFIX = (_ALNUM - set("0123456789_"), _ALNUM | set("-"), 10)
 
 
 class FilterError(RuntimeError):
     pass
 
 
-def _check(name, rx=_NAME):
-    if not isinstance(name, str) or not rx.match(name):
+def _check(name, rule=_NAME):
+    first, rest, most = rule
+    if not isinstance(name, str) or not 0 < len(name) <= most or name[0] not in first or \
+            any(c not in rest for c in name[1:]):
         raise ValueError("refusing name %r in a filter rule" % (name,))
     return name
 
@@ -41,6 +46,7 @@ def _ports(ports):
 
 
 def _run(argv, stdin=None, check=True):
+    import subprocess       # not on a lease's path: elements go by netlink
     try:
         p = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, timeout=30)
@@ -49,6 +55,34 @@ def _run(argv, stdin=None, check=True):
     if check and p.returncode != 0:
         raise FilterError("%s failed: %s" % (" ".join(argv[:3]), p.stderr.strip()))
     return p
+
+
+def _signed(lines):
+    """The script with the last rule of every chain it flushes commented
+    with a checksum of that chain's declaration and rules, and what a
+    ruleset written by it holds: {(family, chain): (rules, comment)}."""
+    rules, decl, flushed = {}, {}, []
+    for i, line in enumerate(lines):
+        w = line.split(" ", 5)
+        if line.startswith("flush chain "):
+            flushed.append((w[2], w[4]))
+        elif line.startswith("add rule "):
+            rules.setdefault((w[2], w[4]), []).append(i)
+        elif line.startswith("add chain "):
+            decl[(w[2], w[4])] = line
+    out, want = list(lines), {}
+    for key in flushed:
+        idx = rules.get(key, [])
+        text = "\n".join([decl.get(key, "")] + [lines[i] for i in idx])
+        tag = "microbroker %08x" % zlib.crc32(text.encode())
+        if idx:
+            out[idx[-1]] += ' comment "%s"' % tag
+        want[key] = (len(idx), tag.encode() if idx else None)
+    return out, want
+
+
+def _nl_error(e, what):
+    return FilterError("%s: %s" % (what, os.strerror(e.errno) if e.errno else e))
 
 
 class Nft:
@@ -62,6 +96,32 @@ class Nft:
 
     def _apply(self, script, check=True):
         return _run([self.nft, "-f", "-"], script, check)
+
+    def _ensure(self, lines):
+        """Run the script unless the ruleset already holds what it writes:
+        a rule dump per family by netlink, not an nft process per lease."""
+        lines, want = _signed(lines)
+        if not self._holds(want):
+            self._apply("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _holds(want):
+        """Does every chain in want {(family, chain): (rules, comment)} have
+        that many rules, the last with that comment?"""
+        try:
+            with nftables.Nftables() as n:
+                for fam in sorted({f for f, _c in want}):
+                    have = {}
+                    for chain, udata in n.rules(fam, TABLE):
+                        have.setdefault(chain, []).append(udata)
+                    for (f, chain), (count, tag) in want.items():
+                        got = have.get(chain, []) if f == fam else None
+                        if got is not None and (len(got) != count or
+                                                tag is not None and tag not in got[-1]):
+                            return False
+        except OSError:
+            return False        # nft itself will say what is wrong
+        return True
 
     def ensure(self, prefix, profiles, isolate=False):
         """Our table, its chains and every profile chain, as this version
@@ -114,7 +174,7 @@ class Nft:
                 rule + "ip6 nexthdr tcp tcp dport { %s } accept" % tcp,
                 rule + "drop",
             ]
-        self._apply("\n".join(lines) + "\n")
+        self._ensure(lines)
 
     @staticmethod
     def _inet_table():
@@ -163,7 +223,7 @@ class Nft:
                 rule + "tcp dport { %s } accept" % tcp,
                 rule + "drop",
             ]
-        self._apply("\n".join(lines) + "\n")
+        self._ensure(lines)
 
     def ensure_isolation(self, sides):
         """Drop what the exit would route from one isolated client side to
@@ -177,31 +237,59 @@ class Nft:
         lines = self._inet_table() + ["flush chain %s isolate" % t]
         lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, a, b)
                   for a in names for b in names]
-        self._apply("\n".join(lines) + "\n")
+        self._ensure(lines)
 
     def add_port(self, ifname, profile, ports=(), family="bridge"):
-        """Send a restricted port's traffic through its profile."""
-        self._apply("add element %s %s restrict { %s : jump r_%s }\n" %
-                    (_family(family), TABLE, _check(ifname), _check(profile, _PROFILE)))
+        """Send a restricted port's traffic through its profile: one element
+        of the restrict map, by netlink."""
+        key = nftables.ifname_key(_check(ifname))
+        chain = "r_" + _check(profile, _PROFILE)
+        fam = _family(family)
+        try:
+            with nftables.Nftables() as n:
+                try:
+                    n.add_elements(fam, TABLE, "restrict", {key: chain})
+                except OSError as e:
+                    if e.errno != errno.EEXIST:
+                        raise
+                    # Mapped to another profile (a changed config, a leftover):
+                    # re-point it in one transaction.
+                    n.replace_elements(fam, TABLE, "restrict", [key], {key: chain})
+        except OSError as e:
+            raise _nl_error(e, "nft add element %s %s restrict %s" % (fam, TABLE, ifname))
 
     def remove_port(self, ifname, family="bridge"):
-        self._apply("delete element %s %s restrict { %s }\n" % (_family(family), TABLE,
-                                                               _check(ifname)), check=False)
+        """Its element out of the restrict map; absent is fine."""
+        key = nftables.ifname_key(_check(ifname))
+        try:
+            with nftables.Nftables() as n:
+                n.delete_elements(_family(family), TABLE, "restrict", [key])
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise _nl_error(e, "nft delete element %s %s restrict %s"
+                                % (family, TABLE, ifname))
 
     def ports(self, family="bridge"):
         """Interfaces mapped to a profile."""
         return set(self._port_map(family))
 
-    def _port_map(self, family):
-        """{ifname: profile} from the restrict map."""
-        p = _run([self.nft, "list", "map", _family(family), TABLE, "restrict"], check=False)
-        m = re.search(r"elements = \{([^}]*)\}", p.stdout) if p.returncode == 0 else None
+    def _port_map(self, family, n=None, genid=None):
+        """{ifname: profile} from the restrict map, {} if there is none."""
+        fam = _family(family)
+        try:
+            if n is None:
+                with nftables.Nftables() as n:
+                    found = n.elements(fam, TABLE, "restrict")
+            else:
+                found = n.elements(fam, TABLE, "restrict", genid)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return {}
+            raise _nl_error(e, "nft list map %s %s restrict" % (fam, TABLE))
         out = {}
-        for e in m.group(1).split(",") if m else ():
-            name, _, verdict = e.partition(":")
-            words = verdict.split()         # ["jump", "r_<profile>"]
-            if name.strip():
-                out[name.strip().strip('"')] = words[-1][2:] if words else ""
+        for key, chain in found.items():
+            name = key.split(b"\0", 1)[0].decode(errors="replace")
+            out[name] = chain[2:] if chain and chain.startswith("r_") else (chain or "")
         return out
 
     def sync_ports(self, want, family="bridge", keep=()):
@@ -210,38 +298,55 @@ class Nft:
 
         Reconcile needs it: a `nft flush ruleset` takes the elements with
         it, and a lease whose links survived would go on unrestricted. One
-        call; if the kernel refuses the batch, one call per element, so
-        one bad entry does not keep the others open."""
+        transaction, against the generation the map was read at (another
+        process changing it in between makes the kernel refuse it, and we
+        read again); if the kernel refuses it otherwise, one per element,
+        so one bad entry does not keep the others open."""
         fam = _family(family)
-        have = self._port_map(fam)
-        problems, lines = [], {}
-        for n in sorted(set(have) | set(want)):
-            if n in keep or (n in want and have.get(n) == want[n][0]):
+        try:
+            with nftables.Nftables() as n:
+                for _try in range(3):
+                    genid = n.genid()
+                    try:
+                        have = self._port_map(fam, n, genid)
+                        return self._sync(n, fam, have, want, keep, genid)
+                    except OSError as e:
+                        if e.errno != errno.ERESTART:
+                            raise
+                raise FilterError("nft map %s %s restrict: changing under us" % (fam, TABLE))
+        except FilterError:
+            raise
+        except OSError as e:
+            raise _nl_error(e, "nft map %s %s restrict" % (fam, TABLE))
+
+    def _sync(self, n, fam, have, want, keep, genid):
+        problems, steps = [], {}
+        for name in sorted(set(have) | set(want)):
+            if name in keep or (name in want and have.get(name) == want[name][0]):
                 continue
             try:
-                step = []
-                if n in have:
-                    step.append("delete element %s %s restrict { %s }" % (fam, TABLE, _check(n)))
-                if n in want:
-                    step.append("add element %s %s restrict { %s : jump r_%s }" %
-                                (fam, TABLE, _check(n), _check(want[n][0], _PROFILE)))
-                lines[n] = step
+                key = nftables.ifname_key(_check(name))
+                add = {key: "r_" + _check(want[name][0], _PROFILE)} if name in want else {}
+                steps[name] = ([key] if name in have else [], add)
             except ValueError as e:
                 problems.append(str(e))
-        if not lines:
+        if not steps:
             return [], problems
+        delete = [k for d, _a in steps.values() for k in d]
+        add = {k: c for _d, a in steps.values() for k, c in a.items()}
         try:
-            self._apply("\n".join(l for step in lines.values() for l in step) + "\n")
-            return sorted(lines), problems
-        except FilterError:
-            pass
+            n.replace_elements(fam, TABLE, "restrict", delete, add, genid)
+            return sorted(steps), problems
+        except OSError as e:
+            if e.errno == errno.ERESTART:
+                raise
         changed = []
-        for n, step in lines.items():
+        for name, (d, a) in steps.items():
             try:
-                self._apply("\n".join(step) + "\n")
-                changed.append(n)
-            except FilterError as e:
-                problems.append("%s: %s" % (n, e))
+                n.replace_elements(fam, TABLE, "restrict", d, a)
+                changed.append(name)
+            except OSError as e:
+                problems.append("%s: %s" % (name, e.strerror))
         return changed, problems
 
 
@@ -295,8 +400,8 @@ class Ebtables:
         for line in self._e("-L", check=False).stdout.splitlines():
             if line.startswith("Bridge chain: "):
                 chain = line[len("Bridge chain: "):].split(",")[0]
-                m = re.search(r"entries: (\d+)", line)
-                out[chain] = [int(m.group(1)) if m else -1, []]
+                n = line.partition("entries: ")[2].split(",")[0].strip()
+                out[chain] = [int(n) if n.isdigit() else -1, []]
             elif chain and line.strip() and not line.startswith("Bridge "):
                 out[chain][1].append(line.split())
         return out
@@ -415,11 +520,22 @@ def _after(parts, flag, default=None):
         return default
 
 
+def which(name):
+    """The tool's path on PATH or in /usr/sbin, /sbin (shutil.which would
+    import re on a CGI's path)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/sbin"]
+    for d in dirs:
+        p = os.path.join(d, name)
+        if d and os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    return None
+
+
 def probe(prefer=None):
     """The filter backend present here: nft first (OpenWrt 22.03+), else ebtables."""
     order = [prefer] if prefer else ["nft", "ebtables"]
     for name in order:
-        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        path = which(name)
         if path:
             return Nft(path) if name == "nft" else Ebtables(path)
     return None

@@ -141,11 +141,11 @@ def _stats(attrs):
 def _tunnel(attrs):
     local = remote = None
     if L2TP_ATTR_IP6_SADDR in attrs:
-        local = str(ipaddress.IPv6Address(attrs[L2TP_ATTR_IP6_SADDR]))
-        remote = str(ipaddress.IPv6Address(attrs[L2TP_ATTR_IP6_DADDR]))
+        local = nl.addr_text(attrs[L2TP_ATTR_IP6_SADDR])
+        remote = nl.addr_text(attrs.get(L2TP_ATTR_IP6_DADDR, b""))
     elif L2TP_ATTR_IP_SADDR in attrs:
-        local = str(ipaddress.IPv4Address(attrs[L2TP_ATTR_IP_SADDR]))
-        remote = str(ipaddress.IPv4Address(attrs[L2TP_ATTR_IP_DADDR]))
+        local = nl.addr_text(attrs[L2TP_ATTR_IP_SADDR])
+        remote = nl.addr_text(attrs.get(L2TP_ATTR_IP_DADDR, b""))
     encap = nl.get_u16(attrs, L2TP_ATTR_ENCAP_TYPE)
     return Tunnel(nl.get_u32(attrs, L2TP_ATTR_CONN_ID), nl.get_u32(attrs, L2TP_ATTR_PEER_CONN_ID),
                   ENCAP_NAMES.get(encap, str(encap)), local, remote,

@@ -11,6 +11,7 @@ import struct
 
 # include/uapi/linux/netlink.h
 NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -172,6 +173,21 @@ def get_str(attrs, atype, default=None):
     if v is None:
         return default
     return v.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def addr_text(raw):
+    """An IPv4 or IPv6 address as ipaddress writes it, by inet_ntop (C):
+    dumps of a thousand tunnels or routes spend most of their time here
+    otherwise. None for anything else."""
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) != 16:
+        return None
+    text = socket.inet_ntop(socket.AF_INET6, raw)
+    if "." in text:         # inet_ntop writes ::ffff:a.b.c.d, ipaddress hex words
+        import ipaddress
+        return str(ipaddress.IPv6Address(raw))
+    return text
 
 
 # ---- messages -------------------------------------------------------------

@@ -164,11 +164,11 @@ def _route_of(body):
     dst, gw = attrs.get(RTA_DST), attrs.get(RTA_GATEWAY)
     if dst is None:   # the default route
         dst = bytes(16 if family == socket.AF_INET6 else 4)
-    return Route(family, str(ipaddress.ip_address(dst)), dst_len,
-                 str(ipaddress.ip_address(gw)) if gw else None,
+    return Route(family, nl.addr_text(dst), dst_len, nl.addr_text(gw) if gw else None,
                  nl.get_u32(attrs, RTA_OIF, 0), table, rtype)
 
 
+_PORT_ATTRS = frozenset((IFLA_IFNAME, IFLA_MTU, IFLA_MASTER))
 _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO))
 
 
@@ -189,7 +189,7 @@ def _link(body):
 
 
 def _ip6(raw):
-    return str(ipaddress.IPv6Address(raw)) if raw and len(raw) == 16 else None
+    return nl.addr_text(raw) if raw and len(raw) == 16 else None
 
 
 class Rtnl:
@@ -221,6 +221,36 @@ class Rtnl:
             return [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload, "links")]
         except nl.NetlinkError as e:
             raise _error(e, "link dump") from None
+
+    def links_of_kind(self, kind):
+        """The links of one kind (IFLA_INFO_KIND: "bridge", "ip6gretap"),
+        filtered by the kernel (rtnl_dump_ifinfo, 4.x on) and again here,
+        for kernels that ignore the filter."""
+        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS) + \
+            nl.attr_nest(IFLA_LINKINFO, nl.attr_str(IFLA_INFO_KIND, kind))
+        try:
+            found = [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload,
+                                                                "%s links" % kind)]
+        except nl.NetlinkError as e:
+            raise _error(e, "%s link dump" % kind) from None
+        return [l for l in found if l.kind == kind]
+
+    def bridge_ports(self):
+        """Every bridge port, from the AF_BRIDGE dump (as `bridge link`):
+        a handful of attributes per port instead of a full link message.
+        Links without kind, local or remote."""
+        out = []
+        try:
+            for _t, body in self.sock.dump(RTM_GETLINK, ifinfomsg(family=AF_BRIDGE),
+                                           "bridge ports"):
+                _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
+                a = nl.parse_attrs(body, IFINFOMSG.size, wanted=_PORT_ATTRS)
+                out.append(Link(index, nl.get_str(a, IFLA_IFNAME), flags,
+                                nl.get_u32(a, IFLA_MTU), nl.get_u32(a, IFLA_MASTER, 0), None,
+                                None, None, None))
+        except nl.NetlinkError as e:
+            raise _error(e, "bridge port dump") from None
+        return out
 
     def link(self, name):
         check_ifname(name)

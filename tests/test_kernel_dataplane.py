@@ -328,3 +328,117 @@ def test_up_failure_leaves_nothing_behind(exit_net):
 def test_status_reports_capability():
     ok, why = dataplane.Dataplane(SimpleNamespace(tunnel_ids=(1, 2), filter="")).status()
     assert ok and why == "" if os.geteuid() == 0 else not ok
+
+
+def test_ids_held_by_a_tunnel_not_ours_raise_id_in_use_and_touch_nothing(exit_net):
+    """EEXIST for the lease's tunnel id (another tool's tunnel) or session id
+    (L2TPv3 session ids are per netns): IdInUse naming the id, the other
+    tunnel left alone, nothing of the lease left behind."""
+    svc = service()
+    ex = exit_net.ns
+    lease, _s, _ = exit_net.store.allocate("fc00:1::2", "exit", "l2tpv3", "ip", "fc00:1::1",
+                                           1280, 600)
+    run("ip", "l2tp", "add", "tunnel", "tunnel_id", lease.tunnel_id, "peer_tunnel_id", 7,
+        "encap", "ip", "local", "fc00:1::1", "remote", "fc00:1::9", ns=ex)
+    with inside(ex), pytest.raises(dataplane.IdInUse) as e:
+        exit_net.dp.up(lease, svc)
+    assert (e.value.tunnel_id, e.value.session_id) == (lease.tunnel_id, 0)
+    assert "Peer tunnel 7" in run("ip", "l2tp", "show", "tunnel", "tunnel_id",
+                                  lease.tunnel_id, ns=ex)
+    assert lease.ifname not in run("ip", "link", ns=ex)
+    run("ip", "l2tp", "del", "tunnel", "tunnel_id", lease.tunnel_id, ns=ex)
+    # Its session id, in another tunnel.
+    run("ip", "l2tp", "add", "tunnel", "tunnel_id", 190, "peer_tunnel_id", 190, "encap", "ip",
+        "local", "fc00:1::1", "remote", "fc00:1::9", ns=ex)
+    run("ip", "l2tp", "add", "session", "tunnel_id", 190, "session_id", lease.session_id,
+        "peer_session_id", 1, "name", "other0", ns=ex)
+    assert wait_for(lambda: "Tunnel %d," % lease.tunnel_id not in
+                    run("ip", "l2tp", "show", "tunnel", ns=ex))
+    with inside(ex), pytest.raises(dataplane.IdInUse) as e:
+        exit_net.dp.up(lease, svc)
+    assert (e.value.tunnel_id, e.value.session_id) == (0, lease.session_id)
+    assert wait_for(lambda: "Tunnel %d," % lease.tunnel_id not in
+                    run("ip", "l2tp", "show", "tunnel", ns=ex))
+    assert "other0" in run("ip", "link", ns=ex)
+    # Other ids: it builds.
+    lease = lease.replace(session_id=lease.session_id + 1)
+    with inside(ex):
+        exit_net.dp.up(lease, svc)
+    assert "master br-exit" in run("ip", "link", "show", lease.ifname, ns=ex)
+
+
+def nft_map(ns, family="bridge"):
+    """{ifname: verdict} from `nft list map`, the independent oracle."""
+    out = run("nft", "list", "map", family, "microbroker", "restrict", ns=ns)
+    body = out.partition("elements = {")[2].partition("}")[0]
+    return {k.strip().strip('"'): v.strip() for k, _s, v in
+            (e.partition(":") for e in body.replace("\n", " ").split(",")) if k.strip()}
+
+
+def test_restrict_map_elements_by_netlink_as_nft_lists_them(exit_net, monkeypatch):
+    """Elements added, re-pointed, listed and removed by our netlink code,
+    checked with nft; tables written by nft once, then only checked."""
+    exit_net.cfg.filter = "nft"
+    from microbroker import filters
+    calls = []
+    real = filters.Nft._apply
+    monkeypatch.setattr(filters.Nft, "_apply",
+                        lambda self, script, check=True: calls.append(script) or
+                        real(self, script, check))
+    svc = service("web", restrict="dns+web", ports=(80, 443))
+    leases = [lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)]
+    ex = exit_net.ns
+    assert nft_map(ex) == {l.ifname: "jump r_web" for l in leases}
+    assert len(calls) == 2              # bridge table, inet isolation: once each
+    with inside(ex):
+        f = exit_net.dp.filters()
+        assert f.ports() == {l.ifname for l in leases}
+        f.add_port(leases[0].ifname, "web")          # again: no change, no error
+        run("nft", "add", "chain", "bridge", "microbroker", "r_other", ns=ex)
+        f.add_port(leases[0].ifname, "other")        # re-pointed in one transaction
+        assert nft_map(ex)[leases[0].ifname] == "jump r_other"
+        changed, problems = f.sync_ports({leases[0].ifname: ("web", [80]), "stray0":
+                                          ("web", [80])})
+        assert changed == sorted([leases[0].ifname, leases[1].ifname, "stray0"])
+        assert not problems
+        assert nft_map(ex) == {leases[0].ifname: "jump r_web", "stray0": "jump r_web"}
+        f.remove_port("stray0")
+        f.remove_port("stray0")
+        assert set(nft_map(ex)) == {leases[0].ifname}
+        # A fresh process (a CGI) checks the tables by netlink: no nft run...
+        fresh = dataplane.Dataplane(exit_net.cfg)
+        fresh.ensure_service(svc)
+        assert len(calls) == 2
+        # ...unless they lost rules.
+        run("nft", "flush", "chain", "bridge", "microbroker", "forward", ns=ex)
+        dataplane.Dataplane(exit_net.cfg).ensure_service(svc)
+        assert len(calls) == 3
+    assert 'oifname "mb*" ether type 0xfc00 drop' in run("nft", "list", "chain", "bridge",
+                                                         "microbroker", "forward", ns=ex)
+
+
+def test_our_bridge_keeps_a_stable_mac_as_ports_come_and_go(exit_net):
+    """A bridge takes its lowest port's MAC unless it was given one: ours
+    gets bridge_mac(), also when it existed without it (made by hand or an
+    older version), and keeps it through leases."""
+    ex = exit_net.ns
+    run("ip", "link", "add", "br-exit", "type", "bridge", ns=ex)
+    mac = dataplane.bridge_mac("br-exit")
+    svc = service()
+    leases = [lease_for(exit_net, 1, svc), lease_for(exit_net, 2, svc)]
+
+    def bridge_mac():
+        return run("ip", "link", "show", "br-exit", ns=ex).split("link/ether ")[1].split()[0]
+    assert bridge_mac() == mac
+    with inside(ex):
+        for lease in leases:
+            exit_net.dp.down(lease)
+            assert bridge_mac() == mac
+    # A bridge the operator configured is theirs: left as it is.
+    run("ip", "link", "add", "br-op", "type", "bridge", ns=ex)
+    before = run("ip", "link", "show", "br-op", ns=ex).split("link/ether ")[1].split()[0]
+    op = service("op")
+    op.bridge = "br-op"
+    with inside(ex):
+        exit_net.dp.ensure_service(op)
+    assert before in run("ip", "link", "show", "br-op", ns=ex)

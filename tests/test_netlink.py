@@ -205,3 +205,109 @@ def test_wanted_skips_other_attributes_and_stats_can_be_left_out():
                            wanted=l2tp._NO_STATS)
     t = l2tp._tunnel(attrs)
     assert t.tunnel_id == 3 and t.stats == l2tp.ZERO_STATS
+
+
+# ---- nf_tables (reference: /work/shared/reference/nftables-netlink.md, section 10,
+# a batch nft 1.0.6 and the 6.1 kernel agreed on) ----------------------------
+
+from microbroker import nftables as nft  # noqa: E402
+
+NEWSETELEM_BATCH = h("""
+    14000000 1000 0100 10970e00 00000000 0000000a
+    6c000000 0c0a 0504 11970e00 00000000 07000000
+    1000 0100 6d696372 6f62726f 6b657200
+    0b00 0200 69667072 6f660000
+    3c00 0380 3800 0180 1800 0180
+    1400 0100 6c327470 2d613100 00000000 00000000
+    1c00 0280 1800 0280 0800 0100 fffffffd
+    0b00 0200 70726f66 5f610000
+    14000000 1100 0100 12970e00 00000000 0000000a""")
+
+
+def test_nft_add_element_batch_matches_nft_bytes():
+    body = nft.setelem_payload("bridge", "microbroker", "ifprof",
+                               [(nft.ifname_key("l2tp-a1"), "prof_a")])
+    msg = nft.batch([(nft.NFT_MSG_NEWSETELEM, nl.NLM_F_CREATE, body)], 0x0e9710)
+    assert len(msg) == 148
+    assert msg == NEWSETELEM_BATCH
+
+
+def test_nft_delete_element_is_the_same_without_data():
+    body = nft.setelem_payload("bridge", "microbroker", "ifprof",
+                               [(nft.ifname_key("l2tp-a1"), None)])
+    msg = nft.batch([(nft.NFT_MSG_DELSETELEM, 0, body)], 0x0e9710)
+    want = bytearray(NEWSETELEM_BATCH)
+    del want[0x64:0x80]                              # SET_ELEM_DATA, 28 bytes
+    want[0x14:0x1a] = h("50000000 0e0a")             # len 108 - 28, DELSETELEM
+    want[0x1a:0x1c] = h("0500")                      # REQUEST|ACK
+    want[0x44:0x46], want[0x48:0x4a] = h("2000"), h("1c00")   # nests shrink by 28
+    assert msg == bytes(want)
+
+
+def test_nft_batch_carries_the_generation_it_was_computed_from():
+    msg = nft.batch([], 7, genid=0x01020304)
+    n, mtype, _f, seq, _p = nl.NLMSGHDR.unpack_from(msg)
+    assert (n, mtype, seq) == (28, nft.NFNL_MSG_BATCH_BEGIN, 7)
+    assert msg[16:28] == h("0000000a 0800 0100 01020304")
+
+
+def test_nft_elements_never_flush_by_accident():
+    # DELSETELEM without LIST_ELEMENTS empties the whole map.
+    with pytest.raises(ValueError):
+        nft.setelem_payload("bridge", "microbroker", "restrict", [])
+    for bad in ("", "a" * 16):
+        with pytest.raises(ValueError):
+            nft.ifname_key(bad)
+
+
+def test_nft_dump_reply_parsed_without_nested_flags():
+    # The kernel's reply: same attributes, nests without NLA_F_NESTED.
+    reply = bytearray(NEWSETELEM_BATCH[0x14:0x80])
+    for off in (0x30, 0x34, 0x38, 0x50, 0x54):
+        reply[off + 3] &= 0x7f
+    body = bytes(reply[20:])
+    assert nft.parse_elements(nft.nfgenmsg(7) + body) == {nft.ifname_key("l2tp-a1"): "prof_a"}
+
+
+class _FakeNfSock:
+    """Replays kernel answers to one batch: NLMSG_ERROR per message
+    (nfnetlink.c nfnetlink_rcv_batch, nfnl_err_deliver)."""
+
+    def __init__(self, answers):
+        self.seq, self.sent, self.answers = 100, [], answers
+        self.sock = self
+
+    def _next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def send(self, data):
+        self.sent.append(data)
+
+    def recvmsg(self, n):
+        seq = self.seq - 3                  # BEGIN's (two messages, END after them)
+        out = b""
+        for off, err in self.answers.pop(0):
+            out += nl.message(nl.NLMSG_ERROR, nl.NLM_F_CAPPED, seq + off,
+                              struct.pack("=i", -err) + nl.NLMSGHDR.pack(16, 0, 0, seq + off, 0))
+        return out, [], 0, None
+
+
+def _nft_with(answers):
+    n = nft.Nftables.__new__(nft.Nftables)
+    n.sock = _FakeNfSock(answers)
+    return n
+
+
+def test_nft_commit_waits_for_every_message_and_raises_the_first_error():
+    n = _nft_with([[(1, 0)], [(9, 0), (2, errno.ENOENT)]])   # a stale seq in between
+    with pytest.raises(nl.NetlinkError) as e:
+        n.commit([(nft.NFT_MSG_DELSETELEM, 0, b""), (nft.NFT_MSG_NEWSETELEM, 0, b"")])
+    assert e.value.errno == errno.ENOENT and not n.sock.answers
+    # A batch refused as a whole (stale generation) answers on BEGIN's seq only.
+    n = _nft_with([[(0, errno.ERESTART)]])
+    with pytest.raises(nl.NetlinkError) as e:
+        n.commit([(nft.NFT_MSG_DELSETELEM, 0, b""), (nft.NFT_MSG_NEWSETELEM, 0, b"")], genid=5)
+    assert e.value.errno == errno.ERESTART
+    n = _nft_with([[(2, 0), (1, 0)]])
+    n.commit([(nft.NFT_MSG_DELSETELEM, 0, b""), (nft.NFT_MSG_NEWSETELEM, 0, b"")])

@@ -1,0 +1,295 @@
+"""The exit at 1,000 leases: per-lease time by live count, reconcile, restart, rebuild.
+
+Run in the VM (root, L2TP, the lease file on tmpfs):
+    tests/vm/run exec /work/wt/kernel/.venv/bin/python bench/scale.py [-p] [N]
+
+-p: cProfile of one no-op reconcile and of the restart's serve, top entries.
+
+Leases go through the broker (Broker.lease with the real Dataplane and a
+lease file, as `serve` does); the live ones between the measured points
+are filled in through the store and the dataplane directly, which is the
+same kernel work without the HTTP-free policy layer. Goals (issue 17):
+per-lease at N live <= 1.3x at 0; no-op reconcile at 1,000 <= 0.5 s;
+restart answers offers within 1 s and drops no tunnel; a restricted lease
+<= 2x an unrestricted one.
+"""
+
+import http.client
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from microbroker import broker as mb, config as mbconfig, dataplane, l2tp  # noqa: E402
+from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
+
+EXIT6 = "fc00:1::1"
+SAMPLE = 20
+
+CONFIG = """
+config broker 'main'
+	option state_dir '%(state)s'
+	list listen '[%(exit)s]:8053'
+	option tunnel_ids '1-4000'
+	option session_ids '1-4000'
+	option max_leases '5000'
+	option max_per_client '4'
+	option sweep_interval '3600'
+	option log 'stderr'
+config service 'exit'
+	option endpoint '%(exit)s'
+	option lifetime '7200'
+	option capacity '1100'
+config service 'web'
+	option endpoint '%(exit)s'
+	option lifetime '7200'
+	option restrict 'dns+web'
+	option capacity '100'
+"""
+
+
+def client(i):
+    return "fc00:1::%x" % (0x1000 + i)
+
+
+def median_ms(xs):
+    return statistics.median(xs) * 1000 if xs else float("nan")
+
+
+class Exit:
+    def __init__(self, ns, path):
+        self.ns, self.path = ns, path
+        self.open()
+        self.n = 0              # clients used so far
+
+    def open(self):
+        self.cfg = mbconfig.load(self.path)
+        self.store = mb.open_store(self.cfg)
+        self.dp = dataplane.Dataplane(self.cfg)
+        self.broker = mb.Broker(self.cfg, self.store, self.dp)
+
+    def lease(self, service="exit"):
+        """One lease through the broker: (seconds, client, answer)."""
+        c = client(self.n)
+        self.n += 1
+        with inside(self.ns):
+            t0 = time.perf_counter()
+            v = self.broker.lease(c, service=service)
+            return time.perf_counter() - t0, c, v
+
+    def release(self, leases):
+        with inside(self.ns):
+            for _t, c, v in leases:
+                self.broker.release(c, v["lease_id"], v["secret"])
+        # The kernel finishes deleting tunnels on a workqueue.
+        assert wait_for(lambda: len(self.tunnels()) == self.store.count(), 60)
+
+    def fill(self, upto):
+        """Live leases up to `upto` the direct way; dataplane.up times."""
+        svc = self.cfg.services["exit"]
+        times = []
+        with inside(self.ns):
+            while self.store.count() < upto:
+                c = client(self.n)
+                self.n += 1
+                lease, _s, _r = self.store.allocate(c, "exit", "l2tpv3", "ip", EXIT6, svc.mtu,
+                                                    svc.lifetime)
+                t0 = time.perf_counter()
+                self.dp.up(lease, svc)
+                times.append(time.perf_counter() - t0)
+                self.store.update(lease.lease_id, state="up")
+        return times
+
+    def tunnels(self):
+        with inside(self.ns), l2tp.L2TP() as l2:
+            return {t.tunnel_id for t in l2.tunnels(stats=False)}
+
+
+def at_live(ex, live, rows):
+    ex.fill(live)
+    sample = [ex.lease() for _ in range(SAMPLE)]
+    rows.append(("lease through the broker at %d live (median of %d)" % (live, SAMPLE),
+                 median_ms([t for t, _c, _v in sample]), "ms"))
+    ex.release(sample)
+    return median_ms([t for t, _c, _v in sample])
+
+
+class Read:
+    """The store with its leases read once: reconcile's kernel work alone."""
+
+    def __init__(self, store):
+        self.live = store.leases()
+
+    def leases(self):
+        return self.live
+
+
+def kernel_part(ex, rows):
+    """Where a no-op reconcile's time goes: the lease file, the kernel."""
+    from microbroker import rtnl
+    t0 = time.perf_counter()
+    read = Read(ex.store)
+    rows.append(("  of which: store.leases() (%d)" % len(read.live),
+                 time.perf_counter() - t0, "s"))
+    with inside(ex.ns):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            report = ex.dp.reconcile(read, ex.cfg.enabled_services())
+            times.append(time.perf_counter() - t0)
+        assert not any(report.values()), report
+        rows.append(("  of which: dataplane.reconcile, leases read (median of 3)",
+                     statistics.median(times), "s"))
+        with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+            for what, fn in (("l2tp tunnel dump", lambda: l2.tunnels(stats=False)),
+                             ("l2tp session dump", lambda: l2.sessions(stats=False)),
+                             ("link dumps (bridge ports, kinds)",
+                              lambda: ex.dp._links(rt)),
+                             ("full link dump (before)", rt.links)):
+                t0 = time.perf_counter()
+                fn()
+                rows.append(("    %s" % what, time.perf_counter() - t0, "s"))
+
+
+def restart(ex, rows):
+    """serve started on the lease file with every lease live: when it
+    answers an offer, when its start-up reconcile is done, what it dropped."""
+    before = ex.tunnels()
+    t0 = time.monotonic()
+    prof = ["-m", "cProfile", "-s", "cumulative"] if PROFILE else []
+    p = subprocess.Popen(["ip", "netns", "exec", ex.ns, sys.executable] + prof +
+                         ["-m", "microbroker", "-c", ex.path, "serve"], cwd=ROOT,
+                         stderr=subprocess.PIPE, stdout=None if PROFILE else subprocess.DEVNULL,
+                         text=True)
+    done = []
+
+    def watch():
+        for line in p.stderr:
+            if "reconciled" in line or "reconcile at start failed" in line:
+                done.append(time.monotonic() - t0)
+    threading.Thread(target=watch, daemon=True).start()
+
+    def offer():
+        try:
+            with inside(ex.ns):
+                c = http.client.HTTPConnection(EXIT6, 8053, timeout=2)
+                c.connect()
+            try:
+                c.request("GET", "/offer")
+                return c.getresponse().status == 200
+            finally:
+                c.close()
+        except OSError:
+            return False
+    answered = wait_for(offer, 120, 0.02) and time.monotonic() - t0
+    wait_for(lambda: done, 120)
+    p.send_signal(signal.SIGTERM)
+    p.wait(30)
+    dropped = len(before - ex.tunnels())
+    rows.append(("restart with %d live: first offer answered" % len(before),
+                 answered or float("nan"), "s"))
+    rows.append(("restart: start-up reconcile done", done[0] if done else float("nan"), "s"))
+    rows.append(("restart: tunnels dropped", dropped, ""))
+
+
+def reboot(ex, rows):
+    """Kernel state gone, lease file kept: one reconcile rebuilds it all."""
+    live = ex.store.count()
+    with inside(ex.ns), l2tp.L2TP() as l2:
+        for t in l2.tunnels(stats=False):
+            l2.delete_tunnel(t.tunnel_id)
+    assert wait_for(lambda: not ex.tunnels(), 900, 1.0)    # a workqueue, slow at 1,000
+    for br in ("br-exit", "br-web"):
+        run("ip", "link", "del", br, ns=ex.ns, check=False)
+    run("nft", "flush", "ruleset", ns=ex.ns)
+    ex.open()           # a fresh process's broker
+    with inside(ex.ns):
+        t0 = time.perf_counter()
+        report = ex.broker.reconcile()
+        took = time.perf_counter() - t0
+    rows.append(("rebuild of %d after a reboot (%d rebuilt, %d failed)"
+                 % (live, len(report["rebuilt"]), len(report["failed"])), took, "s"))
+
+
+def profiled(fn):
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return fn()
+    finally:
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
+
+
+PROFILE = "-p" in sys.argv
+
+
+def main():
+    args = [a for a in sys.argv[1:] if a != "-p"]
+    n = int(args[0]) if args else 1000
+    ns = Namespaces()
+    tmp = tempfile.mkdtemp()
+    rows = []
+    try:
+        ex_ns, cl = ns.add("x"), ns.add("c")
+        ns.link(ex_ns, cl, EXIT6 + "/64", "fc00:1::2/64")
+        path = os.path.join(tmp, "microbroker")
+        with open(path, "w") as f:
+            f.write(CONFIG % {"state": os.path.join(tmp, "state"), "exit": EXIT6})
+        ex = Exit(ex_ns, path)
+        # Restricted against unrestricted, side by side at (nearly) 0 live;
+        # the first of each builds its bridge and tables and is left out.
+        ex.lease("exit"), ex.lease("web")
+        pairs = [(ex.lease("exit"), ex.lease("web")) for _ in range(SAMPLE // 2)]
+        plain = median_ms([a[0] for a, _b in pairs])
+        restricted = median_ms([b[0] for _a, b in pairs])
+        rows.append(("unrestricted lease (median of %d)" % len(pairs), plain, "ms"))
+        rows.append(("restricted lease (median of %d)" % len(pairs), restricted, "ms"))
+        rows.append(("restricted / unrestricted (goal <= 2)", restricted / plain, "x"))
+        ex.release([x for pair in pairs for x in pair])
+        base = at_live(ex, 0, rows)
+        mid = at_live(ex, n // 2, rows)
+        kernel_mid = ex.fill(n)             # dataplane.up alone, from n/2 to n live
+        top = at_live(ex, n, rows)
+        rows.append(("at %d live / at 0 (goal <= 1.3)" % (n // 2), mid / base, "x"))
+        rows.append(("at %d live / at 0 (goal <= 1.3)" % n, top / base, "x"))
+        if len(kernel_mid) >= 100:
+            rows.append(("dataplane.up alone, first 50 after %d live" % (n // 2),
+                         median_ms(kernel_mid[:50]), "ms"))
+            rows.append(("dataplane.up alone, last 50 before %d live" % n,
+                         median_ms(kernel_mid[-50:]), "ms"))
+        recs = []
+        for _ in range(3):
+            with inside(ex.ns):
+                t0 = time.perf_counter()
+                report = ex.broker.reconcile()
+                recs.append(time.perf_counter() - t0)
+            assert not any(report.values()), report
+        kernel_part(ex, rows)
+        if PROFILE:
+            with inside(ex.ns):
+                profiled(ex.broker.reconcile)
+        rows.append(("no-op reconcile at %d live (median of 3; goal <= 0.5 s)"
+                     % ex.store.count(), statistics.median(recs), "s"))
+        restart(ex, rows)
+        reboot(ex, rows)
+    finally:
+        ns.cleanup()
+        # Also what was measured before a failure.
+        print("exit at scale: N=%d (VM: other helpers' VMs may share the 2 cores)" % n)
+        for what, v, unit in rows:
+            print("%-62s %10.3f %s" % (what, v, unit) if isinstance(v, float) else
+                  "%-62s %10d %s" % (what, v, unit))
+
+
+if __name__ == "__main__":
+    main()
