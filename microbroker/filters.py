@@ -16,18 +16,18 @@ import shutil
 import subprocess
 import zlib
 
+from microbroker.names import check_ifname, check_prefix
+
 TABLE = "microbroker"
 BEACON_ETHERTYPE = "0xfc00"   # cjdns beacons never cross a pseudo-wire
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
 _PROFILE = re.compile(r"^[A-Za-z0-9_]{1,32}$")    # a service name
-_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,9}$")
 
 
 class FilterError(RuntimeError):
     pass
 
 
-def _check(name, rx=_NAME):
+def _check(name, rx):
     if not isinstance(name, str) or not rx.match(name):
         raise ValueError("refusing name %r in a filter rule" % (name,))
     return name
@@ -70,7 +70,7 @@ class Nft:
         isolate adds the fallback port isolation for kernels without
         IFLA_BRPORT_ISOLATED.
         """
-        pw = '"%s*"' % _check(prefix, _PREFIX)
+        pw = '"%s*"' % check_prefix(prefix)
         t = "bridge " + TABLE
         # `add` of what exists is a no-op and the map keeps its elements;
         # the base chains are flushed and refilled in the same transaction,
@@ -137,7 +137,7 @@ class Nft:
 
     def ensure_routed(self, prefix, profiles):
         """Routed tunnels: a source check; profiles as for bridged ports."""
-        pw = '"%s*"' % _check(prefix, _PREFIX)
+        pw = '"%s*"' % check_prefix(prefix)
         t = "inet " + TABLE
         lines = self._inet_table() + [
             # A chain with a hook is idempotent to add: also for tables
@@ -172,8 +172,8 @@ class Nft:
         gateway. A side is an isolated service's bridge, or `prefix*`
         for all routed tunnels."""
         t = "inet " + TABLE
-        names = ['"%s*"' % _check(s[:-1], _PREFIX) if s.endswith("*") else
-                 '"%s"' % _check(s) for s in sorted(sides)]
+        names = ['"%s*"' % check_prefix(s[:-1]) if s.endswith("*") else
+                 '"%s"' % check_ifname(s) for s in sorted(sides)]
         lines = self._inet_table() + ["flush chain %s isolate" % t]
         lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, a, b)
                   for a in names for b in names]
@@ -182,11 +182,11 @@ class Nft:
     def add_port(self, ifname, profile, ports=(), family="bridge"):
         """Send a restricted port's traffic through its profile."""
         self._apply("add element %s %s restrict { %s : jump r_%s }\n" %
-                    (_family(family), TABLE, _check(ifname), _check(profile, _PROFILE)))
+                    (_family(family), TABLE, check_ifname(ifname), _check(profile, _PROFILE)))
 
     def remove_port(self, ifname, family="bridge"):
         self._apply("delete element %s %s restrict { %s }\n" % (_family(family), TABLE,
-                                                               _check(ifname)), check=False)
+                                                               check_ifname(ifname)), check=False)
 
     def ports(self, family="bridge"):
         """Interfaces mapped to a profile."""
@@ -221,10 +221,10 @@ class Nft:
             try:
                 step = []
                 if n in have:
-                    step.append("delete element %s %s restrict { %s }" % (fam, TABLE, _check(n)))
+                    step.append("delete element %s %s restrict { %s }" % (fam, TABLE, check_ifname(n)))
                 if n in want:
                     step.append("add element %s %s restrict { %s : jump r_%s }" %
-                                (fam, TABLE, _check(n), _check(want[n][0], _PROFILE)))
+                                (fam, TABLE, check_ifname(n), _check(want[n][0], _PROFILE)))
                 lines[n] = step
             except ValueError as e:
                 problems.append(str(e))
@@ -277,7 +277,7 @@ class Ebtables:
 
     @staticmethod
     def static_rules(prefix, isolate):
-        pw = _check(prefix, _PREFIX) + "+"
+        pw = check_prefix(prefix) + "+"
         r = [("MB-IN", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
              ("MB-FWD", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
              ("MB-FWD", "-o", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
@@ -304,7 +304,7 @@ class Ebtables:
     def ensure(self, prefix, profiles, isolate=False):
         """Our chains in place; one listing call when nothing needs doing
         (a CGI process calls this on every lease)."""
-        _check(prefix, _PREFIX)
+        check_prefix(prefix)
         for name, ports in profiles.items():
             self.profile_chain(name, ports)
         have = self._chains()
@@ -345,7 +345,7 @@ class Ebtables:
         pass
 
     def add_port(self, ifname, profile, ports=(), family="bridge"):
-        _check(ifname)
+        check_ifname(ifname)
         _family(family, ("bridge",))
         chain = self.profile_chain(profile, ports)
         self.remove_port(ifname)    # a retry must not stack duplicates
@@ -353,7 +353,7 @@ class Ebtables:
         self._e("-A", "MB-FWD", "-i", ifname, "-j", chain)
 
     def remove_port(self, ifname, family="bridge"):
-        _check(ifname)
+        check_ifname(ifname)
         if family != "bridge":
             return
         for chain in ("MB-IN", "MB-FWD"):
