@@ -31,6 +31,7 @@ BR_MAX_PORTS = 1 << 10
 # renew_interval after its last request ended (which may have taken its
 # whole 10 s timeout) and retries once when a renew fails.
 RENEW_MARGIN = 20
+METRICS_ALLOW = ("::1/128", "127.0.0.0/8")
 
 
 class ConfigError(Exception):
@@ -563,6 +564,12 @@ BROKER = {
     # lease
     "hook": (_opt_abspath, "", False),
     "hook_timeout": (_int(1, 300), 10, False),
+    # Client addresses (and leased prefixes) in log lines; off: they read
+    # "[address]" (like tunneldigger-broker's log_ip_addresses)
+    "log_client_addresses": (_bool, False, False),
+    # Who may GET /metrics; loopback by default, empty: nobody
+    "metrics_allow": (_prefix, [parse_prefix(t) for t in METRICS_ALLOW],
+                      True),
     "max_body": (_int(64, 65536), 4096, False),     # bytes, else 413
     "max_header": (_int(256, 65536), 8192, False),  # bytes, else 413
     "max_connections": (_int(1, 4096), 64, False),  # `serve`, else 503

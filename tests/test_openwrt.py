@@ -4,7 +4,6 @@ stand-in of netifd's shell API, the procd init scripts against stand-ins of
 package Makefile against a stand-in of the OpenWrt build system
 (tests/standins/sdk) that runs its Build and install steps for real."""
 
-import configparser
 import os
 import subprocess
 import sys
@@ -491,9 +490,10 @@ def test_package_metadata(tmp_path):
     assert client["CONFFILES"] == "/etc/config/microbroker-client"
     with open(MAKEFILE) as f:
         text = f.read()
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(ROOT, "setup.cfg"))
-    assert "PKG_LICENSE:=%s\n" % cfg["metadata"]["license"] in text
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert "PKG_LICENSE:=%s\n" % project["license"]["text"] in text
     assert "PKG_LICENSE_FILES:=LICENSE\n" in text
 
 
