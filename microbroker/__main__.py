@@ -281,7 +281,7 @@ def main(argv=None):
     try:
         if command == "serve":
             from microbroker.server import serve
-            serve(app)
+            serve(app, lambda: _load(path, overrides))
             return 0
         b = app.broker
         if command == "offer":

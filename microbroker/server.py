@@ -384,7 +384,8 @@ class Server:
         # SIGTERM/SIGINT: only the main thread, waiting in run(), may be
         # woken by them.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                      {signal.SIGTERM, signal.SIGINT})
+                                      {signal.SIGTERM, signal.SIGINT,
+                                       signal.SIGHUP})
         try:
             for srv in self.servers:
                 # daemon: an unexpected error in the main thread must not
@@ -399,9 +400,10 @@ class Server:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return bound
 
-    def run(self, wake_fd=None, stop_asked=lambda: False):
+    def run(self, wake_fd=None, stop_asked=lambda: False, on_wake=None):
         """Sweep every sweep_interval until stop() or stop_asked(). A byte
-        on wake_fd (signal.set_wakeup_fd) ends a wait early."""
+        on wake_fd (signal.set_wakeup_fd) ends a wait early, and on_wake()
+        runs then (a reload)."""
         import select
         interval = self.app.config.sweep_interval
         due = time.monotonic() + interval
@@ -420,6 +422,8 @@ class Server:
                     os.read(wake_fd, 512)
                 except OSError:
                     pass
+            if on_wake is not None:
+                on_wake()
 
     def sweep(self):
         try:
@@ -453,9 +457,9 @@ class Server:
         self.servers, self.threads = [], []
 
 
-def serve(app):
+def serve(app, load=None):
     """Start, say what we are doing and what will not work, run until
-    SIGTERM or SIGINT, stop cleanly."""
+    SIGTERM or SIGINT, stop cleanly. SIGHUP: reload.reload(app, load)."""
     cfg = app.config
     srv = Server(app)
     # The handler only records the signal: it may run at any bytecode of
@@ -468,6 +472,19 @@ def serve(app):
     old_fd = signal.set_wakeup_fd(w)
     old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
            for s in (signal.SIGTERM, signal.SIGINT)}
+    hups = []
+    old[signal.SIGHUP] = signal.signal(
+        signal.SIGHUP, lambda signum, frame: hups.append(signum))
+
+    def on_wake():
+        if hups and not got:
+            del hups[:]
+            from microbroker import reload
+            try:
+                reload.reload(app, load or (lambda: app.config))
+            except Exception as e:
+                log("error", "reload failed: %s: %s", type(e).__name__, e)
+
     try:
         b = app.broker   # open the lease store before taking requests
         bound = srv.start()
@@ -493,7 +510,7 @@ def serve(app):
                     type(e).__name__, e)
         if not got:
             srv.sweep()
-        srv.run(r, lambda: bool(got))
+        srv.run(r, lambda: bool(got), on_wake)
         log("info", "signal %d: shutting down", got[0])
     finally:
         srv.stop()
