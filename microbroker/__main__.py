@@ -293,7 +293,11 @@ def main(argv=None):
             sys.stdout.write(listing.to_json(rows) if fmt == "json-table"
                              else listing.table(rows))
         elif command == "sweep":
-            for lease in b.sweep():
+            gone = b.sweep()
+            if gone:
+                from microbroker import metrics
+                metrics.expired(app.config, gone)
+            for lease in gone:
                 sys.stdout.write("expired %s %s %s\n" % (
                     lease.lease_id, lease.service, lease.client))
         elif command == "reconcile":

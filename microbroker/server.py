@@ -427,7 +427,10 @@ class Server:
 
     def sweep(self):
         try:
-            self.app.broker.sweep()
+            gone = self.app.broker.sweep()
+            if gone:
+                from microbroker import metrics
+                metrics.expired(self.app.config, gone)
         except BrokerError as e:
             log("error", "sweep: %s", e.message)
         except Exception as e:
