@@ -7,7 +7,8 @@ Log calls pass addresses as arguments (`log("info", "lease %s granted to
 front doors' included, without each call site deciding. What looks like
 an address or a prefix is masked: IPv6 (two colons or more), dotted-quad
 IPv4, with or without /LEN; a MAC address, made of the same characters,
-goes too. Lease ids, interface names and numbers stay.
+goes too. Lease ids, interface names, numbers and listen addresses
+(HOST:PORT, [V6]:PORT) stay.
 """
 
 HIDDEN = "[address]"
@@ -17,7 +18,10 @@ _CHARS = frozenset("0123456789abcdefABCDEF:./")
 def looks_like_address(s):
     if not s or len(s) > 64 or not set(s) <= _CHARS:
         return False
-    return s.count(":") >= 2 or s.split("/")[0].count(".") == 3
+    # host:port and [v6]:port are our listen addresses, not a client's
+    if ":" not in s:
+        return s.split("/")[0].count(".") == 3
+    return s.count(":") >= 2
 
 
 def mask(args):

@@ -151,6 +151,7 @@ def test_a_served_lease_keeps_the_address_out_of_the_log(exit_):
     ("2001:db8::/64", True), ("198.51.100.0/28", True),
     ("02:6d:62:00:00:01", True), ("0123456789abcdef", False),
     ("mb12", False), ("br-exit", False), ("0.1.0", False), ("default", False),
+    ("127.0.0.1:8053", False), ("[::]:8053", False),
     ("", False)])
 def test_what_counts_as_an_address(s, hidden):
     assert logmask.looks_like_address(s) is hidden
