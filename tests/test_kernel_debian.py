@@ -40,17 +40,6 @@ def doc_steps(text):
     return out
 
 
-def test_the_doc_has_the_steps_the_test_runs():
-    with open(DOC) as f:
-        steps = doc_steps(f.read())
-    files = [p for k, p, _ in steps if k == "file"]
-    assert files == ["/etc/modules-load.d/microbroker.conf",
-                     "/etc/sysctl.d/90-microbroker.conf",
-                     "/etc/nftables.d/exit.nft",
-                     "/etc/dnsmasq.d/microbroker.conf"]
-    assert [k for k, _, _ in steps].count("run") == 1
-
-
 UDHCPC_SCRIPT = """#!/bin/sh
 # What busybox's examples/udhcp/simple.script does, for one interface.
 case "$1" in
