@@ -8,9 +8,11 @@ USAGE = """\
 usage: microbroker [options] COMMAND
 
 commands:
-  serve          run the standalone HTTP server (until SIGTERM/SIGINT)
+  serve          run the standalone HTTP server (until SIGTERM/SIGINT;
+                 SIGHUP reloads the config)
   cgi            answer one CGI request from the environment
   offer          print the offer
+  leases         list every lease with its kernel counters (--json)
   sweep          remove expired leases and their tunnels (for cron)
   reconcile      make the kernel match the lease store
   check-leases   read every lease record and check the store's invariants
@@ -32,11 +34,64 @@ options:
   --log TARGET           stderr (default) or syslog
   --log-level LEVEL      debug, info, warning, error
   -f, --format FMT       json (default) or sh, for `offer`
-  -h, --help             this text
+  --json                 JSON instead of a table, for `leases`
+  -h, --help             this text; `microbroker COMMAND -h`: that command's
 """
 
-COMMANDS = ("serve", "cgi", "offer", "sweep", "reconcile", "check-config",
-            "check-leases", "repair-leases", "version")
+# command -> (synopsis, what it does, which options apply)
+HELP = {
+    "serve": ("serve [-c FILE] [-l ADDR]... [-s SEC.OPT=VAL]...",
+              "Run the standalone HTTP server on every listen address until "
+              "SIGTERM or SIGINT. SIGHUP reloads the config in place: "
+              "changed services apply at once, leases of removed or "
+              "reshaped services end, live tunnels of other services stay. "
+              "At start the kernel is reconciled with the lease file.",
+              "-c -s -l --state-dir --dataplane --log --log-level"),
+    "cgi": ("cgi [-c FILE]",
+            "Answer one CGI request (uhttpd: /cgi-bin/microbroker) from the "
+            "environment; settings come from the config file only.", "-c"),
+    "offer": ("offer [-c FILE] [-f json|sh]",
+              "Print the offer a client would get (JSON or the shell "
+              "format).", "-c -s -f"),
+    "leases": ("leases [-c FILE] [--json]",
+               "List every lease: client, service, kind, interface, state, "
+               "age, expiry and the exit side's rx/tx counters, read from "
+               "the kernel (the stored ones where the kernel has none).",
+               "-c -s --state-dir --dataplane --json"),
+    "sweep": ("sweep [-c FILE]",
+              "Remove expired leases and their tunnels, print them (for "
+              "cron, with the CGI front door).", "-c -s --state-dir"),
+    "reconcile": ("reconcile [-c FILE]",
+                  "Make the kernel match the lease file: rebuild missing "
+                  "tunnels, remove orphaned ones; prints what it did.",
+                  "-c -s --state-dir --dataplane"),
+    "check-leases": ("check-leases [-c FILE]",
+                     "Read every lease record and check the store's "
+                     "invariants; exit 1 if something is wrong.",
+                     "-c -s --state-dir"),
+    "repair-leases": ("repair-leases [-c FILE]",
+                      "Keep every lease that still reads, move the damaged "
+                      "file aside (stop the server first), then run "
+                      "reconcile.", "-c -s --state-dir"),
+    "check-config": ("check-config [FILE]",
+                     "Report every problem in the config with its line; "
+                     "exit 1 if there is one, else summarise the services.",
+                     "-c -s"),
+    "version": ("version", "Print the version.", ""),
+}
+
+
+def command_help(command):
+    import textwrap
+    synopsis, text, opts = HELP[command]
+    out = ["usage: microbroker " + synopsis, ""]
+    out += textwrap.wrap(text, 76)
+    if opts:
+        out += ["", "options: " + opts + " (see microbroker -h)"]
+    return "\n".join(out) + "\n"
+
+COMMANDS = ("serve", "cgi", "offer", "leases", "sweep", "reconcile",
+            "check-config", "check-leases", "repair-leases", "version")
 # option -> (override key or None, takes a value)
 OPTIONS = {
     "-c": "config", "--config": "config", "-s": "set", "--set": "set",
@@ -47,18 +102,29 @@ OPTIONS = {
 
 
 class Usage(Exception):
-    pass
+    """A usage error (its text), or a help request (empty text); .command
+    names the command whose help to print, if one was given."""
+
+    command = None
 
 
 def parse_args(argv):
-    """-> (command, config path or None, [overrides], format, [args])."""
+    """-> (command, config path or None, [overrides], format, [args]);
+    --json makes the format "json-table" (for leases)."""
     command, path, overrides, fmt, listen, rest = None, None, [], "json", \
         [], []
     i = 0
     while i < len(argv):
         a = argv[i]
         if a in ("-h", "--help"):
-            raise Usage("")
+            e = Usage("")
+            e.command = command or next((w for w in argv if w in COMMANDS),
+                                        None)
+            raise e
+        if a == "--json":
+            fmt = "json-table"
+            i += 1
+            continue
         name, eq, value = a.partition("=") if a.startswith("--") \
             else (a, "", "")
         if name in OPTIONS:
@@ -168,7 +234,7 @@ def _app(path, overrides):
                          "run check-config)\n")
         return None
     from microbroker.broker import log
-    log.configure(cfg.log, cfg.log_level)
+    log.configure(cfg.log, cfg.log_level, cfg.log_client_addresses)
     from microbroker.web import App
     return App(cfg)
 
@@ -180,6 +246,9 @@ def main(argv=None):
         if rest and command != "check-config":
             raise Usage("%s takes no arguments" % command)
     except Usage as e:
+        if not str(e) and e.command:
+            sys.stdout.write(command_help(e.command))
+            return 0
         if str(e):
             sys.stderr.write("microbroker: %s\n\n" % e)
         (sys.stderr if str(e) else sys.stdout).write(USAGE)
@@ -212,14 +281,23 @@ def main(argv=None):
     try:
         if command == "serve":
             from microbroker.server import serve
-            serve(app)
+            serve(app, lambda: _load(path, overrides))
             return 0
         b = app.broker
         if command == "offer":
             status, headers, body = app.answer(200, b.offer(), fmt)
             sys.stdout.write(body.decode("utf-8"))
+        elif command == "leases":
+            from microbroker import listing
+            rows = listing.rows(b.store, b.dataplane, b.clock())
+            sys.stdout.write(listing.to_json(rows) if fmt == "json-table"
+                             else listing.table(rows))
         elif command == "sweep":
-            for lease in b.sweep():
+            gone = b.sweep()
+            if gone:
+                from microbroker import metrics
+                metrics.expired(app.config, gone)
+            for lease in gone:
                 sys.stdout.write("expired %s %s %s\n" % (
                     lease.lease_id, lease.service, lease.client))
         elif command == "reconcile":

@@ -703,26 +703,24 @@ class Broker:
     # -- hooks
 
     def _hook(self, event, lease):
-        """Run the configured hook: HOOK EVENT IFNAME LEASE_ID SERVICE
-        CLIENT. A failing `up` hook fails the lease (it may be what bridges
-        the interface), a failing `down` hook is only logged."""
+        """Run the configured hook (hooks.py: HOOK EVENT IFNAME LEASE_ID
+        SERVICE CLIENT, the lease in MB_* variables). A failing `up` hook
+        fails the lease (it may be what bridges the interface), a failing
+        `down` hook is only logged."""
         path = self.config.hook
         if not path:
             return
-        import subprocess
-        argv = [path, event, lease.ifname, lease.lease_id, lease.service,
-                lease.remote]
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE,
-                               timeout=self.config.hook_timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeError("hook %s: %s" % (event, e))
-        if r.returncode != 0:
-            err = r.stderr.decode("utf-8", "replace").strip()[-200:]
-            raise RuntimeError("hook %s exited %d: %s"
-                               % (event, r.returncode, err))
+        from microbroker import hooks
+        counters = None
+        if event == "down":
+            # The kernel's, while the link is still there (a rollback);
+            # else the last ones the store holds.
+            try:
+                counters = self.dataplane.counters(lease) or {}
+            except Exception:
+                counters = {}
+        hooks.run(path, event, lease, self.config.hook_timeout,
+                  self.config.services.get(lease.service), counters)
 
     # -- what the client sees
 

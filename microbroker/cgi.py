@@ -102,7 +102,7 @@ def _main(env, stdin, stdout):
         app = web.config_error_app(cfg.problems)
         max_body = 4096
     else:
-        log.configure(cfg.log, cfg.log_level)
+        log.configure(cfg.log, cfg.log_level, cfg.log_client_addresses)
         app = web.App(cfg, sweep_on_request=True)
         max_body = cfg.max_body
     method, path, query, headers, body, n, remote, local = \

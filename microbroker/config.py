@@ -27,6 +27,14 @@ DEFAULT_LISTEN = ("[::]:%d" % DEFAULT_PORT, "0.0.0.0:%d" % DEFAULT_PORT)
 PROVIDES = ("ipv4-nat", "ipv4-public", "ipv6-single", "ipv6-prefix")
 RESTRICTS = ("none", "dns+web")
 DNS_WEB_PORTS = (53, 80, 443)
+# A Linux bridge's port numbers are BR_PORT_BITS (10) wide, port 0 unused
+# (net/bridge/br_private.h): at most 1,023 ports.
+BR_MAX_PORTS = 1 << 10
+# Seconds a lease outlives two renew intervals: a client renews
+# renew_interval after its last request ended (which may have taken its
+# whole 10 s timeout) and retries once when a renew fails.
+RENEW_MARGIN = 20
+METRICS_ALLOW = ("::1/128", "127.0.0.0/8")
 
 
 class ConfigError(Exception):
@@ -175,18 +183,13 @@ def _id_range(v):
 
 
 def _ifname(v):
-    if not v:
-        return ""
-    if len(v) > 15 or not _is_name(v, "-.") or v in (".", ".."):
-        raise ValueError("needs an interface name of at most 15 letters, "
-                         "digits, _ - .")
-    return v
+    from microbroker.names import check_ifname
+    return check_ifname(v) if v else ""
 
 
 def _ifprefix(v):
-    if not 1 <= len(v) <= 6 or not _is_name(v, "-"):
-        raise ValueError("needs 1-6 letters, digits, _ -")
-    return v
+    from microbroker.names import check_prefix
+    return check_prefix(v)
 
 
 def _country(v):
@@ -271,6 +274,12 @@ BROKER = {
     # lease
     "hook": (_opt_abspath, "", False),
     "hook_timeout": (_int(1, 300), 10, False),
+    # Client addresses (and leased prefixes) in log lines; off: they read
+    # "[address]" (like tunneldigger-broker's log_ip_addresses)
+    "log_client_addresses": (_bool, False, False),
+    # Who may GET /metrics; loopback by default, empty: nobody
+    "metrics_allow": (_prefix, [parse_prefix(t) for t in METRICS_ALLOW],
+                      True),
     "max_body": (_int(64, 65536), 4096, False),     # bytes, else 413
     "max_header": (_int(256, 65536), 8192, False),  # bytes, else 413
     # `serve` only (under uhttpd its own -n/-N/-t options bound this):
@@ -310,7 +319,8 @@ SERVICE = {
     # clients (cjdns's tun: 1304) less the kind's overhead, at least 1280.
     "mtu": (_int(576, 9000), 0, False),
     "path_mtu": (_int(1280, 65535), 1304, False),
-    "lifetime": (_int(30, 7 * 86400), 600, False),
+    # renew_interval: at most (lifetime - RENEW_MARGIN) / 2, see _finish
+    "lifetime": (_int(2 * 10 + RENEW_MARGIN, 7 * 86400), 600, False),
     "renew_interval": (_int(10, 7 * 86400), 0, False),  # 0: lifetime / 5
     "capacity": (_int(0, 100000), 0, False),        # 0: up to max_leases
     "bridge": (_ifname, "", False),                 # layer 2: default br-NAME
@@ -527,10 +537,10 @@ def _finish(cfg, at, euid, environ):
     if not cfg.state_dir:
         cfg.state_dir = default_state_dir(euid, environ)
     cfg.lease_path = cfg.lease_file or cfg.state_dir.rstrip("/") + "/leases"
-    if len(cfg.ifname_prefix) + len(str(cfg.tunnel_ids[1])) > 15:
-        p.append((at(0), "ifname_prefix %r with tunnel ids up to %d makes "
-                  "interface names longer than 15 characters"
-                  % (cfg.ifname_prefix, cfg.tunnel_ids[1])))
+    from microbroker.names import prefix_problem
+    why = prefix_problem(cfg.ifname_prefix, cfg.tunnel_ids[1])
+    if why:
+        p.append((at(0), why))
     if 0 < cfg.idle_grace < 60:
         p.append((at(0), "idle_grace %d is too short for a client to bring "
                   "its tunnel up and send through it (0, or at least 60)"
@@ -548,11 +558,15 @@ def _finish(cfg, at, euid, environ):
         where = at(svc._line) if svc._line else "--set"
         svc.family = int(svc.family)
         if "renew_interval" not in svc._explicit:
-            svc.renew_interval = max(10, svc.lifetime // 5)
-        elif svc.renew_interval * 2 > svc.lifetime:
-            p.append((where, "service %s: renew_interval %d must be at most "
-                      "half of lifetime %d" % (svc.name, svc.renew_interval,
-                                               svc.lifetime)))
+            svc.renew_interval = max(10, min(svc.lifetime // 5, (
+                svc.lifetime - RENEW_MARGIN) // 2))
+        elif svc.renew_interval * 2 + RENEW_MARGIN > svc.lifetime:
+            p.append((where, "service %s: renew_interval %d leaves too little "
+                      "margin in lifetime %d: a lease must outlive two "
+                      "renew intervals and %d s more (renew_interval at "
+                      "most %d)" % (svc.name, svc.renew_interval,
+                                    svc.lifetime, RENEW_MARGIN, max(
+                                        0, (svc.lifetime - RENEW_MARGIN) // 2))))
         if svc.endpoint:
             fam = 6 if ":" in svc.endpoint else 4
             if fam != svc.family:
@@ -599,8 +613,27 @@ def _finish(cfg, at, euid, environ):
                   "source check and isolation, but filter is 'ebtables'"
                   % ", ".join(s.name for s in routed)))
     _check_pool_overlap(cfg.enabled_services(), at(0), p)
+    _check_bridge_ports(cfg, at(0), p)
     if not cfg.enabled_services():
         p.append((at(0), "no enabled service: clients can lease nothing"))
+
+
+def _check_bridge_ports(cfg, where, p):
+    """Every lease of a layer 2 service is a port of its bridge, and a Linux
+    bridge numbers its ports 1 .. BR_MAX_PORTS - 1: the services sharing
+    a bridge must fit together (max_leases bounds them as well)."""
+    by_bridge = {}
+    for svc in cfg.enabled_services():
+        if KINDS[svc.kind].layer == 2:
+            by_bridge.setdefault(svc.bridge, []).append(svc)
+    for bridge, svcs in sorted(by_bridge.items()):
+        ports = min(sum(s.capacity for s in svcs), cfg.max_leases)
+        if ports > BR_MAX_PORTS - 1:
+            p.append((where, "bridge %s: services %s may put %d tunnels on "
+                      "it, but a Linux bridge holds at most %d ports; lower "
+                      "their capacity or give them bridges of their own"
+                      % (bridge, ", ".join(s.name for s in svcs), ports,
+                         BR_MAX_PORTS - 1)))
 
 
 def _check_pool_overlap(services, where, p):

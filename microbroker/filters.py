@@ -16,21 +16,21 @@ import os
 import zlib
 
 from . import nftables
+from .names import check_ifname, check_prefix
 
 TABLE = "microbroker"
 BEACON_ETHERTYPE = "0xfc00"   # cjdns beacons never cross a pseudo-wire
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
-# (first character, the others, most characters)
-_NAME = (_ALNUM, _ALNUM | set(".-"), 15)        # an interface
+# (first character, the others, most characters); interface names and
+# prefixes follow names.py, like every layer.
 _PROFILE = (_ALNUM, _ALNUM, 32)                 # a service name
-_PREFIX = (_ALNUM - set("0123456789_"), _ALNUM | set("-"), 10)
 
 
 class FilterError(RuntimeError):
     pass
 
 
-def _check(name, rule=_NAME):
+def _check(name, rule):
     first, rest, most = rule
     if not isinstance(name, str) or not 0 < len(name) <= most or name[0] not in first or \
             any(c not in rest for c in name[1:]):
@@ -130,7 +130,7 @@ class Nft:
         isolate adds the fallback port isolation for kernels without
         IFLA_BRPORT_ISOLATED.
         """
-        pw = '"%s*"' % _check(prefix, _PREFIX)
+        pw = '"%s*"' % check_prefix(prefix)
         t = "bridge " + TABLE
         # `add` of what exists is a no-op and the map keeps its elements;
         # the base chains are flushed and refilled in the same transaction,
@@ -197,7 +197,7 @@ class Nft:
 
     def ensure_routed(self, prefix, profiles):
         """Routed tunnels: a source check; profiles as for bridged ports."""
-        pw = '"%s*"' % _check(prefix, _PREFIX)
+        pw = '"%s*"' % check_prefix(prefix)
         t = "inet " + TABLE
         lines = self._inet_table() + [
             # A chain with a hook is idempotent to add: also for tables
@@ -232,8 +232,8 @@ class Nft:
         gateway. A side is an isolated service's bridge, or `prefix*`
         for all routed tunnels."""
         t = "inet " + TABLE
-        names = ['"%s*"' % _check(s[:-1], _PREFIX) if s.endswith("*") else
-                 '"%s"' % _check(s) for s in sorted(sides)]
+        names = ['"%s*"' % check_prefix(s[:-1]) if s.endswith("*") else
+                 '"%s"' % check_ifname(s) for s in sorted(sides)]
         lines = self._inet_table() + ["flush chain %s isolate" % t]
         lines += ["add rule %s isolate iifname %s oifname %s drop" % (t, a, b)
                   for a in names for b in names]
@@ -242,7 +242,7 @@ class Nft:
     def add_port(self, ifname, profile, ports=(), family="bridge"):
         """Send a restricted port's traffic through its profile: one element
         of the restrict map, by netlink."""
-        key = nftables.ifname_key(_check(ifname))
+        key = nftables.ifname_key(check_ifname(ifname))
         chain = "r_" + _check(profile, _PROFILE)
         fam = _family(family)
         try:
@@ -260,7 +260,7 @@ class Nft:
 
     def remove_port(self, ifname, family="bridge"):
         """Its element out of the restrict map; absent is fine."""
-        key = nftables.ifname_key(_check(ifname))
+        key = nftables.ifname_key(check_ifname(ifname))
         try:
             with nftables.Nftables() as n:
                 n.delete_elements(_family(family), TABLE, "restrict", [key])
@@ -325,7 +325,7 @@ class Nft:
             if name in keep or (name in want and have.get(name) == want[name][0]):
                 continue
             try:
-                key = nftables.ifname_key(_check(name))
+                key = nftables.ifname_key(check_ifname(name))
                 add = {key: "r_" + _check(want[name][0], _PROFILE)} if name in want else {}
                 steps[name] = ([key] if name in have else [], add)
             except ValueError as e:
@@ -382,7 +382,7 @@ class Ebtables:
 
     @staticmethod
     def static_rules(prefix, isolate):
-        pw = _check(prefix, _PREFIX) + "+"
+        pw = check_prefix(prefix) + "+"
         r = [("MB-IN", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
              ("MB-FWD", "-i", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
              ("MB-FWD", "-o", pw, "-p", BEACON_ETHERTYPE, "-j", "DROP"),
@@ -409,7 +409,7 @@ class Ebtables:
     def ensure(self, prefix, profiles, isolate=False):
         """Our chains in place; one listing call when nothing needs doing
         (a CGI process calls this on every lease)."""
-        _check(prefix, _PREFIX)
+        check_prefix(prefix)
         for name, ports in profiles.items():
             self.profile_chain(name, ports)
         have = self._chains()
@@ -450,7 +450,7 @@ class Ebtables:
         pass
 
     def add_port(self, ifname, profile, ports=(), family="bridge"):
-        _check(ifname)
+        check_ifname(ifname)
         _family(family, ("bridge",))
         chain = self.profile_chain(profile, ports)
         self.remove_port(ifname)    # a retry must not stack duplicates
@@ -458,7 +458,7 @@ class Ebtables:
         self._e("-A", "MB-FWD", "-i", ifname, "-j", chain)
 
     def remove_port(self, ifname, family="bridge"):
-        _check(ifname)
+        check_ifname(ifname)
         if family != "bridge":
             return
         for chain in ("MB-IN", "MB-FWD"):

@@ -166,10 +166,7 @@ def _check_id(name, v):
         raise ValueError("%s must be 1..4294967295, not %r" % (name, v))
 
 
-def _check_ifname(name):
-    if not name or len(name.encode()) > 15 or "/" in name or ":" in name or \
-            any(c.isspace() for c in name) or name in (".", ".."):
-        raise ValueError("bad interface name %r" % (name,))
+from microbroker.names import check_ifname as _check_ifname  # noqa: E402
 
 
 def _check_cookie(name, c):

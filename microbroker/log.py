@@ -14,10 +14,18 @@ class Log:
     def __init__(self):
         self.level = LEVELS["info"]
         self.syslog = None
+        self.mask = None
 
-    def configure(self, target="stderr", level="info"):
+    def configure(self, target="stderr", level="info",
+                  client_addresses=False):
+        """client_addresses False: logmask.py keeps them out of lines."""
         self.level = LEVELS[level]
         self.syslog = None
+        if client_addresses:
+            self.mask = None
+        else:
+            from microbroker.logmask import mask
+            self.mask = mask
         if target == "syslog":
             try:
                 import syslog
@@ -32,7 +40,7 @@ class Log:
         if n < self.level:
             return
         if args:
-            message = message % args
+            message = message % (self.mask(args) if self.mask else args)
         if self.syslog is not None:
             prio = {10: self.syslog.LOG_DEBUG, 20: self.syslog.LOG_INFO,
                     30: self.syslog.LOG_WARNING}.get(n, self.syslog.LOG_ERR)

@@ -131,13 +131,7 @@ def _error(e, what):
     return cls(code, text)
 
 
-def check_ifname(name):
-    """Reject what the kernel would, and what would confuse a shell or a path."""
-    if not isinstance(name, str) or not name or len(name.encode()) > 15 or \
-            name in (".", "..") or any(c in name for c in "/:%") or \
-            any(c.isspace() or not c.isprintable() for c in name):
-        raise ValueError("bad interface name %r" % (name,))
-    return name
+from microbroker.names import check_ifname  # noqa: E402 (re-exported)
 
 
 def ifinfomsg(index=0, flags=0, change=0, family=socket.AF_UNSPEC, itype=0):

@@ -687,7 +687,8 @@ class Server:
         # SIGTERM/SIGINT: only the main thread, waiting in run(), may be
         # woken by them.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                      {signal.SIGTERM, signal.SIGINT})
+                                      {signal.SIGTERM, signal.SIGINT,
+                                       signal.SIGHUP})
         try:
             self.refuser.start()
             for srv in self.servers:
@@ -703,9 +704,10 @@ class Server:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return bound
 
-    def run(self, wake_fd=None, stop_asked=lambda: False):
+    def run(self, wake_fd=None, stop_asked=lambda: False, on_wake=None):
         """Sweep every sweep_interval until stop() or stop_asked(). A byte
-        on wake_fd (signal.set_wakeup_fd) ends a wait early."""
+        on wake_fd (signal.set_wakeup_fd) ends a wait early, and on_wake()
+        runs then (a reload)."""
         import select
         interval = self.app.config.sweep_interval
         due = time.monotonic() + interval
@@ -724,10 +726,15 @@ class Server:
                     os.read(wake_fd, 512)
                 except OSError:
                     pass
+            if on_wake is not None:
+                on_wake()
 
     def sweep(self):
         try:
-            self.app.broker.sweep()
+            gone = self.app.broker.sweep()
+            if gone:
+                from microbroker import metrics
+                metrics.expired(self.app.config, gone)
         except BrokerError as e:
             log("error", "sweep: %s", e.message)
         except Exception as e:
@@ -759,9 +766,9 @@ class Server:
         self.servers, self.threads = [], []
 
 
-def serve(app):
+def serve(app, load=None):
     """Start, say what we are doing and what will not work, run until
-    SIGTERM or SIGINT, stop cleanly."""
+    SIGTERM or SIGINT, stop cleanly. SIGHUP: reload.reload(app, load)."""
     cfg = app.config
     srv = Server(app)
     # The handler only records the signal: it may run at any bytecode of
@@ -774,6 +781,19 @@ def serve(app):
     old_fd = signal.set_wakeup_fd(w)
     old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
            for s in (signal.SIGTERM, signal.SIGINT)}
+    hups = []
+    old[signal.SIGHUP] = signal.signal(
+        signal.SIGHUP, lambda signum, frame: hups.append(signum))
+
+    def on_wake():
+        if hups and not got:
+            del hups[:]
+            from microbroker import reload
+            try:
+                reload.reload(app, load or (lambda: app.config))
+            except Exception as e:
+                log("error", "reload failed: %s: %s", type(e).__name__, e)
+
     try:
         b = app.broker   # open the lease store before taking requests
         b.hold_leases()  # offers at once, leases after the reconcile
@@ -801,7 +821,7 @@ def serve(app):
         b.leases_ready()
         if not got:
             srv.sweep()
-        srv.run(r, lambda: bool(got))
+        srv.run(r, lambda: bool(got), on_wake)
         log("info", "signal %d: shutting down", got[0])
     finally:
         srv.stop()

@@ -296,8 +296,9 @@ class App:
             return self._handle(method, path, query, headers, body, remote,
                                 local, content_length, fmt)
         except Exception as e:
-            if not isinstance(e, BrokerError) and \
-                    http_error(e)[1] == "internal":
+            code = http_error(e)[1]
+            self._count(code=code)
+            if not isinstance(e, BrokerError) and code == "internal":
                 log("error", "internal error on %s %s: %s: %s", method,
                     show(path), type(e).__name__, e)
                 if _broker.log.level <= 10:
@@ -320,6 +321,9 @@ class App:
             raise BrokerError("too_large", "request body exceeds %d bytes"
                               % cfg.max_body)
         route = "/offer" if path in ("", "/") else path
+        if route == "/metrics":   # before allow/deny: a scraper is no client
+            from microbroker import metrics
+            return metrics.answer(self, method, remote)
         spec = ROUTES.get(route)
         if spec is None:
             raise BrokerError("not_found", "no such path %s; try /offer, "
@@ -393,7 +397,15 @@ class App:
             answer = b.release(client, **args)
         else:
             answer = b.status(client, **args)
+        self._count(route, answer)
         return self.answer(200, answer, fmt[0])
+
+    def _count(self, route=None, answer=None, code=None):
+        """Counters for /metrics, shared by every process (metrics.py)."""
+        if code is None and route not in ("/lease", "/renew", "/release"):
+            return
+        from microbroker import metrics
+        metrics.note(self.config, route, answer, code)
 
     def _maybe_sweep(self, b):
         """Expiry without a daemon: at most one sweep per sweep_interval,
@@ -414,7 +426,10 @@ class App:
             with open(stamp, "a"):
                 pass
             os.utime(stamp, (now, now))
-            b.sweep()
+            gone = b.sweep()
+            if gone:
+                from microbroker import metrics
+                metrics.expired(self.config, gone)
         except BrokerError as e:
             log("warning", "sweep: %s", e.message)
         except OSError as e:

@@ -23,7 +23,7 @@ EXIT6, CLIENT6 = "fc00::1", "fc00::2"
 URL = "http://[%s]:8053" % EXIT6
 EXIT_BR, CLIENT_ADDR = "10.99.0.1", "10.99.0.2"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-LIFETIME = 30
+LIFETIME = 40    # the shortest lifetime check-config takes with renew_interval 10
 
 CONFIG = """
 config broker

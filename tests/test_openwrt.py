@@ -4,7 +4,6 @@ stand-in of netifd's shell API, the procd init scripts against stand-ins of
 package Makefile against a stand-in of the OpenWrt build system
 (tests/standins/sdk) that runs its Build and install steps for real."""
 
-import configparser
 import os
 import subprocess
 import sys
@@ -295,6 +294,8 @@ def test_exit_init_starts_the_server_from_the_default_config(tmp_path):
         ("procd_set_param", "file", "/etc/config/microbroker"),
         ("procd_set_param", "netdev", "br-exit"),
         ("procd_set_param", "respawn"),
+        ("procd_set_param", "reload_signal", "HUP"),
+        ("procd_set_param", "term_timeout", "15"),
         # log 'syslog' in the default config: only stderr goes to procd
         ("procd_set_param", "stderr", "1"),
         ("procd_close_instance",),
@@ -339,6 +340,29 @@ def test_exit_init_stop_and_reload(tmp_path):
     p, calls = run_init(tmp_path, script, "reload", {"microbroker": uci}, env)
     assert p.returncode == 0
     assert ("procd_open_instance", "broker") in calls
+    # procd sends a changed instance SIGHUP (the broker reloads in place)
+    assert ("procd_set_param", "reload_signal", "HUP") in calls
+
+
+def test_exit_init_reload_keeps_a_broken_config_from_the_broker(tmp_path):
+    uci = "config broker\n\toption max_leases 'lots'\nconfig service 'x'\n"
+    script = exit_init_copy(tmp_path)
+    env = {"MICROBROKER_CONFIG": str(tmp_path / "uci" / "microbroker")}
+    p, calls = run_init(tmp_path, script, "reload", {"microbroker": uci}, env)
+    assert p.returncode != 0 and "not reloaded" in p.stderr
+    assert not [c for c in calls if c[0] == "procd_open_instance"]
+
+
+def test_exit_init_term_timeout_covers_the_servers_shutdown(tmp_path):
+    # server.Server.stop waits up to timeout + 2 s for answers in flight
+    uci = "config broker\n\toption timeout '30'\nconfig service 'x'\n"
+    script = exit_init_copy(tmp_path)
+    env = {"MICROBROKER_CONFIG": str(tmp_path / "uci" / "microbroker")}
+    p, calls = run_init(tmp_path, script, "start", {"microbroker": uci}, env)
+    assert p.returncode == 0, p.stderr
+    t = [int(c[2]) for c in calls if c[:2] == ("procd_set_param",
+                                                "term_timeout")]
+    assert t == [35] and t[0] > 30 + 2
 
 
 CLIENT_UCI = """
@@ -491,9 +515,10 @@ def test_package_metadata(tmp_path):
     assert client["CONFFILES"] == "/etc/config/microbroker-client"
     with open(MAKEFILE) as f:
         text = f.read()
-    cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(ROOT, "setup.cfg"))
-    assert "PKG_LICENSE:=%s\n" % cfg["metadata"]["license"] in text
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert "PKG_LICENSE:=%s\n" % project["license"]["text"] in text
     assert "PKG_LICENSE_FILES:=LICENSE\n" in text
 
 

@@ -57,12 +57,8 @@ class LeaseStore(LeaseFile):
         self.session_ids = self._range(session_ids, "session_ids")
         self.max_leases = int(max_leases or 0)
         self.max_per_client = int(max_per_client or 0)
-        if not ifname_prefix or not all(c.isascii() and (c.isalnum() or c in "_-")
-                                        for c in ifname_prefix):
-            raise ValueError(f"ifname_prefix {ifname_prefix!r}: letters, digits, _ and - only")
-        if len(ifname_prefix) + len(str(self.tunnel_ids[1])) > IFNAMSIZ - 1:
-            raise ValueError(f"ifname_prefix {ifname_prefix!r} with tunnel ids up to "
-                             f"{self.tunnel_ids[1]} exceeds {IFNAMSIZ - 1} characters")
+        from microbroker.names import check_prefix
+        check_prefix(ifname_prefix, self.tunnel_ids[1])
         self.ifname_prefix = ifname_prefix
         self.counts_path = os.fspath(path) + ".counts"
         LeaseFile.__init__(self, path, backend, lock_timeout, fsync, mode)

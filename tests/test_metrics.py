@@ -1,0 +1,166 @@
+"""GET /metrics (metrics.py): Prometheus text read by prometheus_client's
+own parser, access by metrics_allow, counters shared by CGI processes."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from microbroker import config as mbconfig
+from microbroker import metrics, web
+
+parser = pytest.importorskip("prometheus_client.parser",
+                             reason="tests/setup installs prometheus_client")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """
+config broker
+	option state_dir '%(state)s'
+	option dataplane 'none'
+	option max_leases '50'
+%(extra)s
+config service 'a'
+	option capacity '10'
+config service 'b'
+	option kind 'ip6gretap'
+"""
+
+
+def make(tmp_path, extra=""):
+    path = tmp_path / "config"
+    path.write_text(CONFIG % {"state": tmp_path / "state", "extra": extra})
+    cfg = mbconfig.load(str(path))
+    assert cfg.problems == []
+    app = web.App(cfg)
+    app.broker      # the state directory, where the counters live
+    return path, app
+
+
+def req(app, method, path, body=b"", remote="fc00::5"):
+    headers = {"content-type": "application/x-www-form-urlencoded"} \
+        if body else {}
+    return app.handle(method, path, "", headers, body, remote, "fc00::1")
+
+
+def scrape(app, remote="::1"):
+    status, headers, body = req(app, "GET", "/metrics", remote=remote)
+    assert status == 200, body
+    assert dict(headers)["Content-Type"].startswith("text/plain; version=0.0.4")
+    fams = {f.name: f for f in parser.text_string_to_metric_families(
+        body.decode())}
+    return fams
+
+
+def value(fams, family, **labels):
+    for s in fams[family].samples:
+        if s.labels == labels and not s.name.endswith("_created"):
+            return s.value
+    raise KeyError((family, labels))
+
+
+def test_scrape_parses_and_counts(tmp_path):
+    _, app = make(tmp_path)
+    st, _, body = req(app, "POST", "/lease", b"service=a")
+    assert st == 200
+    lease = __import__("json").loads(body)
+    req(app, "POST", "/lease", b"service=b", remote="fc00::6")
+    req(app, "POST", "/renew", ("lease_id=%s&secret=%s" % (
+        lease["lease_id"], lease["secret"])).encode())
+    req(app, "POST", "/lease", b"service=nope")          # unknown_service
+    req(app, "GET", "/nowhere")                           # not_found
+    req(app, "GET", "/nowhere")
+    req(app, "POST", "/release", ("lease_id=%s&secret=%s" % (
+        lease["lease_id"], lease["secret"])).encode())
+    fams = scrape(app)
+    assert fams["microbroker_leases"].type == "gauge"
+    assert value(fams, "microbroker_leases", service="a", state="up") == 0
+    assert value(fams, "microbroker_leases", service="b", state="up") == 1
+    assert value(fams, "microbroker_capacity", service="a") == 10
+    assert value(fams, "microbroker_capacity", service="b") == 50
+    assert value(fams, "microbroker_leases_max") == 50
+    assert fams["microbroker_grants"].type == "counter"
+    assert value(fams, "microbroker_grants", service="a") == 1
+    assert value(fams, "microbroker_grants", service="b") == 1
+    assert value(fams, "microbroker_renews", service="a") == 1
+    assert value(fams, "microbroker_releases") == 1
+    assert value(fams, "microbroker_expiries") == 0
+    assert value(fams, "microbroker_errors", code="unknown_service") == 1
+    assert value(fams, "microbroker_errors", code="not_found") == 2
+    assert value(fams, "microbroker_kernel_ok") == 1   # dataplane none
+
+
+def test_expiries_are_counted(tmp_path):
+    _, app = make(tmp_path)
+    req(app, "POST", "/lease", b"service=a")
+    b = app.broker
+    b.clock = lambda: 1e12     # far in the future: everything expired
+    gone = b.sweep()
+    metrics.expired(app.config, gone)
+    assert value(scrape(app), "microbroker_expiries") == 1
+
+
+@pytest.mark.parametrize("remote, ok", [
+    ("::1", True), ("127.0.0.1", True), ("::ffff:127.0.0.1", True),
+    ("fc00::5", False), ("10.0.0.1", False)])
+def test_loopback_only_by_default(tmp_path, remote, ok):
+    _, app = make(tmp_path)
+    st, _, body = req(app, "GET", "/metrics", remote=remote)
+    assert st == (200 if ok else 403), body
+    if not ok:
+        assert b"metrics_allow" in body
+
+
+def test_metrics_allow_option(tmp_path):
+    _, app = make(tmp_path, "\tlist metrics_allow 'fd00:aa::/64'\n"
+                  "\tlist allow 'fc00::/8'\n")
+    assert req(app, "GET", "/metrics", remote="fd00:aa::9")[0] == 200
+    assert req(app, "GET", "/metrics", remote="::1")[0] == 403
+    # the client allow list does not apply to scrapers, nor the reverse
+    assert req(app, "GET", "/offer", remote="fd00:aa::9")[0] == 403
+    assert req(app, "POST", "/metrics", remote="fd00:aa::9")[0] == 405
+
+
+def test_counters_add_up_over_cgi_processes_at_once(tmp_path):
+    path, app = make(tmp_path)
+    n = 12
+    env = dict(os.environ, PYTHONPATH=ROOT, MICROBROKER_CONFIG=str(path),
+               REQUEST_METHOD="GET", PATH_INFO="/nowhere",
+               REMOTE_ADDR="fc00::9", SERVER_ADDR="fc00::1")
+    procs = [subprocess.Popen([sys.executable, "-m", "microbroker", "cgi"],
+                              env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(n)]
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert b"not_found" in out
+    # and threads of one process (serve) at the same time
+    threads = [threading.Thread(target=req, args=(app, "GET", "/x"))
+               for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert value(scrape(app), "microbroker_errors", code="not_found") == 2 * n
+
+
+def test_a_torn_stats_file_starts_again(tmp_path):
+    _, app = make(tmp_path)
+    req(app, "GET", "/x")
+    p = metrics.stats_path(app.config)
+    with open(p, "w") as f:
+        f.write("microbroker_errors_total{code=\"not_found\"} 1")
+        f.write("\nmicrobroker_err")      # killed mid-write (no rename)
+    assert metrics.read(p) == {}
+    req(app, "GET", "/x")
+    assert value(scrape(app), "microbroker_errors", code="not_found") == 1
+
+
+def test_label_values_are_never_taken_from_outside(tmp_path):
+    _, app = make(tmp_path)
+    metrics.count(metrics.stats_path(app.config), "grants_total",
+                  'x"} 1\nmicrobroker_evil 9')
+    fams = scrape(app)
+    assert "microbroker_evil" not in fams
+    assert value(fams, "microbroker_grants") == 1    # counted, unlabelled
