@@ -288,6 +288,9 @@ def check_http(raw, cgi=False, head=False):
         if status != 200:
             assert obj["error"]["code"] and obj["error"]["message"], obj
             assert obj["error"]["code"] != "internal", obj
+    elif "version=0.0.4" in ctype:
+        # GET /metrics from an allowed address: Prometheus text
+        assert status == 200 and body.startswith(b"# HELP "), raw[:300]
     else:
         assert status == 200 and ctype.startswith("text/plain"), raw[:300]
         kv = {}

@@ -80,7 +80,7 @@ def test_up_hook_gets_the_whole_lease(tmp_path):
     assert env["MB_CLIENT"] == "fc00::99" and env["MB_LOCAL"] == "fc00::1"
     assert env["MB_MTU"] == str(v["mtu"]) == str(lease.mtu)
     assert env["MB_MAC"] == v["mac"] and v["mac"].startswith("02:6d:62")
-    assert env["MB_PREFIX"] == v["prefix"] == "fd00:99::/64"
+    assert env["MB_PREFIX"] == v["prefix"] == "fd00:99:0:1::/64"
     assert env["MB_IPV4"] == v["ipv4"] and env["MB_IPV4"].startswith(
         "198.51.100.")
     assert env["MB_IPV4_GATEWAY"] == "198.51.100.1"
@@ -101,7 +101,7 @@ def test_down_hook_gets_counters(tmp_path):
     b.release("fc00::99", v["lease_id"], v["secret"])
     env = read_env(tmp_path, "down")
     assert env["MB_EVENT"] == "down" and env["MB_LEASE_ID"] == v["lease_id"]
-    assert env["MB_PREFIX"] == "fd00:99::/64"
+    assert env["MB_PREFIX"] == "fd00:99:0:1::/64"
     # The link was torn down before the hook ran: the counters are the
     # store's (0 here: nothing refreshed them), never missing.
     for k in ("MB_RX_PACKETS", "MB_RX_BYTES", "MB_TX_PACKETS",
