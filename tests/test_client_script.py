@@ -94,7 +94,7 @@ def test_help_and_usage_errors(box):
                       (("-i", "-x", "up"), "-i needs an interface"),
                       (("-S", "a b", "up"), "-S needs a service"),
                       (("-b", "br;x", "up"), "-b needs a bridge"),
-                      (("-k", "a'b", "up"), "-k needs a token"),
+                      (("-k", "a'b", "up"), "-k needs the absolute path"),
                       (("-T", "0", "up"), "-T needs seconds"),
                       (("-d", "rel", "up"), "-d needs an absolute path")]:
         p = box.run(*args, check=False)
@@ -113,6 +113,8 @@ def test_up_builds_the_tunnel_from_the_lease(box, broker):
     assert set(req.fields) == {"format", "service", "tunnel_id",
                                "session_id"}
     assert req.fields["format"] == "sh" and req.fields["service"] == "exit"
+    # in the query: an error before the body is read still answers sh
+    assert req.query == {"format": "sh"}
     tid = req.fields["tunnel_id"]
     assert re.fullmatch(r"[1-9][0-9]*", tid) and int(tid) <= 65535
     assert req.fields["session_id"] == tid
@@ -174,6 +176,8 @@ def test_each_http_client(tmp_path, broker, fetch):
     box.run("down")
     assert [r.path for r in broker.seen()] == ["/lease", "/status",
                                               "/release"]
+    # uclient-fetch sends a POST body chunked (uclient-http.c)
+    assert [r.chunked for r in broker.seen()] == [fetch == "uclient"] * 3
     prog = "uclient-fetch" if fetch == "uclient" else "wget"
     used = [c for c in box.calls(prog) if "-O" in c]  # not the probes
     assert len(used) == 3
@@ -381,9 +385,32 @@ def test_service_defaults_to_the_first_offered(box, broker):
 
 def test_token_is_sent_urlencoded(box, broker):
     token = "a&b=c%d+e/f?g#h"
-    box.run("-s", broker.url, "-S", "exit", "-k", token, "up")
+    box.run("-s", broker.url, "-S", "exit", "up",
+            env={"MICROBROKER_TOKEN": token})
     (req,) = broker.seen("/lease")
     assert req.fields["token"] == token
+
+
+def test_token_from_a_file_never_in_any_argv(box, broker):
+    token = "tok-" + "x" * 20
+    path = os.path.join(box.tmp, "token")
+    with open(path, "w") as f:
+        f.write(token + "\n")
+    box.run("-s", broker.url, "-S", "exit", "-k", path, "up")
+    box.run("renew")
+    box.run("down")
+    assert broker.seen("/lease")[0].fields["token"] == token
+    secret = "0123456789abcdef0123456789abcdef"
+    with open(box.logfile) as f:
+        log = f.read()
+    assert "wget" in log
+    # neither the token nor the lease's secret was on a command line
+    assert token not in log and secret not in log
+    p = box.run("-k", "relative", "up", check=False)
+    assert p.returncode == 1 and "-k needs the absolute path" in p.stderr
+    p = box.run("-s", broker.url, "up", check=False,
+                env={"MICROBROKER_TOKEN": "a b"})
+    assert p.returncode == 1 and "token must be printable" in p.stderr
 
 
 def test_udp_encap(box, broker):

@@ -82,12 +82,16 @@ def test_handler_setup_runs_the_client(tmp_path):
                                "token": "s3cr3t-token", "filter": "nft",
                                "timeout": "5"})
     assert p.returncode == 0, p.stderr
+    calls0 = calls
+    calls = [c for c in calls if c[0] != "proto_export"]
     assert calls == [("proto_run_command", "exitvpn", CLIENT, "-i",
                       "mb-exitvpn", "-N", "exitvpn",
                       "-s", "http://[fc00::1]:8053",
                       "-s", "http://[fc00::2]/cgi-bin/microbroker",
-                      "-S", "exit", "-b", "@lan", "-k", "s3cr3t-token",
+                      "-S", "exit", "-b", "@lan",
                       "-f", "nft", "-T", "5", "run")]
+    # the token reaches the client through its environment, not argv
+    assert ("proto_export", "MICROBROKER_TOKEN=s3cr3t-token") in calls0
 
 
 def test_handler_minimal_config_and_long_names(tmp_path):
@@ -380,7 +384,7 @@ def test_client_init_one_instance_per_enabled_section(tmp_path):
         ("procd_append_param", "command", "-s", "http://[fc00::2]:8053"),
         ("procd_append_param", "command", "-S", "exit"),
         ("procd_append_param", "command", "-b", "br-lan"),
-        ("procd_append_param", "command", "-k", "tok-12345678"),
+        ("procd_set_param", "env", "MICROBROKER_TOKEN=tok-12345678"),
         ("procd_append_param", "command", "-f", "nft"),
         ("procd_append_param", "command", "-T", "5"),
         ("procd_append_param", "command", "run"),
@@ -440,7 +444,12 @@ def test_client_init_command_is_one_the_client_takes(tmp_path):
         argv = [broker.url if a.startswith("http://[fc00::") else a
                 for a in argv[1:]]
         assert argv[-1] == "run"
-        box.run(*argv[:-1], "up")
+        env = {}
+        for c in calls:
+            if c[:2] == ("procd_set_param", "env"):
+                k, _, v = c[2].partition("=")
+                env[k] = v
+        box.run(*argv[:-1], "up", env=env)
         assert box.read_state()["FILTER"] == "nft"
         assert broker.seen("/lease")[0].fields["token"] == "tok-12345678"
         box.run("down")

@@ -133,7 +133,8 @@ proto_microbroker_setup() {
 	[ -z "$kind" ] || set -- "$@" -K "$kind"
 	[ -z "$network" ] || set -- "$@" -b "@$network"
 	[ -z "$bridge" ] || set -- "$@" -b "$bridge"
-	[ -z "$token" ] || set -- "$@" -k "$token"
+	# the token in the client's environment: argv shows in `ps`
+	[ -z "$token" ] || proto_export "MICROBROKER_TOKEN=$token"
 	[ -z "$filter" ] || set -- "$@" -f "$filter"
 	[ -z "$timeout" ] || set -- "$@" -T "$timeout"
 	proto_run_command "$config" "$@" run

@@ -127,9 +127,12 @@ def offer_answer(services, name="exit", kernel="1"):
 
 
 class Request:
-    def __init__(self, method, path, fields, ctype):
+    def __init__(self, method, path, fields, ctype, query=None,
+                 chunked=False):
         self.method, self.path, self.fields, self.ctype = \
             method, path, fields, ctype
+        self.query = query or {}
+        self.chunked = chunked
 
     def __repr__(self):
         return "%s %s %r" % (self.method, self.path, self.fields)
@@ -157,13 +160,15 @@ class CannedBroker:
                 url = urllib.parse.urlsplit(self.path)
                 fields = dict(urllib.parse.parse_qsl(url.query,
                                                      keep_blank_values=True))
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
+                body = self._body()
                 if body:
                     fields.update(urllib.parse.parse_qsl(
                         body.decode(), keep_blank_values=True))
                 req = Request(method, url.path, fields,
-                              self.headers.get("Content-Type", ""))
+                              self.headers.get("Content-Type", ""),
+                              dict(urllib.parse.parse_qsl(url.query)),
+                              "chunked" in self.headers.get(
+                                  "Transfer-Encoding", ""))
                 with broker.lock:
                     broker.requests.append(req)
                     queue = broker.answers.get(url.path) or \
@@ -182,6 +187,20 @@ class CannedBroker:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _body(self):
+                """A Content-Length body, or a chunked one (uclient-fetch)."""
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    body = b""
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0], 16)
+                        if not n:
+                            self.rfile.readline()
+                            return body
+                        body += self.rfile.read(n)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
 
             def do_GET(self):
                 self._serve("GET")
