@@ -25,18 +25,42 @@ def request_from_env(env, max_body, stdin):
     if env.get("CONTENT_TYPE"):
         headers["content-type"] = env["CONTENT_TYPE"]
     cl = env.get("CONTENT_LENGTH", "")
+    method = env.get("REQUEST_METHOD", "GET")
     if cl:
         headers["content-length"] = cl
-    n = int(cl) if cl.isdigit() and len(cl) <= 15 else (0 if not cl else -1)
-    if n < 0:
-        body = b""
-    elif n > max_body:
-        body = None
+        ok = cl.isascii() and cl.isdigit() and len(cl) <= 15
+        n = int(cl) if ok else -1
+        if n < 0:
+            body = b""
+        elif n > max_body:
+            body = None
+        else:
+            body = _read(stdin, n) if n else b""
+    elif method in ("GET", "HEAD"):
+        n, body = 0, b""
     else:
-        body = stdin.read(n) if n else b""
-    return (env.get("REQUEST_METHOD", "GET"), env.get("PATH_INFO", ""),
+        # uhttpd passes a chunked body de-chunked, with no CONTENT_LENGTH:
+        # the body is whatever stdin holds until EOF.
+        body = _read(stdin, max_body + 1)
+        n = len(body)
+        if n > max_body:
+            body = None
+    return (method, env.get("PATH_INFO", ""),
             env.get("QUERY_STRING", ""), headers, body, n,
             env.get("REMOTE_ADDR", ""), env.get("SERVER_ADDR", ""))
+
+
+def _read(stdin, n):
+    """Up to n bytes: all of them unless EOF comes first (a pipe gives
+    what it has, not what was asked for)."""
+    parts = []
+    while n > 0:
+        b = stdin.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
 
 
 def main(environ=None, stdin=None, stdout=None):

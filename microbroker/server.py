@@ -72,6 +72,62 @@ def unquote_path(path):
         return None
 
 
+_DIGITS = frozenset(b"0123456789")
+_HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+CHUNK_LINE_LIMIT = 1024     # a chunk-size line, or one trailer line
+TRAILER_LIMIT = 4096        # all trailer lines together
+
+
+def is_digits(s):
+    """ASCII digits only (str.isdigit also takes '\xb2' and other
+    scripts' digits, which int() may then refuse)."""
+    return bool(s) and s.isascii() and s.isdigit()
+
+
+def read_chunked(rfile, limit):
+    """A chunked body (RFC 9112 section 7.1) from rfile -> bytes. Raises
+    BrokerError too_large once the data passes `limit` bytes (the rest is
+    not read), bad_request when the stream is malformed or ends early.
+    Chunk extensions and trailer fields are read and ignored."""
+    def line():
+        s = rfile.readline(CHUNK_LINE_LIMIT + 1)
+        if not s.endswith(b"\n"):
+            if len(s) > CHUNK_LINE_LIMIT:
+                raise BrokerError("bad_request", "chunk size line too long")
+            raise BrokerError("bad_request", "chunked body ends early")
+        return s[:-2] if s.endswith(b"\r\n") else s[:-1]
+
+    out, size = [], 0
+    while True:
+        h = line().partition(b";")[0].rstrip(b" \t")
+        if not h or len(h) > 8 or not set(h) <= _HEXDIGITS:
+            raise BrokerError("bad_request", "bad chunk size in chunked "
+                              "body")
+        n = int(h, 16)
+        if n == 0:
+            break
+        size += n
+        if size > limit:
+            raise BrokerError("too_large", "request body exceeds %d bytes"
+                              % limit)
+        data = rfile.read(n)
+        if len(data) != n:
+            raise BrokerError("bad_request", "chunked body ends early")
+        out.append(data)
+        if line():
+            raise BrokerError("bad_request", "chunk data longer than its "
+                              "size")
+    left = TRAILER_LIMIT
+    while True:
+        t = line()
+        if not t:
+            return b"".join(out)
+        left -= len(t)
+        if left < 0:
+            raise BrokerError("too_large", "chunked body trailer exceeds "
+                              "%d bytes" % TRAILER_LIMIT)
+
+
 def encode_answer(answer):
     """An App answer as the bytes of one HTTP/1.1 response."""
     status, headers, body = answer
@@ -203,27 +259,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             name, value = name.lower(), value.strip()
             headers[name] = headers[name] + ", " + value if name in headers \
                 else value
-        if "transfer-encoding" in headers:
-            return self._error(BrokerError("bad_request", "send a "
-                                           "Content-Length, not a chunked "
-                                           "body"), self.fmt)
-        cl = headers.get("content-length", "0")
-        if not cl.isdigit() or len(cl) > 15:
-            return self._error(BrokerError("bad_request", "bad "
-                                           "Content-Length"), self.fmt)
-        n = int(cl)
         path, _, query = target.partition("?")
         path = unquote_path(path)
+        limit = app.config.max_body
         drain = 0
-        if n > app.config.max_body:
-            body, drain = None, n   # App answers too_large
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            # What uclient-fetch --post-data sends: no Content-Length.
+            if "content-length" in headers:
+                return self._error(BrokerError(
+                    "bad_request", "Content-Length and Transfer-Encoding "
+                    "together"), self.fmt)
+            if te.lower() != "chunked":
+                return self._error(BrokerError(
+                    "bad_request", "the only Transfer-Encoding taken is "
+                    "chunked"), self.fmt)
+            self._continue(headers)
+            try:
+                body = read_chunked(self.rfile, limit)
+            except BrokerError as e:
+                if e.code == "too_large":
+                    self._error(e, self.fmt)
+                    return self._drain(DRAIN_LIMIT)
+                return self._error(e, self.fmt)
+            n = len(body)
         else:
-            if n and headers.get("expect", "").lower() == "100-continue":
-                self.send_response_only(100)
-                self.end_headers()
-            body = self.rfile.read(n) if n else b""
-            if len(body) != n:
-                return
+            cl = headers.get("content-length", "0")
+            if not is_digits(cl) or len(cl) > 15:
+                return self._error(BrokerError("bad_request", "bad "
+                                               "Content-Length"), self.fmt)
+            n = int(cl)
+            if n > limit:
+                body, drain = None, n   # App answers too_large
+            else:
+                if n:
+                    self._continue(headers)
+                body = self.rfile.read(n) if n else b""
+                if len(body) != n:
+                    return
         if path is None:
             answer = app.error(BrokerError("bad_request", "bad %-escape in "
                                            "path"), self.fmt)
@@ -235,17 +308,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             show(target), answer[0])
         self._write(answer)
         if drain:
-            # Read what the client still sends so that closing does not
-            # reset the connection before it saw our answer.
-            sock = self.connection
+            self._drain(min(drain, DRAIN_LIMIT))
+
+    def _continue(self, headers):
+        if headers.get("expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+
+    def _drain(self, left):
+        """Read what the client still sends, so that closing does not
+        reset the connection before it saw our answer; within the
+        request's one deadline."""
+        sock = self.connection
+        try:
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(2)
-            left = min(drain, DRAIN_LIMIT)
-            while left > 0:
-                chunk = sock.recv(min(left, 65536))
-                if not chunk:
-                    break
-                left -= len(chunk)
+        except OSError:
+            return
+        buf = self.rfile
+        while left > 0:
+            chunk = buf.read1(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
 
     def handle_expect_100(self):
         # Decided once the body's size is known: no 100 Continue for a

@@ -47,8 +47,14 @@ def show(s, n=40):
     return t + "..." if len(s) > n else t
 
 
+def _digits(v):
+    """ASCII digits only: str.isdigit() also takes '\xb2' (which int()
+    refuses) and other scripts' digits (which int() reads)."""
+    return v.isascii() and v.isdigit()
+
+
 def _u32(name, v):
-    if not v.isdigit() or len(v) > 10 or not 1 <= int(v) <= 0xFFFFFFFF:
+    if not _digits(v) or len(v) > 10 or not 1 <= int(v) <= 0xFFFFFFFF:
         raise BrokerError("bad_request", "%s needs a number from 1 to "
                           "4294967295" % name)
     return int(v)
@@ -59,7 +65,7 @@ def _check_field(name, v):
     if name in ("tunnel_id", "session_id"):
         return _u32(name, v)
     if name == "udp_sport":
-        if not v.isdigit() or len(v) > 5 or not 1 <= int(v) <= 65535:
+        if not _digits(v) or len(v) > 5 or not 1 <= int(v) <= 65535:
             raise BrokerError("bad_request", "udp_sport needs a port from "
                               "1 to 65535")
         return int(v)
@@ -149,7 +155,9 @@ def parse_json_body(body):
 
 def _collect(pairs, fields):
     for k, v in pairs:
-        if k in fields:
+        # format may be in both the query and the body (the client puts it
+        # in the query so that errors before the body is read use it).
+        if k in fields and not (k == "format" and fields[k] == v):
             raise BrokerError("bad_request", "field %s given twice" % show(k))
         if len(v) > MAX_FIELD:
             raise BrokerError("bad_request", "field %s is too long" % show(k))

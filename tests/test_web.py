@@ -132,7 +132,7 @@ class ServerDoor:
                 return (host if host != "::" else "::1"), port
         raise AssertionError("no listener for %s" % source)
 
-    def raw(self, source, data, dest=None):
+    def raw(self, source, data, dest=None, shut=False):
         host, port = dest or self.address(source)
         fam = socket.AF_INET6 if ":" in source else socket.AF_INET
         if ":" in source and ":" not in host:
@@ -144,6 +144,8 @@ class ServerDoor:
                 s.bind((source, 0))
             s.connect((host, port))
             s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
             chunks = []
             while True:
                 c = s.recv(65536)
@@ -657,8 +659,14 @@ def test_server_rejects_what_cgi_servers_would(tmp_path):
 
         st, ans = ask(b"GARBAGE\r\n\r\n")
         assert st == 400 and ans["error"]["code"] == "bad_request"
-        st, ans = ask(b"POST /lease HTTP/1.1\r\nTransfer-Encoding: chunked"
+        st, ans = ask(b"POST /lease HTTP/1.1\r\nTransfer-Encoding: gzip"
                       b"\r\n\r\n0\r\n\r\n")
+        assert st == 400 and "chunked" in ans["error"]["message"]
+        st, ans = ask(b"POST /lease HTTP/1.1\r\nTransfer-Encoding: chunked"
+                      b"\r\nContent-Length: 3\r\n\r\n0\r\n\r\n")
+        assert st == 400 and "together" in ans["error"]["message"]
+        st, ans = ask(b"POST /lease HTTP/1.1\r\nContent-Length: \xb2"
+                      b"\r\n\r\n")
         assert st == 400
         st, ans = ask(b"POST /lease HTTP/1.1\r\nContent-Length: x\r\n\r\n")
         assert st == 400
@@ -690,6 +698,84 @@ def test_server_rejects_what_cgi_servers_would(tmp_path):
         assert st == 200
     finally:
         door.close()
+
+
+def chunked(body, sizes=None):
+    out, i = [], 0
+    for n in sizes or [len(body)]:
+        out.append(b"%x\r\n%s\r\n" % (n, body[i:i + n]))
+        i += n
+    return b"".join(out) + b"0\r\n\r\n"
+
+
+CHUNKED = (b"POST /lease?format=sh HTTP/1.1\r\nHost: b\r\n"
+           b"Transfer-Encoding: chunked\r\nContent-Type: " + FORM.encode()
+           + b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("stream,status,code,words", [
+    (chunked(b"service=v4&format=sh", [3, 7, 10]), "200", "", ""),
+    # chunk extensions, trailer fields, lowercase hex, bare LF
+    (b"3;ext=1\r\nser\r\n11\nvice=v4&format=sh\n0\r\nX-T: 1\r\n\r\n",
+     "200", "", ""),
+    (b"zz\r\nservice=v4\r\n0\r\n\r\n", "400", "bad_request",
+     "chunk size"),
+    (b"\r\n", "400", "bad_request", "chunk size"),
+    (b"+3\r\nser\r\n0\r\n\r\n", "400", "bad_request", "chunk size"),
+    (b"3\r\nservice\r\n0\r\n\r\n", "400", "bad_request", "longer"),
+    (b"a\r\nservice=v4", "400", "bad_request", "ends early"),
+    (b"1" * 2000 + b"\r\n", "400", "bad_request", "too long"),
+    (b"ffffffffff\r\n", "400", "bad_request", "chunk size"),
+    (chunked(b"x" * 600, [300, 300]), "413", "too_large", "512"),
+    (b"fffff\r\n" + b"x" * 3000, "413", "too_large", "512"),
+])
+def test_server_reads_chunked_bodies(tmp_path, stream, status, code, words):
+    """What uclient-fetch --post-data sends: a chunked body, no
+    Content-Length; same size limit as a Content-Length body, clear errors
+    for a malformed stream, and the shell format from the query string."""
+    cfg, _ = make_config(tmp_path)
+    door = ServerDoor(cfg)
+    try:
+        st, _, body = parse_response(door.raw(V4, CHUNKED + stream,
+                                              shut=True), True)
+    finally:
+        door.close()
+    ans = decode_answer(body, "sh")
+    assert (st, ans["STATUS"], ans["ERROR"]) == (200, status, code), ans
+    assert words in ans.get("MESSAGE", "")
+    if status == "200":
+        assert ans["SERVICE"] == "v4"
+
+
+def test_cgi_reads_stdin_to_eof_without_content_length(tmp_path):
+    """uhttpd hands a chunked body to the CGI de-chunked on stdin and sets
+    no CONTENT_LENGTH (its proc.c only copies the header)."""
+    cfg, path = make_config(tmp_path)
+    door = CgiDoor(cfg, path)
+    env = {"CONTENT_TYPE": FORM}
+    status, _, body = door.request("POST", "/lease", "format=sh",
+                                   b"service=v4&format=sh", None, [], V4,
+                                   dict(env, CONTENT_LENGTH=""))
+    ans = decode_answer(body, "sh")
+    assert (status, ans["STATUS"], ans["SERVICE"]) == (200, "200", "v4")
+    status, _, body = door.request("POST", "/lease", "format=sh",
+                                   b"service=v4&x=" + b"a" * 600, None, [],
+                                   V4, dict(env, CONTENT_LENGTH=""))
+    ans = decode_answer(body, "sh")
+    assert (ans["STATUS"], ans["ERROR"]) == ("413", "too_large")
+
+
+@pytest.mark.parametrize("value", ["\xb2", "\u0667", "1 ", "-1", "0x10"])
+def test_cgi_content_length_is_ascii_digits(tmp_path, value):
+    cfg, path = make_config(tmp_path)
+    door = CgiDoor(cfg, path)
+    status, _, body = door.request("POST", "/lease", "format=sh",
+                                   b"service=v4", None, [], V4,
+                                   {"CONTENT_LENGTH": value,
+                                    "CONTENT_TYPE": FORM})
+    ans = decode_answer(body, "sh")
+    assert (status, ans["STATUS"], ans["ERROR"]) == (200, "400",
+                                                     "bad_request")
 
 
 def test_server_is_http_server_but_never_answers_like_it(tmp_path, capfd):
