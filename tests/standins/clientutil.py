@@ -290,13 +290,24 @@ class Sandbox:
         if fetch == "uclient":
             os.symlink(os.path.join(STANDINS, "bin", "uclient-fetch"),
                        os.path.join(self.bin, "uclient-fetch"))
+        elif fetch == "owrt":
+            # OpenWrt's real uclient-fetch, as a router has it: `wget`, in
+            # a directory of its own first on PATH (its neighbours in
+            # owrt.PREFIX/bin, real ubus among them, stay out)
+            import owrt
+            first = os.path.join(self.tmp, "owrt-bin")
+            os.makedirs(first)
+            os.symlink(os.path.join(owrt.PREFIX, "bin", "wget"),
+                       os.path.join(first, "wget"))
         elif fetch in ("busybox", "gnu"):
             real = "busybox wget" if fetch == "busybox" else GNU_WGET
             self.write_bin("wget", '#!%s sh\nline=wget\nfor a in "$@"; do '
                            'line="$line\t$a"; done\necho "$line" >>"$STANDIN_LOG"\n'
                            'exec %s "$@"\n' % (BUSYBOX, real))
         self.env = {
-            "PATH": self.bin, "FAKE_DIR": self.fake,
+            "PATH": (os.path.join(self.tmp, "owrt-bin") + ":" + self.bin
+                     if fetch == "owrt" else self.bin),
+            "FAKE_DIR": self.fake,
             "STANDIN_LOG": self.logfile, "TMPDIR": self.tmpdir,
             "NETIFD_MAIN_DIR": STANDINS, "HOME": self.tmp,
             # a proxy must not be used for the broker
