@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from standins import netifd
 from standins.clientutil import (BUSYBOX, CLIENT, ROOT, TNL_ADDRESSES,
                                  CannedBroker, Sandbox, error_answer,
                                  gre_lease_answer, lease_answer,
@@ -287,6 +288,42 @@ def test_id_conflict_proposes_other_ids(box, broker):
     assert first.fields["tunnel_id"] != second.fields["tunnel_id"]
     tid = second.fields["tunnel_id"]
     assert box.ip_calls("l2tp", "add", "tunnel")[0][4] == tid
+
+
+def test_tunnel_id_taken_here_meanwhile_asks_again(box, broker):
+    """Another client took our random id between choosing and building
+    ("File exists"): the lease goes back, other ids are asked for at once,
+    no back-off and no blame on the modules."""
+    open(os.path.join(box.fake, "race"), "w").close()
+    p = box.run("-s", broker.url, "-S", "exit", "up")
+    first, second = broker.seen("/lease")
+    assert first.fields["tunnel_id"] != second.fields["tunnel_id"]
+    assert [r.fields["lease_id"] for r in broker.seen("/release")] == \
+        ["0123456789abcdef"]
+    assert "is taken here now; asking again" in p.stderr
+    assert "kmod" not in p.stderr
+    assert box.read_state()["TUNNEL_ID"] == second.fields["tunnel_id"]
+    assert box.ip_calls("l2tp", "add", "tunnel")[-1][4] == \
+        second.fields["tunnel_id"]
+
+
+def test_run_renews_within_the_lifetime_whatever_the_interval(box, broker):
+    """The renew is due RENEW_INTERVAL after the request that got the
+    lease, but never later than its lifetime less a margin: a renew
+    interval longer than the lifetime (or one counted from the end of the
+    last renew) would let the lease expire."""
+    standard_answers(broker, RENEW_INTERVAL="600", LIFETIME="8")
+    proc = box.start("-s", broker.url, "-S", "exit", "-T", "1", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 2), \
+            proc.stderr.read() if proc.poll() is not None else "no renew"
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    asks = broker.seen("/lease") + broker.seen("/renew")
+    asks.sort(key=lambda r: r.at)
+    for granted, renew in zip(asks, asks[1:3]):
+        assert renew.at - granted.at < 8, "renewed after the lease ended"
 
 
 def test_proposed_ids_avoid_tunnels_already_here(box, broker):
@@ -645,6 +682,34 @@ def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):
     netifd = [c for c in box.calls() if c[0].startswith("proto_")]
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_send_update", "wan6")]
+
+
+def test_stop_releases_first_inside_netifds_window(box, broker):
+    """netifd SIGKILLs the command 5 s after teardown began: the release
+    goes out first, while the tunnel still stands, bounded by its own
+    short timeout (this exit never answers it), then the tunnel and the
+    filter the client installed go."""
+    box.add_link("br-lan")
+    standard_answers(broker)
+    kernel_at_release = []
+
+    def release(fields):
+        kernel_at_release.append(sorted(box.kernel()))
+        return "hang"
+    broker.set("/release", release)
+    proc = box.start("-s", broker.url, "-S", "exit", "-b", "br-lan",
+                     "-N", "exitvpn", "run")
+    assert wait_for(lambda: box.state_files() == ["mb0.pid", "mb0.state"]
+                    or proc.poll() is not None)
+    tid = box.read_state()["TUNNEL_ID"]
+    assert netifd.teardown(proc), "killed by netifd's teardown timeout"
+    (before,) = kernel_at_release
+    assert "tunnel." + tid in before and "nft.mbclient-mb0" in before
+    assert set(box.kernel()) == {"link.br-lan"}
+    assert box.state_files() == []
+    # the filter it installed, and only that one
+    assert box.calls("ebtables") == []
+    assert "could not release" in proc.stderr.read()
 
 
 def test_run_backs_off_on_errors_and_honours_retry_after(box, broker):

@@ -133,6 +133,7 @@ class Request:
             method, path, fields, ctype
         self.query = query or {}
         self.chunked = chunked
+        self.at = time.time()
 
     def __repr__(self):
         return "%s %s %r" % (self.method, self.path, self.fields)
