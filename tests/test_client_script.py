@@ -18,7 +18,9 @@ from standins.clientutil import (BUSYBOX, CLIENT, ROOT, TNL_ADDRESSES,
                                  offer_answer, sh_answer, standard_answers,
                                  tnl_lease_answer, wait_for)
 
-SCRIPTS = [CLIENT, os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
+KERNEL_SH = os.path.join(ROOT, "client", "kernel.sh")
+SCRIPTS = [CLIENT, KERNEL_SH,
+           os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
            os.path.join(ROOT, "init.d", "microbroker"),
            os.path.join(ROOT, "init.d", "microbroker-client")]
 
@@ -76,12 +78,30 @@ def test_scripts_have_no_bashisms(path):
 
 
 def test_client_never_evaluates():
-    with open(CLIENT) as f:
-        code = [l for l in f if not l.lstrip().startswith("#")]
+    code = []
+    for path in (CLIENT, KERNEL_SH):
+        with open(path) as f:
+            code += [l for l in f if not l.lstrip().startswith("#")]
     assert not [l for l in code if re.search(r"\beval\b", l)]
-    # and sources nothing but netifd's own library
+    # and sources nothing but its kernel part and netifd's own library
     sources = [l.strip() for l in code if re.match(r"\s*\.\s", l)]
-    assert sources == ['. "${NETIFD_MAIN_DIR:-/lib/netifd}/netifd-proto.sh"']
+    assert sources == ['. "$KERNEL_SH"',
+                       '. "${NETIFD_MAIN_DIR:-/lib/netifd}/netifd-proto.sh"']
+
+
+def test_kernel_part_is_found_and_its_absence_said(box, tmp_path):
+    # installed: beside no netifd/ directory, the package's path; or
+    # $MICROBROKER_LIB
+    p = box.run("down", check=False, env={"MICROBROKER_LIB": "/nonexistent"})
+    assert p.returncode == 1
+    assert "/nonexistent/kernel.sh is missing" in p.stderr
+    copy = tmp_path / "microbroker-client"
+    with open(CLIENT) as f:
+        copy.write_text(f.read())
+    p = subprocess.run([BUSYBOX, "sh", str(copy), "-h"], env=box.env,
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "/usr/lib/microbroker-client/kernel.sh is missing" in p.stderr
 
 
 def test_help_and_usage_errors(box):

@@ -36,7 +36,8 @@ def handler(tmp_path, body, config=None, env=None):
     log = str(tmp_path / "netifd.log")
     e = {"PATH": os.path.join(STANDINS, "bin") + ":/usr/bin:/bin",
          "STANDIN_LOG": log, "FAKE_DIR": str(tmp_path),
-         "MICROBROKER_CLIENT": CLIENT}
+         "MICROBROKER_CLIENT": CLIENT,
+         "MICROBROKER_LIB": os.path.join(ROOT, "client")}
     for k, v in (config or {}).items():
         e["CONFIG_" + k] = v
     e.update(env or {})
@@ -527,11 +528,14 @@ def test_package_installs(tmp_path):
     client = tree(ipkg / "microbroker-client")
     assert client == {
         "/usr/sbin/microbroker-client": 0o755,
+        "/usr/lib/microbroker-client/kernel.sh": 0o644,
         "/lib/netifd/proto/microbroker.sh": 0o755,
         "/etc/init.d/microbroker-client": 0o755,
         "/etc/config/microbroker-client": 0o600,
     }
     for path, repo in [("/usr/sbin/microbroker-client", CLIENT),
+                       ("/usr/lib/microbroker-client/kernel.sh",
+                        os.path.join(ROOT, "client", "kernel.sh")),
                        ("/lib/netifd/proto/microbroker.sh", HANDLER),
                        ("/etc/init.d/microbroker-client", INIT_CLIENT)]:
         with open(str(ipkg / "microbroker-client") + path) as a, \
