@@ -6,6 +6,7 @@ package Makefile against a stand-in of the OpenWrt build system
 
 import configparser
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,9 +52,9 @@ def handler(tmp_path, body, config=None, env=None):
 
 def test_handler_declares_its_options(tmp_path):
     p, calls = handler(tmp_path, 'proto_microbroker_init_config\n'
-                       'echo "$no_device $available"')
+                       'echo "$no_device $available $renew_handler"')
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["1", "1"]
+    assert p.stdout.split() == ["1", "1", "1"]
     assert calls == [("proto_config_add_array", "server"),
                      ("proto_config_add_string", "service"),
                      ("proto_config_add_string", "kind"),
@@ -205,6 +206,13 @@ def test_handler_teardown_stops_the_client(tmp_path):
     p, calls = handler(tmp_path, "proto_microbroker_teardown exitvpn ''")
     assert p.returncode == 0
     assert calls == [("proto_kill_command", "exitvpn")]
+
+
+def test_handler_renew_signals_the_client(tmp_path):
+    p, calls = handler(tmp_path, "proto_microbroker_renew exitvpn ''")
+    assert p.returncode == 0, p.stderr
+    assert calls == [("proto_kill_command", "exitvpn",
+                      str(int(signal.SIGUSR1)))]
 
 
 def test_the_command_netifd_runs_works(tmp_path):

@@ -37,6 +37,7 @@ MICROBROKER_CLIENT=${MICROBROKER_CLIENT:-/usr/sbin/microbroker-client}
 proto_microbroker_init_config() {
 	no_device=1
 	available=1
+	renew_handler=1
 	proto_config_add_array server
 	proto_config_add_string service
 	proto_config_add_string kind
@@ -130,6 +131,14 @@ proto_microbroker_setup() {
 	[ -z "$filter" ] || set -- "$@" -f "$filter"
 	[ -z "$timeout" ] || set -- "$@" -T "$timeout"
 	proto_run_command "$config" "$@" run
+}
+
+# `ifup` of an interface that is up, or `ubus call network.interface.X
+# renew`: the client renews (or leases) at once, as dhcp.sh's udhcpc does.
+proto_microbroker_renew() {
+	local sigusr1
+	sigusr1=$(kill -l SIGUSR1 2>/dev/null || kill -l USR1)
+	[ -z "$sigusr1" ] || proto_kill_command "$1" "$sigusr1"
 }
 
 proto_microbroker_teardown() {
