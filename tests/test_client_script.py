@@ -704,22 +704,6 @@ def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):
                       ("proto_send_update", "wan6")]
 
 
-def test_run_renews_at_once_on_sigusr1(box, broker):
-    """netifd's renew (the handler sends SIGUSR1): renewed now, not at the
-    lease's interval."""
-    standard_answers(broker, RENEW_INTERVAL="600")
-    proc = box.start("-s", broker.url, "-S", "exit", "run")
-    try:
-        assert wait_for(lambda: "mb0.state" in box.state_files())
-        assert broker.seen("/renew") == []
-        proc.send_signal(signal.SIGUSR1)
-        assert wait_for(lambda: len(broker.seen("/renew")) == 1)
-    finally:
-        rc, out, err = stop(proc)
-    assert rc == 0, err
-    assert len(broker.seen("/lease")) == 1
-
-
 def test_stop_releases_first_inside_netifds_window(box, broker):
     """netifd SIGKILLs the command 5 s after teardown began: the release
     goes out first, while the tunnel still stands, bounded by its own
