@@ -11,13 +11,16 @@ import sys
 
 import pytest
 
+from standins import netifd
 from standins.clientutil import (BUSYBOX, CLIENT, ROOT, TNL_ADDRESSES,
                                  CannedBroker, Sandbox, error_answer,
                                  gre_lease_answer, lease_answer,
                                  offer_answer, sh_answer, standard_answers,
                                  tnl_lease_answer, wait_for)
 
-SCRIPTS = [CLIENT, os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
+KERNEL_SH = os.path.join(ROOT, "client", "kernel.sh")
+SCRIPTS = [CLIENT, KERNEL_SH,
+           os.path.join(ROOT, "client", "netifd", "microbroker.sh"),
            os.path.join(ROOT, "init.d", "microbroker"),
            os.path.join(ROOT, "init.d", "microbroker-client")]
 
@@ -75,12 +78,30 @@ def test_scripts_have_no_bashisms(path):
 
 
 def test_client_never_evaluates():
-    with open(CLIENT) as f:
-        code = [l for l in f if not l.lstrip().startswith("#")]
+    code = []
+    for path in (CLIENT, KERNEL_SH):
+        with open(path) as f:
+            code += [l for l in f if not l.lstrip().startswith("#")]
     assert not [l for l in code if re.search(r"\beval\b", l)]
-    # and sources nothing but netifd's own library
+    # and sources nothing but its kernel part and netifd's own library
     sources = [l.strip() for l in code if re.match(r"\s*\.\s", l)]
-    assert sources == ['. "${NETIFD_MAIN_DIR:-/lib/netifd}/netifd-proto.sh"']
+    assert sources == ['. "$KERNEL_SH"',
+                       '. "${NETIFD_MAIN_DIR:-/lib/netifd}/netifd-proto.sh"']
+
+
+def test_kernel_part_is_found_and_its_absence_said(box, tmp_path):
+    # installed: beside no netifd/ directory, the package's path; or
+    # $MICROBROKER_LIB
+    p = box.run("down", check=False, env={"MICROBROKER_LIB": "/nonexistent"})
+    assert p.returncode == 1
+    assert "/nonexistent/kernel.sh is missing" in p.stderr
+    copy = tmp_path / "microbroker-client"
+    with open(CLIENT) as f:
+        copy.write_text(f.read())
+    p = subprocess.run([BUSYBOX, "sh", str(copy), "-h"], env=box.env,
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "/usr/lib/microbroker-client/kernel.sh is missing" in p.stderr
 
 
 def test_help_and_usage_errors(box):
@@ -94,7 +115,7 @@ def test_help_and_usage_errors(box):
                       (("-i", "-x", "up"), "-i needs an interface"),
                       (("-S", "a b", "up"), "-S needs a service"),
                       (("-b", "br;x", "up"), "-b needs a bridge"),
-                      (("-k", "a'b", "up"), "-k needs a token"),
+                      (("-k", "a'b", "up"), "-k needs the absolute path"),
                       (("-T", "0", "up"), "-T needs seconds"),
                       (("-d", "rel", "up"), "-d needs an absolute path")]:
         p = box.run(*args, check=False)
@@ -113,6 +134,8 @@ def test_up_builds_the_tunnel_from_the_lease(box, broker):
     assert set(req.fields) == {"format", "service", "tunnel_id",
                                "session_id"}
     assert req.fields["format"] == "sh" and req.fields["service"] == "exit"
+    # in the query: an error before the body is read still answers sh
+    assert req.query == {"format": "sh"}
     tid = req.fields["tunnel_id"]
     assert re.fullmatch(r"[1-9][0-9]*", tid) and int(tid) <= 65535
     assert req.fields["session_id"] == tid
@@ -174,6 +197,8 @@ def test_each_http_client(tmp_path, broker, fetch):
     box.run("down")
     assert [r.path for r in broker.seen()] == ["/lease", "/status",
                                               "/release"]
+    # uclient-fetch sends a POST body chunked (uclient-http.c)
+    assert [r.chunked for r in broker.seen()] == [fetch == "uclient"] * 3
     prog = "uclient-fetch" if fetch == "uclient" else "wget"
     used = [c for c in box.calls(prog) if "-O" in c]  # not the probes
     assert len(used) == 3
@@ -285,6 +310,42 @@ def test_id_conflict_proposes_other_ids(box, broker):
     assert box.ip_calls("l2tp", "add", "tunnel")[0][4] == tid
 
 
+def test_tunnel_id_taken_here_meanwhile_asks_again(box, broker):
+    """Another client took our random id between choosing and building
+    ("File exists"): the lease goes back, other ids are asked for at once,
+    no back-off and no blame on the modules."""
+    open(os.path.join(box.fake, "race"), "w").close()
+    p = box.run("-s", broker.url, "-S", "exit", "up")
+    first, second = broker.seen("/lease")
+    assert first.fields["tunnel_id"] != second.fields["tunnel_id"]
+    assert [r.fields["lease_id"] for r in broker.seen("/release")] == \
+        ["0123456789abcdef"]
+    assert "is taken here now; asking again" in p.stderr
+    assert "kmod" not in p.stderr
+    assert box.read_state()["TUNNEL_ID"] == second.fields["tunnel_id"]
+    assert box.ip_calls("l2tp", "add", "tunnel")[-1][4] == \
+        second.fields["tunnel_id"]
+
+
+def test_run_renews_within_the_lifetime_whatever_the_interval(box, broker):
+    """The renew is due RENEW_INTERVAL after the request that got the
+    lease, but never later than its lifetime less a margin: a renew
+    interval longer than the lifetime (or one counted from the end of the
+    last renew) would let the lease expire."""
+    standard_answers(broker, RENEW_INTERVAL="600", LIFETIME="8")
+    proc = box.start("-s", broker.url, "-S", "exit", "-T", "1", "run")
+    try:
+        assert wait_for(lambda: len(broker.seen("/renew")) >= 2), \
+            proc.stderr.read() if proc.poll() is not None else "no renew"
+    finally:
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    asks = broker.seen("/lease") + broker.seen("/renew")
+    asks.sort(key=lambda r: r.at)
+    for granted, renew in zip(asks, asks[1:3]):
+        assert renew.at - granted.at < 8, "renewed after the lease ended"
+
+
 def test_proposed_ids_avoid_tunnels_already_here(box, broker):
     # every id but one is taken in the fake kernel: the client finds it
     with open(os.path.join(box.fake, "tunnel.1"), "w") as f:
@@ -381,9 +442,32 @@ def test_service_defaults_to_the_first_offered(box, broker):
 
 def test_token_is_sent_urlencoded(box, broker):
     token = "a&b=c%d+e/f?g#h"
-    box.run("-s", broker.url, "-S", "exit", "-k", token, "up")
+    box.run("-s", broker.url, "-S", "exit", "up",
+            env={"MICROBROKER_TOKEN": token})
     (req,) = broker.seen("/lease")
     assert req.fields["token"] == token
+
+
+def test_token_from_a_file_never_in_any_argv(box, broker):
+    token = "tok-" + "x" * 20
+    path = os.path.join(box.tmp, "token")
+    with open(path, "w") as f:
+        f.write(token + "\n")
+    box.run("-s", broker.url, "-S", "exit", "-k", path, "up")
+    box.run("renew")
+    box.run("down")
+    assert broker.seen("/lease")[0].fields["token"] == token
+    secret = "0123456789abcdef0123456789abcdef"
+    with open(box.logfile) as f:
+        log = f.read()
+    assert "wget" in log
+    # neither the token nor the lease's secret was on a command line
+    assert token not in log and secret not in log
+    p = box.run("-k", "relative", "up", check=False)
+    assert p.returncode == 1 and "-k needs the absolute path" in p.stderr
+    p = box.run("-s", broker.url, "up", check=False,
+                env={"MICROBROKER_TOKEN": "a b"})
+    assert p.returncode == 1 and "token must be printable" in p.stderr
 
 
 def test_udp_encap(box, broker):
@@ -618,6 +702,34 @@ def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):
     netifd = [c for c in box.calls() if c[0].startswith("proto_")]
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_send_update", "wan6")]
+
+
+def test_stop_releases_first_inside_netifds_window(box, broker):
+    """netifd SIGKILLs the command 5 s after teardown began: the release
+    goes out first, while the tunnel still stands, bounded by its own
+    short timeout (this exit never answers it), then the tunnel and the
+    filter the client installed go."""
+    box.add_link("br-lan")
+    standard_answers(broker)
+    kernel_at_release = []
+
+    def release(fields):
+        kernel_at_release.append(sorted(box.kernel()))
+        return "hang"
+    broker.set("/release", release)
+    proc = box.start("-s", broker.url, "-S", "exit", "-b", "br-lan",
+                     "-N", "exitvpn", "run")
+    assert wait_for(lambda: box.state_files() == ["mb0.pid", "mb0.state"]
+                    or proc.poll() is not None)
+    tid = box.read_state()["TUNNEL_ID"]
+    assert netifd.teardown(proc), "killed by netifd's teardown timeout"
+    (before,) = kernel_at_release
+    assert "tunnel." + tid in before and "nft.mbclient-mb0" in before
+    assert set(box.kernel()) == {"link.br-lan"}
+    assert box.state_files() == []
+    # the filter it installed, and only that one
+    assert box.calls("ebtables") == []
+    assert "could not release" in proc.stderr.read()
 
 
 def test_run_backs_off_on_errors_and_honours_retry_after(box, broker):

@@ -316,7 +316,9 @@ def test_run_survives_broker_restarts(world, tmp_path):
     assert wait_for(lambda: exit_.tunnels().strip() == "")
     assert exit_leases(client) == 0
     used = open(client.env["STANDIN_LOG"]).read()
-    assert "uclient-fetch\t-q\t-T\t10\t--post-data=format=sh&lease_id=" in used
+    # bodies from a file: the lease's secret is on no command line
+    assert "uclient-fetch\t-q\t-T\t10\t--post-file=" in used
+    assert "secret" not in used and "--post-data" not in used
 
 
 def send_frames(ns, dev, ethertype, n):

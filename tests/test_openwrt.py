@@ -5,6 +5,7 @@ package Makefile against a stand-in of the OpenWrt build system
 (tests/standins/sdk) that runs its Build and install steps for real."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,7 +36,8 @@ def handler(tmp_path, body, config=None, env=None):
     log = str(tmp_path / "netifd.log")
     e = {"PATH": os.path.join(STANDINS, "bin") + ":/usr/bin:/bin",
          "STANDIN_LOG": log, "FAKE_DIR": str(tmp_path),
-         "MICROBROKER_CLIENT": CLIENT}
+         "MICROBROKER_CLIENT": CLIENT,
+         "MICROBROKER_LIB": os.path.join(ROOT, "client")}
     for k, v in (config or {}).items():
         e["CONFIG_" + k] = v
     e.update(env or {})
@@ -49,9 +51,9 @@ def handler(tmp_path, body, config=None, env=None):
 
 def test_handler_declares_its_options(tmp_path):
     p, calls = handler(tmp_path, 'proto_microbroker_init_config\n'
-                       'echo "$no_device $available"')
+                       'echo "$no_device $available $renew_handler"')
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["1", "1"]
+    assert p.stdout.split() == ["1", "1", "1"]
     assert calls == [("proto_config_add_array", "server"),
                      ("proto_config_add_string", "service"),
                      ("proto_config_add_string", "kind"),
@@ -81,12 +83,16 @@ def test_handler_setup_runs_the_client(tmp_path):
                                "token": "s3cr3t-token", "filter": "nft",
                                "timeout": "5"})
     assert p.returncode == 0, p.stderr
+    calls0 = calls
+    calls = [c for c in calls if c[0] != "proto_export"]
     assert calls == [("proto_run_command", "exitvpn", CLIENT, "-i",
                       "mb-exitvpn", "-N", "exitvpn",
                       "-s", "http://[fc00::1]:8053",
                       "-s", "http://[fc00::2]/cgi-bin/microbroker",
-                      "-S", "exit", "-b", "@lan", "-k", "s3cr3t-token",
+                      "-S", "exit", "-b", "@lan",
                       "-f", "nft", "-T", "5", "run")]
+    # the token reaches the client through its environment, not argv
+    assert ("proto_export", "MICROBROKER_TOKEN=s3cr3t-token") in calls0
 
 
 def test_handler_minimal_config_and_long_names(tmp_path):
@@ -199,6 +205,13 @@ def test_handler_teardown_stops_the_client(tmp_path):
     p, calls = handler(tmp_path, "proto_microbroker_teardown exitvpn ''")
     assert p.returncode == 0
     assert calls == [("proto_kill_command", "exitvpn")]
+
+
+def test_handler_renew_signals_the_client(tmp_path):
+    p, calls = handler(tmp_path, "proto_microbroker_renew exitvpn ''")
+    assert p.returncode == 0, p.stderr
+    assert calls == [("proto_kill_command", "exitvpn",
+                      str(int(signal.SIGUSR1)))]
 
 
 def test_the_command_netifd_runs_works(tmp_path):
@@ -404,7 +417,7 @@ def test_client_init_one_instance_per_enabled_section(tmp_path):
         ("procd_append_param", "command", "-s", "http://[fc00::2]:8053"),
         ("procd_append_param", "command", "-S", "exit"),
         ("procd_append_param", "command", "-b", "br-lan"),
-        ("procd_append_param", "command", "-k", "tok-12345678"),
+        ("procd_set_param", "env", "MICROBROKER_TOKEN=tok-12345678"),
         ("procd_append_param", "command", "-f", "nft"),
         ("procd_append_param", "command", "-T", "5"),
         ("procd_append_param", "command", "run"),
@@ -464,7 +477,12 @@ def test_client_init_command_is_one_the_client_takes(tmp_path):
         argv = [broker.url if a.startswith("http://[fc00::") else a
                 for a in argv[1:]]
         assert argv[-1] == "run"
-        box.run(*argv[:-1], "up")
+        env = {}
+        for c in calls:
+            if c[:2] == ("procd_set_param", "env"):
+                k, _, v = c[2].partition("=")
+                env[k] = v
+        box.run(*argv[:-1], "up", env=env)
         assert box.read_state()["FILTER"] == "nft"
         assert broker.seen("/lease")[0].fields["token"] == "tok-12345678"
         box.run("down")
@@ -543,11 +561,14 @@ def test_package_installs(tmp_path):
     client = tree(ipkg / "microbroker-client")
     assert client == {
         "/usr/sbin/microbroker-client": 0o755,
+        "/usr/lib/microbroker-client/kernel.sh": 0o644,
         "/lib/netifd/proto/microbroker.sh": 0o755,
         "/etc/init.d/microbroker-client": 0o755,
         "/etc/config/microbroker-client": 0o600,
     }
     for path, repo in [("/usr/sbin/microbroker-client", CLIENT),
+                       ("/usr/lib/microbroker-client/kernel.sh",
+                        os.path.join(ROOT, "client", "kernel.sh")),
                        ("/lib/netifd/proto/microbroker.sh", HANDLER),
                        ("/etc/init.d/microbroker-client", INIT_CLIENT)]:
         with open(str(ipkg / "microbroker-client") + path) as a, \

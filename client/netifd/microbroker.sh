@@ -37,6 +37,7 @@ MICROBROKER_CLIENT=${MICROBROKER_CLIENT:-/usr/sbin/microbroker-client}
 proto_microbroker_init_config() {
 	no_device=1
 	available=1
+	renew_handler=1
 	proto_config_add_array server
 	proto_config_add_string service
 	proto_config_add_string kind
@@ -47,18 +48,8 @@ proto_microbroker_init_config() {
 	proto_config_add_int timeout
 }
 
-# `ip` as found on PATH: a BusyBox that prefers its applets would answer
-# with its own ip, which has no l2tp, ip6gretap or ip6tnl.
-proto_microbroker_ip() {
-	local d IFS=:
-	for d in $PATH; do
-		[ -f "$d/ip" ] && [ -x "$d/ip" ] && {
-			echo "$d/ip"
-			return 0
-		}
-	done
-	return 1
-}
+# The client's own probes of `ip` (kernel.sh: can_build, cannot_build).
+MICROBROKER_LIB=${MICROBROKER_LIB:-/usr/lib/microbroker-client}
 
 proto_microbroker_fail() {
 	local config="$1" code="$2"
@@ -71,7 +62,7 @@ proto_microbroker_fail() {
 proto_microbroker_setup() {
 	local config="$1"
 	local server service kind network bridge token filter timeout url
-	local dev ip l2tp= links=
+	local dev k
 
 	json_get_values server server
 	json_get_vars service kind network bridge token filter timeout
@@ -83,23 +74,25 @@ proto_microbroker_setup() {
 			"option kind: l2tpv3, ip6gretap or ip6tnl"
 		return 1 ;;
 	esac
-	ip=$(proto_microbroker_ip)
-	if [ -n "$ip" ]; then
-		"$ip" l2tp help 2>&1 | grep -q 'l2tp add tunnel' && l2tp=1
-		"$ip" link help 2>&1 | grep -q 'ip6gretap' && links=1
+	if [ ! -f "$MICROBROKER_LIB/kernel.sh" ]; then
+		proto_microbroker_fail "$config" NO_CLIENT \
+			"$MICROBROKER_LIB/kernel.sh is missing"
+		return 1
 	fi
+	. "$MICROBROKER_LIB/kernel.sh"
 	case "$kind" in
 	ip6gretap|ip6tnl)
-		if [ -z "$links" ]; then
+		if ! can_build "$kind"; then
 			proto_microbroker_fail "$config" NO_IP_TUNNEL \
-				"\`ip\` cannot build $kind links: install ip-full or ip-tiny"
+				"$(cannot_build "$kind")"
 			return 1
 		fi ;;
 	*)
 		# l2tpv3, or any kind the exit offers: at least something
-		if [ -z "$l2tp" ] && { [ -n "$kind" ] || [ -z "$links" ]; }; then
+		if ! can_build l2tpv3 && { [ -n "$kind" ] ||
+				! can_build ip6gretap; }; then
 			proto_microbroker_fail "$config" NO_IP_L2TP \
-				"\`ip l2tp\` is missing: install ip-full"
+				"$(cannot_build l2tpv3)"
 			return 1
 		fi ;;
 	esac
@@ -133,10 +126,19 @@ proto_microbroker_setup() {
 	[ -z "$kind" ] || set -- "$@" -K "$kind"
 	[ -z "$network" ] || set -- "$@" -b "@$network"
 	[ -z "$bridge" ] || set -- "$@" -b "$bridge"
-	[ -z "$token" ] || set -- "$@" -k "$token"
+	# the token in the client's environment: argv shows in `ps`
+	[ -z "$token" ] || proto_export "MICROBROKER_TOKEN=$token"
 	[ -z "$filter" ] || set -- "$@" -f "$filter"
 	[ -z "$timeout" ] || set -- "$@" -T "$timeout"
 	proto_run_command "$config" "$@" run
+}
+
+# `ifup` of an interface that is up, or `ubus call network.interface.X
+# renew`: the client renews (or leases) at once, as dhcp.sh's udhcpc does.
+proto_microbroker_renew() {
+	local sigusr1
+	sigusr1=$(kill -l SIGUSR1 2>/dev/null || kill -l USR1)
+	[ -z "$sigusr1" ] || proto_kill_command "$1" "$sigusr1"
 }
 
 proto_microbroker_teardown() {

@@ -127,9 +127,13 @@ def offer_answer(services, name="exit", kernel="1"):
 
 
 class Request:
-    def __init__(self, method, path, fields, ctype):
+    def __init__(self, method, path, fields, ctype, query=None,
+                 chunked=False):
         self.method, self.path, self.fields, self.ctype = \
             method, path, fields, ctype
+        self.query = query or {}
+        self.chunked = chunked
+        self.at = time.time()
 
     def __repr__(self):
         return "%s %s %r" % (self.method, self.path, self.fields)
@@ -157,13 +161,15 @@ class CannedBroker:
                 url = urllib.parse.urlsplit(self.path)
                 fields = dict(urllib.parse.parse_qsl(url.query,
                                                      keep_blank_values=True))
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
+                body = self._body()
                 if body:
                     fields.update(urllib.parse.parse_qsl(
                         body.decode(), keep_blank_values=True))
                 req = Request(method, url.path, fields,
-                              self.headers.get("Content-Type", ""))
+                              self.headers.get("Content-Type", ""),
+                              dict(urllib.parse.parse_qsl(url.query)),
+                              "chunked" in self.headers.get(
+                                  "Transfer-Encoding", ""))
                 with broker.lock:
                     broker.requests.append(req)
                     queue = broker.answers.get(url.path) or \
@@ -182,6 +188,20 @@ class CannedBroker:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _body(self):
+                """A Content-Length body, or a chunked one (uclient-fetch)."""
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    body = b""
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0], 16)
+                        if not n:
+                            self.rfile.readline()
+                            return body
+                        body += self.rfile.read(n)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
 
             def do_GET(self):
                 self._serve("GET")
@@ -271,13 +291,24 @@ class Sandbox:
         if fetch == "uclient":
             os.symlink(os.path.join(STANDINS, "bin", "uclient-fetch"),
                        os.path.join(self.bin, "uclient-fetch"))
+        elif fetch == "owrt":
+            # OpenWrt's real uclient-fetch, as a router has it: `wget`, in
+            # a directory of its own first on PATH (its neighbours in
+            # owrt.PREFIX/bin, real ubus among them, stay out)
+            import owrt
+            first = os.path.join(self.tmp, "owrt-bin")
+            os.makedirs(first)
+            os.symlink(os.path.join(owrt.PREFIX, "bin", "wget"),
+                       os.path.join(first, "wget"))
         elif fetch in ("busybox", "gnu"):
             real = "busybox wget" if fetch == "busybox" else GNU_WGET
             self.write_bin("wget", '#!%s sh\nline=wget\nfor a in "$@"; do '
                            'line="$line\t$a"; done\necho "$line" >>"$STANDIN_LOG"\n'
                            'exec %s "$@"\n' % (BUSYBOX, real))
         self.env = {
-            "PATH": self.bin, "FAKE_DIR": self.fake,
+            "PATH": (os.path.join(self.tmp, "owrt-bin") + ":" + self.bin
+                     if fetch == "owrt" else self.bin),
+            "FAKE_DIR": self.fake,
             "STANDIN_LOG": self.logfile, "TMPDIR": self.tmpdir,
             "NETIFD_MAIN_DIR": STANDINS, "HOME": self.tmp,
             # a proxy must not be used for the broker
