@@ -86,8 +86,8 @@ def flood(ex, br, last):
     with inside(ex.ns), rtnl.Rtnl() as rt:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
         s.bind((br, 0))
-        mac = open("/sys/class/net/%s/address" % br).read().strip()
-        frame = b"\xff" * 6 + bytes.fromhex(mac.replace(":", "")) + b"\x88\xb5" + bytes(46)
+        # (/sys shows the VM's first namespace: any local source MAC will do.)
+        frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\xfe\x88\xb5" + bytes(46)
         base = rt.stats(last).tx_packets
         t0 = time.perf_counter()
         for _ in range(FRAMES):
@@ -181,19 +181,25 @@ def main():
         os.mkdir(os.path.join(tmp, "ovs"))
         o = ovsutil.Ovs(os.path.join(tmp, "ovs"), ns=exn).start()
         ex = Exit(exn, o, tmp)
+        print("Open vSwitch backend vs Linux bridge (L2TPv3 leases, Dataplane.up/down; "
+              "OVS datapath: %s)" % (ex.datapath or "system"))
         rows = []
         for backend in ("linux", "ovs"):
             for restrict in ("none", "dns+web"):
                 up, down = timed_up_down(ex, backend, restrict, n)
                 rows.append((backend, restrict, up, down))
+        per_lease(rows, n)
+        if scale:
+            print_scale(scale_run(ex, scale), scale)
         floods = [(b,) + flood_run(ex, b, fports) for b in ("linux", "ovs")]
-        big = scale_run(ex, scale) if scale else None
+        print_floods(floods, fports)
     finally:
         if o is not None:
             o.stop()
         ns.cleanup()
-    print("Open vSwitch backend vs Linux bridge (L2TPv3 leases, Dataplane.up/down; "
-          "OVS datapath: %s)" % (ex.datapath or "system"))
+
+
+def per_lease(rows, n):
     print()
     print("per lease, N=%d" % n)
     print("%-7s %-9s %12s %14s %12s" % ("bridge", "restrict", "up med (ms)", "down med (ms)",
@@ -203,15 +209,22 @@ def main():
         print("%-7s %-9s %12.2f %14.2f %11.2fx" % (b, r, statistics.median(up) * 1000,
                                                   statistics.median(down) * 1000,
                                                   statistics.median(up) / base[r]))
+    sys.stdout.flush()
+
+
+def print_floods(floods, fports):
     print()
     print("flooding: %d ports, %d broadcast frames from the exit" % (fports, FRAMES))
     print("%-7s %16s %20s  %s" % ("bridge", "leases up (s)", "ms per broadcast", "limit"))
     for b, built, ms, limit in floods:
         print("%-7s %16.1f %20.2f  %s" % (b, built, ms, limit or "-"))
-    if big:
-        built, reached, rec = big
-        print()
-        print("scale: %d live leases on one OVS service: up in %.1f s (%.1f ms each), "
+    sys.stdout.flush()
+
+
+def print_scale(big, scale):
+    built, reached, rec = big
+    print()
+    print("scale: %d live leases on one OVS service: up in %.1f s (%.1f ms each), "
               "all protected; a client's broadcast reaches 1 port, the exit's %d; "
               "no-op reconcile %.2f s" % (scale, built, built / scale * 1000, reached, rec))
 
