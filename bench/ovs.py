@@ -61,7 +61,8 @@ class Exit:
 
 
 def timed_up_down(ex, backend, restrict, n):
-    svc = service(backend, restrict)
+    # One bridge name per backend: a Linux bridge's name cannot be an OVS one.
+    svc = service(backend, restrict, name="t" + backend[:1])
     dp, store = ex.fresh(svc, n)
     leases = ex.leases(store, svc, n)
     up, down = [], []
