@@ -24,6 +24,7 @@ COOKIE_OURS = 0xFFFF000000000000
 BEACON_ETHERTYPE = 0xFC00
 DNS = 53
 OFCTL_TIMEOUT = 60
+BRIDGE_TIMEOUT = 30.0     # seconds
 
 
 class OfctlError(RuntimeError):
@@ -119,7 +120,9 @@ class Backend:
         with self.db() as db:
             db.ensure_bridge(bridge, "secure", self.datapath, mac,
                              {"mb-service": service.name})
-            db.ofport(bridge)       # vswitchd has made the bridge and its device
+            # vswitchd has made the bridge and its device (the first bridge
+            # also makes the datapath: slower than a port).
+            db.ofport(bridge, BRIDGE_TIMEOUT)
             ident = self._mgmt_ident(bridge)
             if ident is None or self._mgmt.get(bridge) != ident:
                 of = self.flows(bridge)

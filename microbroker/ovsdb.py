@@ -338,6 +338,8 @@ class Ovsdb:
             {"op": "select", "table": "Interface", "where": where_name(name),
              "columns": ["ofport", "error"]},
         ]
+        # The server answers when the wait ends: read for longer than that.
+        self.sock.settimeout(timeout + self.timeout)
         try:
             rows = self.transact(*ops, what="interface %s" % name)[1]["rows"]
         except TransactionError as e:
@@ -345,6 +347,8 @@ class Ovsdb:
                 raise PortError("ovs-vswitchd has not taken up %s after %g s (is it "
                                 "running?)" % (name, timeout)) from None
             raise
+        finally:
+            self.sock.settimeout(self.timeout)
         if not rows:
             raise PortError("no interface %s in ovsdb" % name)
         n = optional(rows[0]["ofport"])
