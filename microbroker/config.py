@@ -266,6 +266,10 @@ BROKER = {
     # none: grant leases, build nothing (tests and dry runs)
     "dataplane": (_choice("kernel", "none"), "kernel", False),
     "filter": (_choice("", "nft", "ebtables"), "", False),   # '': probe
+    # Open vSwitch (bridge_backend 'ovs'): ovsdb-server's socket, default
+    # /var/run/openvswitch/db.sock; bridges' datapath, '' the kernel's.
+    "ovsdb": (_opt_abspath, "", False),
+    "ovs_datapath": (_choice("", "system", "netdev"), "", False),
     "sweep_interval": (_int(1, 86400), 30, False),  # seconds
     # Rising rx counters renew a lease. Off by default: a client whose
     # process died leaves a tunnel whose ND/MLD chatter would keep it alive.
@@ -324,6 +328,7 @@ SERVICE = {
     "renew_interval": (_int(10, 7 * 86400), 0, False),  # 0: lifetime / 5
     "capacity": (_int(0, 100000), 0, False),        # 0: up to max_leases
     "bridge": (_ifname, "", False),                 # layer 2: default br-NAME
+    "bridge_backend": (_choice("linux", "ovs"), "linux", False),
     "isolate": (_bool, True, False),                # clients cannot talk
     # ipv6-prefix: one prefix_length prefix from the pool per lease, routed
     # to the client's link-local address (the EUI-64 of the lease's MAC).
@@ -338,6 +343,8 @@ SERVICE = {
     "token": (_token, [], True),                    # instead of the broker's
     "text": (_text, "", False),
 }
+
+LINUX_BRIDGE_PORTS = 1023   # BR_MAX_PORTS - 1 (net/bridge/br_private.h)
 
 SCHEMAS = {"broker": BROKER, "location": LOCATION, "service": SERVICE}
 
@@ -600,6 +607,14 @@ def _finish(cfg, at, euid, environ):
             if svc.bridge:
                 p.append((where, "service %s: kind %s is routed, bridge does "
                           "not apply" % (svc.name, svc.kind)))
+            if svc.bridge_backend != "linux":
+                p.append((where, "service %s: kind %s is routed, "
+                          "bridge_backend does not apply" % (svc.name, svc.kind)))
+        elif svc.bridge_backend == "linux" and svc.capacity > LINUX_BRIDGE_PORTS \
+                and "capacity" in svc._explicit:
+            p.append((where, "service %s: capacity %d is more than a Linux "
+                      "bridge's %d ports (use bridge_backend 'ovs')"
+                      % (svc.name, svc.capacity, LINUX_BRIDGE_PORTS)))
         elif not svc.bridge:
             svc.bridge = ("br-" + svc.name)[:15]
         _check_pools(svc, where, p, kind.layer)

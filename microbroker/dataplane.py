@@ -48,6 +48,11 @@ def bridge_mac(name):
     return "02:6d:42:%02x:%02x:%02x" % ((c >> 16) & 255, (c >> 8) & 255, c & 255)
 
 
+def ovs_backed(service):
+    """Is the service's bridge an Open vSwitch one (ovs.py)?"""
+    return getattr(service, "bridge_backend", "linux") == "ovs"
+
+
 def restrict_profile(service):
     r = getattr(service, "restrict", "none") or "none"
     return None if r == "none" else service.name
@@ -161,6 +166,7 @@ class Dataplane:
         self._iso_fallback = False
         self.warnings = []        # for the broker to log (reconcile)
         self.prefix = getattr(config, "ifname_prefix", "mb") or "mb"
+        self._ovs = None
 
     # -- capability --
     def status(self, kind=None):
@@ -205,28 +211,42 @@ class Dataplane:
         rt = rt or rtnl.Rtnl()
         try:
             br = bridge_name(service)
-            try:
-                rt.add_bridge(br, bridge_mac(br))
-            except rtnl.LinkExists:
-                # Ours (no `bridge` configured) but made without its MAC, by
-                # an older version or by hand: give it the stable one.
-                if not service.bridge and rt.link(br).address != bridge_mac(br):
-                    rt.set_mac(br, bridge_mac(br))
-            rt.set_up(br)
+            if ovs_backed(service):
+                self._ovs_do("ensure_service", service, br, rt, bridge_mac(br))
+            else:
+                try:
+                    rt.add_bridge(br, bridge_mac(br))
+                except rtnl.LinkExists:
+                    # Ours (no `bridge` configured) but made without its MAC, by
+                    # an older version or by hand: give it the stable one.
+                    if not service.bridge and rt.link(br).address != bridge_mac(br):
+                        rt.set_mac(br, bridge_mac(br))
+                rt.set_up(br)
         finally:
             if own:
                 rt.close()
         f = self.filters()
         if f is not None:
             profiles = {}
-            if restrict_profile(service):
+            if restrict_profile(service) and not ovs_backed(service):
                 profiles[service.name] = profile_ports(service)
             f.ensure(self.prefix, profiles, self._iso_fallback)
             self._ensure_isolation(f, service)
-        elif restrict_profile(service):
+        elif restrict_profile(service) and not ovs_backed(service):
             raise KernelUnavailable("service %s is restricted but neither nft nor ebtables "
                                     "is installed" % service.name)
         self._ready.add(service.name)
+
+    def _ovs_do(self, what, *args):
+        """A call into the Open vSwitch backend; no ovsdb-server or
+        ovs-ofctl makes this exit unable to build leases now."""
+        from . import ovs, ovsdb
+        if self._ovs is None:
+            self._ovs = ovs.Backend(self.config)
+        try:
+            return getattr(self._ovs, what)(*args)
+        except (ovsdb.NotAvailable, ovs.OfctlError) as e:
+            raise KernelUnavailable("Open vSwitch: %s" % e) from None
 
     def _sides(self, service):
         """The isolated client sides of every enabled service: their bridges,
@@ -279,13 +299,16 @@ class Dataplane:
         behind. IdInUse when its tunnel or session id (or GRE key) is held
         by a tunnel that is not this lease's: ask again with other ids."""
         bridged = layer(lease) == 2
+        ovs = bridged and ovs_backed(service)
         with rtnl.Rtnl() as rt:
             self.ensure_service(service, rt)
             self._link(rt, lease)       # undoes itself on IdInUse
             try:
-                rt.setup_port(lease.ifname, bridge_name(service) if bridged else None,
-                              mtu=lease.mtu)
-                if bridged and getattr(service, "isolate", True):
+                rt.setup_port(lease.ifname, bridge_name(service) if bridged and not ovs
+                              else None, mtu=lease.mtu)
+                if ovs:
+                    self._ovs_do("join", lease, service, bridge_name(service))
+                elif bridged and getattr(service, "isolate", True):
                     if port_isolation():
                         rt.set_isolated(lease.ifname, True)
                     elif not self._iso_fallback:
@@ -299,7 +322,7 @@ class Dataplane:
                         self._ready.clear()
                         self.ensure_service(service, rt)
                 profile = restrict_profile(service)
-                if profile:
+                if profile and not ovs:
                     self.filters().add_port(lease.ifname, profile, profile_ports(service),
                                             family="bridge" if bridged else "inet")
                 for dst, via, dev in lease_routes(lease, service):
@@ -426,8 +449,13 @@ class Dataplane:
         services = getattr(self.config, "services", None) or {}
         svc = services.get(lease.service) if isinstance(services, dict) else None
         bridged = layer(lease) == 2
+        if bridged and svc is not None and ovs_backed(svc):
+            try:
+                self._ovs_do("leave", lease, svc, bridge_name(svc))
+            except Exception:
+                pass        # reconcile removes a port left behind
         # Unrestricted leases have no per-port rule: save a subprocess.
-        if f is not None and (svc is None or restrict_profile(svc)):
+        elif f is not None and (svc is None or restrict_profile(svc)):
             try:
                 f.remove_port(lease.ifname, family="bridge" if bridged else "inet")
             except (OSError, ValueError, RuntimeError):
@@ -551,6 +579,7 @@ class Dataplane:
                             pass
                         report["removed"].append(tid)
                 self._remove_links(rt, links, owned, report)
+                self._reconcile_ovs(rt, live, services, ready, report)
                 if report["rebuilt"] or report["links_removed"]:
                     links = self._links(rt)    # indexes changed
                 self._reconcile_routes(rt, live, by_name, services, report, links)
@@ -562,6 +591,19 @@ class Dataplane:
             self._sync_ports(f, live, by_name, ready, report,
                              any(KINDS[s.kind].layer == 3 for s in services))
         return report
+
+    def _reconcile_ovs(self, rt, live, services, ready, report):
+        """Open vSwitch bridges: leased ports and flow tables (ovs.py)."""
+        links = None
+        for svc in services:
+            if svc.name not in ready or not ovs_backed(svc) or KINDS[svc.kind].layer != 2:
+                continue
+            links = links or {l.name for l in rt.links()}
+            try:
+                self._ovs_do("reconcile", svc, bridge_name(svc),
+                             [l for l in live if l.service == svc.name], links, report)
+            except Exception as e:
+                report["failed"].append("service %s: Open vSwitch: %s" % (svc.name, e))
 
     @staticmethod
     def _sync_ports(f, live, by_name, ready, report, routed):
@@ -577,7 +619,7 @@ class Dataplane:
                 keep.add(lease.ifname)
                 continue
             profile = restrict_profile(svc)
-            if profile:
+            if profile and not (layer(lease) == 2 and ovs_backed(svc)):
                 want["bridge" if layer(lease) == 2 else "inet"][lease.ifname] = \
                     (profile, profile_ports(svc))
         for family in f.FAMILIES:

@@ -538,3 +538,22 @@ config service 'r'
     r = " | ".join(where["10"])
     assert "provides ipv6-prefix needs a prefix_pool" in r
     assert "ipv4_pool needs ipv4_gateway" in r
+
+
+def test_bridge_backend_ovs_and_the_linux_bridge_port_limit():
+    c = cfg_of("config broker\n option max_leases 5000\n option ovsdb "
+               "/run/ovs/db.sock\nconfig service 'big'\n option capacity 1500\n"
+               " option bridge_backend ovs\n")
+    assert c.problems == []
+    assert c.services["big"].bridge_backend == "ovs" and c.ovsdb == "/run/ovs/db.sock"
+    assert cfg_of("config service 's'\n").services["s"].bridge_backend == "linux"
+    c = cfg_of("config broker\n option max_leases 5000\nconfig service 'big'\n"
+               " option capacity 1500\n")
+    assert [m for _, m in c.problems] == [
+        "service big: capacity 1500 is more than a Linux bridge's 1023 ports "
+        "(use bridge_backend 'ovs')"]
+    c = cfg_of("config service 'r'\n option kind ip6tnl\n option prefix_pool "
+               "2001:db8::/48\n option bridge_backend ovs\n")
+    assert any("bridge_backend does not apply" in m for _, m in c.problems)
+    c = cfg_of("config service 's'\n option bridge_backend openflow\n")
+    assert any("bridge_backend" in m for _, m in c.problems)
