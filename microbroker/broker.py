@@ -28,9 +28,6 @@ UNAVAILABLE_RETRY = 600
 RETRY_CODES = ("too_many", "full", "ids_exhausted", "pool_exhausted",
                "unavailable", "busy")
 
-# A Linux bridge numbers its ports 1..1023 (BR_MAX_PORTS 1024 in
-# net/bridge/br_private.h); past that, adding a port fails with EXFULL.
-BRIDGE_PORTS = 1023
 # How often the IdInUse of a lease build is answered with other ids.
 ID_RETRIES = 3
 # While the start-up reconcile runs, a lease request waits this long, then
@@ -151,10 +148,14 @@ POOLS = (("prefix", "prefix_pool", "prefix_length"),
 
 
 def bridge_of(svc):
-    """The bridge a layer 2 service's ports join (config sets br-NAME by
-    default), or None for a routed one."""
+    """The Linux bridge a layer 2 service's ports join (config sets br-NAME
+    by default), or None for a routed one or an Open vSwitch bridge (no
+    port cap of its own)."""
     from microbroker.kinds import KINDS
-    return svc.bridge if KINDS[svc.kind].layer == 2 else None
+    if KINDS[svc.kind].layer != 2 or \
+            getattr(svc, "bridge_backend", "linux") != "linux":
+        return None
+    return svc.bridge
 
 
 class Broker:
@@ -238,7 +239,8 @@ class Broker:
 
     def _free(self, svc, total, counts):
         """What a new lease of svc still finds: the least of the service's,
-        the broker's (max_leases) and its bridge's (BRIDGE_PORTS) room."""
+        the broker's (max_leases) and its Linux bridge's (BR_MAX_PORTS - 1)
+        room."""
         cfg = self.config
         free = min(svc.capacity - counts.get(svc.name, 0),
                    cfg.max_leases - total)
@@ -255,8 +257,9 @@ class Broker:
         if br:
             names = tuple(s.name for s in self.config.services.values()
                           if bridge_of(s) == br)
-            out.append((names, BRIDGE_PORTS, "bridge %s has all its %d ports "
-                        "taken" % (br, BRIDGE_PORTS)))
+            from microbroker.config import BR_MAX_PORTS
+            out.append((names, BR_MAX_PORTS - 1, "bridge %s has all its %d "
+                        "ports taken" % (br, BR_MAX_PORTS - 1)))
         return out
 
     def kernel_status(self):

@@ -344,7 +344,6 @@ SERVICE = {
     "text": (_text, "", False),
 }
 
-LINUX_BRIDGE_PORTS = 1023   # BR_MAX_PORTS - 1 (net/bridge/br_private.h)
 
 SCHEMAS = {"broker": BROKER, "location": LOCATION, "service": SERVICE}
 
@@ -610,11 +609,6 @@ def _finish(cfg, at, euid, environ):
             if svc.bridge_backend != "linux":
                 p.append((where, "service %s: kind %s is routed, "
                           "bridge_backend does not apply" % (svc.name, svc.kind)))
-        elif svc.bridge_backend == "linux" and svc.capacity > LINUX_BRIDGE_PORTS \
-                and "capacity" in svc._explicit:
-            p.append((where, "service %s: capacity %d is more than a Linux "
-                      "bridge's %d ports (use bridge_backend 'ovs')"
-                      % (svc.name, svc.capacity, LINUX_BRIDGE_PORTS)))
         elif not svc.bridge:
             svc.bridge = ("br-" + svc.name)[:15]
         _check_pools(svc, where, p, kind.layer)
@@ -639,14 +633,15 @@ def _check_bridge_ports(cfg, where, p):
     a bridge must fit together (max_leases bounds them as well)."""
     by_bridge = {}
     for svc in cfg.enabled_services():
-        if KINDS[svc.kind].layer == 2:
+        if KINDS[svc.kind].layer == 2 and svc.bridge_backend == "linux":
             by_bridge.setdefault(svc.bridge, []).append(svc)
     for bridge, svcs in sorted(by_bridge.items()):
         ports = min(sum(s.capacity for s in svcs), cfg.max_leases)
         if ports > BR_MAX_PORTS - 1:
             p.append((where, "bridge %s: services %s may put %d tunnels on "
                       "it, but a Linux bridge holds at most %d ports; lower "
-                      "their capacity or give them bridges of their own"
+                      "their capacity, give them bridges of their own, or "
+                      "use bridge_backend 'ovs'"
                       % (bridge, ", ".join(s.name for s in svcs), ports,
                          BR_MAX_PORTS - 1)))
 

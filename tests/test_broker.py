@@ -555,9 +555,11 @@ def test_offer_free_is_the_least_of_service_broker_and_bridge(setup):
 
 
 def test_a_bridge_holds_at_most_its_port_cap(setup, monkeypatch):
-    monkeypatch.setattr(mb, "BRIDGE_PORTS", 3)
     b, dp = setup(extra="config service 'w6'\n\toption endpoint 'fc00::1'\n"
                         "\toption bridge 'br-v6'\n")
+    # After the config is loaded: check-config would refuse it too.
+    from microbroker import config
+    monkeypatch.setattr(config, "BR_MAX_PORTS", 4)
     b.lease("fc00::1:1", "v6")
     b.lease("fc00::1:2", "w6")
     assert b.offer()["services"]["v6"]["free"] == 1

@@ -550,8 +550,9 @@ def test_bridge_backend_ovs_and_the_linux_bridge_port_limit():
     c = cfg_of("config broker\n option max_leases 5000\nconfig service 'big'\n"
                " option capacity 1500\n")
     assert [m for _, m in c.problems] == [
-        "service big: capacity 1500 is more than a Linux bridge's 1023 ports "
-        "(use bridge_backend 'ovs')"]
+        "bridge br-big: services big may put 1500 tunnels on it, but a Linux "
+        "bridge holds at most 1023 ports; lower their capacity, give them "
+        "bridges of their own, or use bridge_backend 'ovs'"]
     c = cfg_of("config service 'r'\n option kind ip6tnl\n option prefix_pool "
                "2001:db8::/48\n option bridge_backend ovs\n")
     assert any("bridge_backend does not apply" in m for _, m in c.problems)

@@ -23,7 +23,7 @@ config broker
 	option sweep_interval '3600'
 %(more)s
 config service 'exit'
-	option lifetime '30'
+	option lifetime '40'
 	option renew_interval '10'
 
 config service 'small'
@@ -75,7 +75,7 @@ def fetches(box):
 def test_every_command(door, box):
     url = door.url6
     p = box.run("-s", url, "offers")
-    assert "exit: l2tpv3/ip over IPv6, mtu 1280, lease 30s" in p.stdout
+    assert "exit: l2tpv3/ip over IPv6, mtu 1280, lease 40s" in p.stdout
     assert "small: " in p.stdout and "1 of 1 free" in p.stdout
     assert box.run("-s", url, "-s", url + "/", "pick").stdout.strip() == url
     p = box.run("-s", url, "-S", "exit", "-b", "br-lan", "up")
@@ -84,7 +84,7 @@ def test_every_command(door, box):
     assert st["SERVICE"] == "exit" and st["LOCAL"] == "::1"
     assert box.ip_calls("l2tp", "add", "tunnel")[0][4] == st["TUNNEL_ID"]
     p = box.run("renew")
-    assert "renewed lease %s for 30s" % st["LEASE_ID"] in p.stderr
+    assert "renewed lease %s for 40s" % st["LEASE_ID"] in p.stderr
     p = box.run("status")
     assert "lease %s (exit) from %s: up" % (st["LEASE_ID"], url) in p.stdout
     assert "present" in p.stdout
@@ -103,7 +103,7 @@ def test_run_renews_and_releases_on_sigterm(door, box):
         assert wait_for(lambda: os.path.exists(path) or p.poll() is not None,
                         timeout=30)
         first = box.read_state()["RENEWED"]
-        # renew_interval 10: one renew within the lifetime (30)
+        # renew_interval 10: one renew within the lifetime (40)
         assert wait_for(lambda: os.path.exists(path) and
                         box.read_state()["RENEWED"] != first, timeout=30)
         lid = box.read_state()["LEASE_ID"]
