@@ -68,14 +68,32 @@ def read(path):
     return out
 
 
+# Seconds a count waits for the stats file's lock before it is dropped.
+COUNT_WAIT = 0.2
+
+
+def _lock_within(fd, seconds):
+    import fcntl
+    import time
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.005)
+
+
 def count(path, name, label_value=None, n=1):
     """Add n to one counter in the stats file, under its own lock. A
-    failure (read-only state dir, full disk) loses the count, never the
-    request."""
+    failure (read-only state dir, full disk, the lock held past
+    COUNT_WAIT by a stopped process) loses the count, never the request
+    nor its time."""
     global _lock
     if n <= 0:
         return
-    import fcntl
     if _lock is None:
         import _thread
         _lock = _thread.allocate_lock()
@@ -87,7 +105,8 @@ def count(path, name, label_value=None, n=1):
         except OSError:
             return
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
+            if not _lock_within(fd, COUNT_WAIT):
+                return
             values = read(path)
             values[key] = values.get(key, 0) + n
             tmp = "%s.%d" % (path, os.getpid())

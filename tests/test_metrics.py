@@ -164,3 +164,27 @@ def test_label_values_are_never_taken_from_outside(tmp_path):
     fams = scrape(app)
     assert "microbroker_evil" not in fams
     assert value(fams, "microbroker_grants") == 1    # counted, unlabelled
+
+
+def test_a_held_stats_lock_drops_the_count_not_the_time(tmp_path):
+    # A stopped process holding the counters' lock must not stall answers:
+    # the count waits COUNT_WAIT, then is lost.
+    import time
+    path = str(tmp_path / "leases.stats")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1] + '.lock', os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"), path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        t = time.monotonic()
+        metrics.count(path, "errors_total", "busy")
+        assert time.monotonic() - t < metrics.COUNT_WAIT + 1.0
+        assert metrics.read(path) == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    metrics.count(path, "errors_total", "busy")
+    assert sum(metrics.read(path).values()) == 1
