@@ -225,6 +225,18 @@ def test_status_shows_counters(box, broker):
     assert "present" in p.stdout
 
 
+def test_status_json_for_monitoring_agents(box, broker):
+    import json
+    box.run("-s", broker.url, "-S", "exit", "up")
+    st = json.loads(box.run("status", "--json").stdout)
+    assert st["lease_id"] == "0123456789abcdef" and st["service"] == "exit"
+    assert st["exit"] == {"rx_packets": 5, "rx_bytes": 500,
+                          "tx_packets": 6, "tx_bytes": 600}
+    assert st["present"] is True and st["kind"] == "l2tpv3"
+    assert isinstance(st["expires"], int) and isinstance(st["mtu"], int)
+    assert box.run("status", "--yaml", check=False).returncode == 2
+
+
 HOSTILE = {
     "command in address": dict(LOCAL="fc00::2;touch PWNED"),
     "substitution in address": dict(LOCAL="$(touch PWNED)"),
