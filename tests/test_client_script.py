@@ -237,6 +237,23 @@ def test_status_json_for_monitoring_agents(box, broker):
     assert box.run("status", "--yaml", check=False).returncode == 2
 
 
+def test_hook_runs_on_up_and_down_with_the_lease(box, broker, tmp_path):
+    log = tmp_path / "hook.log"
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\necho \"$1 $2 $MB_EVENT $MB_KIND $MB_MTU "
+                    "$MB_LEASE_ID $MB_SERVER secret=$MB_SECRET\" >>%s\n" % log)
+    hook.chmod(0o755)
+    box.run("-s", broker.url, "-S", "exit", "-H", str(hook), "up")
+    box.run("-H", str(hook), "down")
+    lines = log.read_text().splitlines()
+    assert [l.split()[:4] for l in lines] == [["up", "mb0", "up", "l2tpv3"],
+                                              ["down", "mb0", "down", "l2tpv3"]]
+    assert all("0123456789abcdef %s secret=" % broker.url in l and
+               l.endswith("secret=") for l in lines), lines
+    p = box.run("-H", "relative/hook", "status", check=False)
+    assert p.returncode != 0 and "-H needs the absolute path" in p.stderr
+
+
 HOSTILE = {
     "command in address": dict(LOCAL="fc00::2;touch PWNED"),
     "substitution in address": dict(LOCAL="$(touch PWNED)"),

@@ -388,6 +388,7 @@ config client 'a'
 	option token 'tok-12345678'
 	option filter 'nft'
 	option timeout '5'
+	option hook '/etc/mb.hook'
 
 config client 'off'
 	option enabled '0'
@@ -420,6 +421,7 @@ def test_client_init_one_instance_per_enabled_section(tmp_path):
         ("procd_set_param", "env", "MICROBROKER_TOKEN=tok-12345678"),
         ("procd_append_param", "command", "-f", "nft"),
         ("procd_append_param", "command", "-T", "5"),
+        ("procd_append_param", "command", "-H", "/etc/mb.hook"),
         ("procd_append_param", "command", "run"),
         ("procd_set_param", "respawn"),
         ("procd_set_param", "stdout", "1"),
