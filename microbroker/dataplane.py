@@ -21,6 +21,11 @@ class KernelUnavailable(Exception):
     """This host cannot build tunnels (not root, no l2tp modules)."""
 
 
+# The kernel datapath's device, master of every Open vSwitch port
+# (datapath/dpif-netlink.c's "ovs-system").
+OVS_DATAPATH = "ovs-system"
+
+
 class IdInUse(Exception):
     """The kernel already has this tunnel or session id (EEXIST): another
     tool's, or a leftover. up() has removed what it built; ask again with
@@ -553,7 +558,8 @@ class Dataplane:
                         ready.add(svc.name)
                     except (OSError, ValueError, KernelUnavailable) as e:
                         report["failed"].append("service %s: %s" % (svc.name, e))
-                links = self._links(rt)
+                ovs = any(ovs_backed(s) for s in services)
+                links = self._links(rt, ovs)
                 owned = set()
                 for lease in live:
                     owned.add(lease.tunnel_id)
@@ -581,7 +587,7 @@ class Dataplane:
                 self._remove_links(rt, links, owned, report)
                 self._reconcile_ovs(rt, live, services, ready, report)
                 if report["rebuilt"] or report["links_removed"]:
-                    links = self._links(rt)    # indexes changed
+                    links = self._links(rt, ovs)    # indexes changed
                 self._reconcile_routes(rt, live, by_name, services, report, links)
         finally:
             if l2 is not None:
@@ -633,12 +639,21 @@ class Dataplane:
             report["failed"] += ["%s filter rules: %s" % (family, p) for p in problems]
 
     @staticmethod
-    def _links(rt):
+    def _links(rt, ovs=False):
         """{name: Link} of what reconcile looks at: bridge ports (as
         `bridge link`: a few attributes each), bridges, and the GRE and
         ip6tnl links by kind, filtered in the kernel. A full link dump
-        costs several times as much at a thousand leases."""
+        costs several times as much at a thousand leases. Ports of Open
+        vSwitch bridges are no Linux bridge's: with `ovs`, the links whose
+        master is the kernel datapath (OVS_DATAPATH) are added; l2tpeth
+        has no link kind to filter by."""
         links = {l.name: l for l in rt.bridge_ports()}
+        if ovs:
+            try:
+                links.update((l.name, l) for l in
+                             rt.links_of_master(rt.ifindex(OVS_DATAPATH)))
+            except rtnl.NoSuchLink:
+                pass    # the userspace (netdev) datapath: no kernel master
         for kind in ("bridge", "ip6gretap", "ip6tnl"):
             links.update((l.name, l) for l in rt.links_of_kind(kind))
         return links

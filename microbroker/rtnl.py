@@ -229,6 +229,19 @@ class Rtnl:
             raise _error(e, "%s link dump" % kind) from None
         return [l for l in found if l.kind == kind]
 
+    def links_of_master(self, master):
+        """The links whose master is ifindex `master` (an Open vSwitch
+        datapath, whose ports the AF_BRIDGE dump leaves out), filtered by
+        the kernel (IFLA_MASTER in the dump request) and again here."""
+        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS) + \
+            nl.attr_u32(IFLA_MASTER, master)
+        try:
+            found = [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload,
+                                                                "ports of %d" % master)]
+        except nl.NetlinkError as e:
+            raise _error(e, "link dump of master %d" % master) from None
+        return [l for l in found if l.master == master]
+
     def bridge_ports(self):
         """Every bridge port, from the AF_BRIDGE dump (as `bridge link`):
         a handful of attributes per port instead of a full link message.
