@@ -44,7 +44,7 @@ def main():
                     dp.up(lease, svc)
                     up.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                report = dp.reconcile(store, [svc])
+                report = dp.reconcile(store.leases(), [svc])
                 rec = time.perf_counter() - t0
                 assert not any(report.values()), report     # nothing to change
                 down = []

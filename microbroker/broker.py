@@ -351,7 +351,11 @@ class Broker:
 
     def _lease(self, svc, client, endpoint, tunnel_id, session_id,
                udp_sport):
-        self._drop_reshaped([svc], client)
+        try:
+            mine = self.store.leases(client=client)
+        except Exception as e:
+            raise _store_error(e) or e
+        self._drop_reshaped([svc], mine)
         if svc.kind == "ip6tnl":
             self._one_ip6tnl(svc, client, endpoint)
         exclude = set(self.foreign_ids or ())
@@ -500,22 +504,26 @@ class Broker:
             lease.peer_tunnel_id, lease.ifname)
         return self.view(lease, svc, secret)
 
-    def _drop_reshaped(self, services, client=None):
+    def _drop_reshaped(self, services, leases):
         """Leases of a service whose kind or encap the operator has changed
-        since: they can no longer be re-issued or rebuilt, so they end."""
+        since: they can no longer be re-issued or rebuilt, so they end.
+        Returns the other leases."""
         by_name = {s.name: s for s in services}
+        stale = [l for l in leases if l.service in by_name and (l.kind, l.encap) !=
+                 (by_name[l.service].kind, by_name[l.service].encap)]
+        if not stale:
+            return leases
         try:
-            stale = [l for l in self.store.leases(client=client)
-                     if l.service in by_name and (l.kind, l.encap) !=
-                     (by_name[l.service].kind, by_name[l.service].encap)]
             # Another process may have ended one already: only what we removed.
-            stale = [l for l in stale if self.store.remove(l.lease_id)]
+            ended = [l for l in stale if self.store.remove(l.lease_id)]
         except Exception as e:
             raise _store_error(e) or e
-        for lease in stale:
+        for lease in ended:
             svc = by_name[lease.service]
             self._take_down(lease, "ended (service %s is %s/%s now, the lease %s/%s)" % (
                 svc.name, svc.kind, svc.encap, lease.kind, lease.encap))
+        gone = {l.lease_id for l in stale}
+        return [l for l in leases if l.lease_id not in gone]
 
     def _one_ip6tnl(self, svc, client, endpoint):
         # The kernel tells ip6tnl tunnels apart by their two addresses only.
@@ -685,20 +693,19 @@ class Broker:
     def reconcile(self):
         """Make the kernel match the lease store; then lease requests held
         by hold_leases() go ahead, and this broker keeps the kernel's ids
-        that no lease holds (foreign_ids), so that no lease asks the kernel
-        for its whole id set again."""
+        that no lease holds (foreign_ids, from the reconcile's own dumps),
+        so that no lease asks the kernel for its whole id set again."""
         try:
-            self._drop_reshaped(self.config.enabled_services())
-            report = self.dataplane.reconcile(self.store,
-                                              self.config.enabled_services())
+            services = self.config.enabled_services()
+            try:
+                live = self.store.leases()
+            except Exception as e:
+                raise _store_error(e) or e
+            live = self._drop_reshaped(services, live)
+            report = self.dataplane.reconcile(live, services)
             for w in getattr(self.dataplane, "warnings", ()):
                 log("warning", "%s", w)
-            try:
-                ours = {(l.tunnel_id, l.session_id) for l in self.store.leases()}
-                self.foreign_ids = set(self.dataplane.kernel_ids()) - ours
-            except Exception as e:
-                log("warning", "kernel ids after reconcile: %s: %s",
-                    type(e).__name__, e)
+            self.foreign_ids = set(self.dataplane.foreign_ids)
             return report
         finally:
             self.leases_ready()

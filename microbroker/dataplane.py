@@ -172,6 +172,7 @@ class Dataplane:
         self.warnings = []        # for the broker to log (reconcile)
         self.prefix = getattr(config, "ifname_prefix", "mb") or "mb"
         self._ovs = None
+        self.foreign_ids = frozenset()    # after a reconcile: see reconcile()
 
     # -- capability --
     def status(self, kind=None):
@@ -509,32 +510,20 @@ class Dataplane:
         return {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes,
                 "tx_packets": s.tx_packets, "tx_bytes": s.tx_bytes}
 
-    def kernel_ids(self):
-        """(tunnel_id, session_id) of every session, and (tunnel_id, 0) of
-        bare tunnels; nothing where this kernel has no L2TP."""
-        try:
-            l2 = l2tp.L2TP()
-        except l2tp.NotAvailable:
-            return set()
-        with l2:
-            ids = {(s.tunnel_id, s.session_id) for s in l2.sessions(stats=False)}
-            have = {t for t, _ in ids}
-            ids |= {(t.tunnel_id, 0) for t in l2.tunnels(stats=False) if t.tunnel_id not in have}
-        return ids
-
     # -- reconcile --
-    def reconcile(self, store, services):
-        """Make the kernel match the live leases; idempotent.
+    def reconcile(self, live, services):
+        """Make the kernel match the live leases (a list); idempotent.
 
         Live leases missing in the kernel are rebuilt, tunnels in our id
         range that no live lease owns removed, and the same for the routes
         to leased prefixes and addresses. The broker sweeps expired leases
-        first (so their down hooks run).
+        first (so their down hooks run). Afterwards `foreign_ids` holds the
+        (tunnel_id, session_id) pairs in the kernel, (tunnel_id, 0) for a
+        bare tunnel, that no live lease holds: from the same dumps.
         """
         report = {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
                   "routes_added": [], "routes_removed": [], "filters_fixed": []}
         by_name = {s.name: s for s in services}
-        live = store.leases()
         self._ready.clear()         # check bridges and tables again, not from memory
         lo, hi = self.config.tunnel_ids
         try:
@@ -584,6 +573,7 @@ class Dataplane:
                         except l2tp.NotFound:
                             pass
                         report["removed"].append(tid)
+                self.foreign_ids = self._foreign(live, tunnels, sessions, report["removed"])
                 self._remove_links(rt, links, owned, report)
                 self._reconcile_ovs(rt, live, services, ready, report)
                 if report["rebuilt"] or report["links_removed"]:
@@ -657,6 +647,14 @@ class Dataplane:
         for kind in ("bridge", "ip6gretap", "ip6tnl"):
             links.update((l.name, l) for l in rt.links_of_kind(kind))
         return links
+
+    @staticmethod
+    def _foreign(live, tunnels, sessions, removed):
+        """Kernel id pairs no live lease holds, less the tunnels removed."""
+        ours = {(l.tunnel_id, l.session_id) for l in live}
+        skip = set(removed) | {l.tunnel_id for l in live} | {t for t, _s in sessions}
+        out = {p for p in sessions if p not in ours and p[0] not in removed}
+        return out | {(t, 0) for t in tunnels if t not in skip}
 
     @staticmethod
     def _intact(lease, link, tunnel, sessions):

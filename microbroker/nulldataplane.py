@@ -23,10 +23,9 @@ class NullDataplane:
     def counters(self, lease):
         return {}
 
-    def kernel_ids(self):
-        return set()
+    foreign_ids = frozenset()
 
-    def reconcile(self, store, services):
+    def reconcile(self, live, services):
         return {}
 
 
@@ -46,6 +45,6 @@ class BrokenDataplane(NullDataplane):
         from microbroker.broker import UNAVAILABLE_RETRY, BrokerError
         raise BrokerError("unavailable", self.reason, UNAVAILABLE_RETRY)
 
-    def reconcile(self, store, services):
+    def reconcile(self, live, services):
         from microbroker.broker import UNAVAILABLE_RETRY, BrokerError
         raise BrokerError("unavailable", self.reason, UNAVAILABLE_RETRY)

@@ -58,11 +58,9 @@ class FakeDataplane:
     def counters(self, lease):
         return self.stats
 
-    def kernel_ids(self):
-        return set(self.kernel)
-
-    def reconcile(self, store, services):
+    def reconcile(self, live, services):
         self.calls.append(("reconcile", [s.name for s in services]))
+        self.foreign_ids = set(self.kernel) - {(l.tunnel_id, l.session_id) for l in live}
         return {"rebuilt": []}
 
 

@@ -88,3 +88,12 @@ def test_no_bridge_rule_where_br_netfilter_passes_bridged_packets(monkeypatch):
     assert len(dp.warnings) == 1 and "br_netfilter" in dp.warnings[0]
     dp._sides(svcs["a"])
     assert len(dp.warnings) == 1
+
+
+def test_reconcile_keeps_as_foreign_what_no_lease_holds_and_it_did_not_remove():
+    live = [lease("l2tpv3", {})]                       # tunnel 100, session 100
+    tunnels = {100: None, 7: None, 8: None, 9: None}
+    sessions = {(100, 100): None, (100, 3): None, (7, 1): None, (9, 2): None}
+    # 8 is a bare tunnel of someone else's; 9 was removed (in our range, no lease).
+    foreign = dataplane.Dataplane._foreign(live, tunnels, sessions, removed=[9])
+    assert foreign == {(100, 3), (7, 1), (8, 0)}

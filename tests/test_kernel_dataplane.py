@@ -195,13 +195,13 @@ def test_restricted_client_reaches_dns_and_web_only(exit_net, backend):
             run("ebtables", "-t", "filter", "-F", ns=exit_net.ns)
         assert reaches(c1, "10.98.0.2", 22)
         with inside(exit_net.ns):
-            report = exit_net.dp.reconcile(exit_net.store, [svc])
+            report = exit_net.dp.reconcile(exit_net.store.leases(), [svc])
         assert report["filters_fixed"] == [lease.ifname] and not report["rebuilt"], report
         assert not reaches(c1, "10.98.0.2", 22)
         assert reaches(c1, "10.98.0.2", 80)
         # Its service gone from the config: the live lease keeps its rule.
         with inside(exit_net.ns):
-            report = exit_net.dp.reconcile(exit_net.store, [])
+            report = exit_net.dp.reconcile(exit_net.store.leases(), [])
             assert exit_net.dp.filters().ports() == {lease.ifname}, report
         assert not reaches(c1, "10.98.0.2", 22)
         # The same service without restriction reaches 22: the filter did it.
@@ -293,7 +293,7 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
     run("nft", "flush", "ruleset", ns=ex)       # and our filter tables are gone
     fresh = dataplane.Dataplane(exit_net.cfg)   # a restarted broker
     with inside(ex):
-        report = fresh.reconcile(exit_net.store, [svc])
+        report = fresh.reconcile(exit_net.store.leases(), [svc])
     assert report["rebuilt"] == [l1.lease_id]
     assert report["removed"] == [150]
     assert not report["failed"]
@@ -308,7 +308,7 @@ def test_reconcile_restores_leases_and_removes_strays(exit_net):
                                                              "microbroker", ns=ex)
     # Nothing left to do: a second pass changes nothing.
     with inside(ex):
-        again = fresh.reconcile(exit_net.store, [svc])
+        again = fresh.reconcile(exit_net.store.leases(), [svc])
     assert again == {"rebuilt": [], "removed": [], "links_removed": [], "failed": [],
                      "routes_added": [], "routes_removed": [], "filters_fixed": []}
     run("ip", "l2tp", "del", "tunnel", "tunnel_id", 5000, ns=ex)

@@ -181,7 +181,7 @@ def test_restricted_ip6tnl_reaches_dns_and_web_only(exit_net):
         run("nft", "flush", "ruleset", ns=exit_net.ns)
         assert reaches(c1, BEHIND4, 22)
         with inside(exit_net.ns):
-            report = exit_net.dp.reconcile(exit_net.store, [svc])
+            report = exit_net.dp.reconcile(exit_net.store.leases(), [svc])
         assert report["filters_fixed"] == [lease.ifname] and not report["failed"], report
         assert not reaches(c1, BEHIND4, 22) and reaches(c1, BEHIND4, 80)
         assert "fib saddr . iif oif missing drop" in run("nft", "list", "chain", "inet",
@@ -212,7 +212,7 @@ def test_reconcile_rebuilds_and_removes_gre_and_ip6tnl_links(exit_net):
         "fc00:1::8", ns=ex)                     # out of our id range: not ours
     fresh = dataplane.Dataplane(exit_net.cfg)
     with inside(ex):
-        report = fresh.reconcile(exit_net.store, [gre, tnl])
+        report = fresh.reconcile(exit_net.store.leases(), [gre, tnl])
     assert sorted(report["rebuilt"]) == sorted([lg.lease_id, lt.lease_id])
     assert report["links_removed"] == ["mb150"] and not report["failed"]
     links = run("ip", "-o", "link", ns=ex)
@@ -221,7 +221,7 @@ def test_reconcile_rebuilds_and_removes_gre_and_ip6tnl_links(exit_net):
     assert "mtu 1280" in run("ip", "link", "show", lt.ifname, ns=ex)
     assert "fd00:98:2::/64 dev %s " % lt.ifname in run("ip", "-6", "route", ns=ex)
     with inside(ex):
-        again = fresh.reconcile(exit_net.store, [gre, tnl])
+        again = fresh.reconcile(exit_net.store.leases(), [gre, tnl])
     assert again["rebuilt"] == [] and again["links_removed"] == [] and \
         again["routes_added"] == [] and not again["failed"]
 

@@ -188,7 +188,7 @@ def test_reconcile_after_vswitchd_restarts(exit_net):
     # Client 2's lease ends while the broker is down: store only.
     exit_net.store.release(l2_.lease_id, exit_net.secrets[l2_.lease_id], l2_.remote)
     with inside(exit_net.ns):
-        report = exit_net.dp.reconcile(exit_net.store, [svc])
+        report = exit_net.dp.reconcile(exit_net.store.leases(), [svc])
     assert report["failed"] == []
     assert report["removed"] == [l2_.tunnel_id]
     with ovsdb.Ovsdb(exit_net.ovs.socket) as db:
@@ -204,6 +204,6 @@ def test_reconcile_after_vswitchd_restarts(exit_net):
     assert not udp_arrives(exit_net.ns, c1, "10.99.0.11", EXIT_BR, 5353)
     # Nothing to do the second time.
     with inside(exit_net.ns):
-        report = exit_net.dp.reconcile(exit_net.store, [svc])
+        report = exit_net.dp.reconcile(exit_net.store.leases(), [svc])
     assert not report.get("rebuilt") and not report.get("ports_added") and \
         not report.get("ports_removed"), report
