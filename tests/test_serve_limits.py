@@ -10,7 +10,7 @@ import pytest
 
 from frontdoors import ServeDoor
 from microbroker import web
-from microbroker.server import SourceLimits
+from microbroker.limits import SourceLimits
 
 CONFIG = """
 config broker
