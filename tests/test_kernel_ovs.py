@@ -34,12 +34,7 @@ def service(restrict="none"):
 @pytest.fixture
 def exit_net(netns, tmp_path):
     """An exit with two clients on veths, a private OVS in the exit's netns."""
-    ex = netns.add("x")
-    clients = []
-    for i in (1, 2):
-        c = netns.add("c")
-        netns.link(ex, c, "fc00:%d::1/64" % i, "fc00:%d::2/64" % i, name_a="up%d" % i)
-        clients.append(c)
+    ex, clients = netns.exit_with_clients(2)
     o = ovsutil.Ovs(tmp_path / "ovs", ns=ex)
     (tmp_path / "ovs").mkdir()
     o.start()
