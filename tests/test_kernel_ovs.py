@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 import ovsutil
-from microbroker import dataplane, l2tp, ovs, ovsdb, rtnl
+from microbroker import dataplane, ovs, ovsdb, rtnl
 from microbroker.leases import LeaseStore
 from nsutil import inside, ping, run, wait_for
+from test_kernel_dataplane import client_end
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(bool(ovsutil.missing()), reason=ovsutil.missing() or "ok")]
@@ -61,16 +62,6 @@ def lease_for(net, i, svc):
         except rtnl.LinkExists:
             pass
     return lease
-
-
-def client_end(net, i, lease, addr):
-    with inside(net.clients[i - 1]), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
-        l2.create_tunnel(lease.peer_tunnel_id, lease.tunnel_id, lease.remote, lease.local)
-        l2.create_session(lease.peer_tunnel_id, lease.peer_session_id, lease.session_id,
-                          ifname="pw0")
-        rt.set_mtu("pw0", lease.mtu)
-        rt.set_up("pw0")
-        rt.add_address("pw0", addr + "/24")
 
 
 def two_clients(net, svc):
