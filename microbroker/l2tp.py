@@ -235,7 +235,7 @@ def session_attrs(tunnel_id, session_id, peer_session_id, ifname=None, cookie=No
     return b"".join(a)
 
 
-class L2TP:
+class L2TP(nl.Closing):
     """A connection to the l2tp family in the calling thread's network namespace."""
 
     def __init__(self):
@@ -244,15 +244,6 @@ class L2TP:
         except nl.FamilyNotFound:
             raise NotAvailable(errno.ENOENT, "the kernel has no l2tp netlink family; load the "
                                "modules: " + MODPROBE_HINT)
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _do(self, cmd, attrs, what, flags=0):
         try:

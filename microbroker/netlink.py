@@ -223,7 +223,21 @@ def parse_error(flags, payload):
     return -err, ext
 
 
-class Socket:
+class Closing:
+    """close() closes self.sock, and so does leaving a `with` block: the
+    netlink socket here, and every connection built on one."""
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Socket(Closing):
     """A netlink socket bound to a kernel-assigned port, with request/ACK/dump helpers."""
 
     def __init__(self, protocol):
@@ -239,15 +253,6 @@ class Socket:
         # Port id 0: the kernel picks one, so two sockets in one process don't clash.
         self.sock.bind((0, 0))
         self.seq = int.from_bytes(os.urandom(2), "little")
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _next_seq(self):
         self.seq = (self.seq + 1) & 0xFFFFFFFF or 1

@@ -119,20 +119,11 @@ def parse_elements(body):
     return out
 
 
-class Nftables:
+class Nftables(nl.Closing):
     """A NETLINK_NETFILTER socket in the calling thread's network namespace."""
 
     def __init__(self):
         self.sock = nl.Socket(nl.NETLINK_NETFILTER)
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _recv(self):
         data, _anc, flags, _a = self.sock.sock.recvmsg(nl.RECV_SIZE)

@@ -186,20 +186,11 @@ def _ip6(raw):
     return nl.addr_text(raw) if raw and len(raw) == 16 else None
 
 
-class Rtnl:
+class Rtnl(nl.Closing):
     """An rtnetlink connection in the calling thread's network namespace."""
 
     def __init__(self):
         self.sock = nl.Socket(nl.NETLINK_ROUTE)
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _do(self, mtype, flags, payload, what):
         try:

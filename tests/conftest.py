@@ -42,3 +42,10 @@ def netns():
     n = Namespaces()
     yield n
     n.cleanup()
+
+
+@pytest.fixture
+def pair(netns):
+    """Two namespaces joined by a veth, nsutil.A6/64 and B6/64 (exit, client)."""
+    from nsutil import A6, B6
+    return netns.pair(A6 + "/64", B6 + "/64")

@@ -6,7 +6,8 @@ to them over real sockets (real uclient-fetch, hostile clients).
     with UhttpdDoor(tmp_path, config_path) as door:   # the CGI under real
         ...                                           # uhttpd (owrt.need)
 
-and `fetch(url, post=None)`, OpenWrt's real uclient-fetch as the client
+`read_to_eof(sock)` and `trickle(sock, data)` for raw clients, and
+`fetch(url, post=None)`, OpenWrt's real uclient-fetch as the client
 script runs it (`wget -q -O - [--post-data DATA] URL`): (exit code,
 stdout). uclient-fetch sends a POST body chunked with no Content-Length,
 exits 8 and prints nothing on a non-2xx status.
@@ -30,6 +31,40 @@ def free_port(host="127.0.0.1"):
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def read_to_eof(sock):
+    """Everything the peer sends until it closes (a reset counts as the
+    end: a door that refused a request may close before reading it)."""
+    out = []
+    while True:
+        try:
+            c = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not c:
+            break
+        out.append(c)
+    return b"".join(out)
+
+
+def trickle(sock, data, until=float("inf")):
+    """Send data a byte at a time (sock has a short timeout), looking for
+    the door closing the connection after each, until data runs out or
+    time.monotonic() passes `until`: the monotonic time it was closed,
+    None if it was not."""
+    for c in data:
+        if time.monotonic() >= until:
+            break
+        try:
+            sock.sendall(bytes([c]))
+            if sock.recv(1) == b"":
+                return time.monotonic()
+        except socket.timeout:
+            continue
+        except OSError:
+            return time.monotonic()
+    return None
 
 
 def wait_listening(host, port, timeout=10.0, proc=None):

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 CLONE_NEWNET = 0x40000000
+A6, B6 = "fc00::1", "fc00::2"     # the two ends of conftest's `pair`
 _libc = None
 
 
@@ -109,6 +110,24 @@ class Namespaces:
             "netns", b)
         _up(a, name_a, addr_a)
         _up(b, name_b, addr_b)
+
+    def pair(self, addr_a, addr_b):
+        """An exit ("x") and a client ("c") namespace joined by a veth."""
+        a, b = self.add("x"), self.add("c")
+        self.link(a, b, addr_a, addr_b)
+        return a, b
+
+    def exit_with_clients(self, n=2):
+        """An exit and n clients, client i on its own veth: the exit's end
+        up<i> with fc00:<i>::1/64, the client's veth0 with fc00:<i>::2/64.
+        (exit, [clients])."""
+        ex = self.add("x")
+        clients = []
+        for i in range(1, n + 1):
+            c = self.add("c")
+            self.link(ex, c, "fc00:%d::1/64" % i, "fc00:%d::2/64" % i, name_a="up%d" % i)
+            clients.append(c)
+        return ex, clients
 
     def cleanup(self):
         for name in reversed(self.names):

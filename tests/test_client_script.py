@@ -362,12 +362,8 @@ def test_run_renews_within_the_lifetime_whatever_the_interval(box, broker):
     interval longer than the lifetime (or one counted from the end of the
     last renew) would let the lease expire."""
     standard_answers(broker, RENEW_INTERVAL="600", LIFETIME="8")
-    proc = box.start("-s", broker.url, "-S", "exit", "-T", "1", "run")
-    try:
-        assert wait_for(lambda: len(broker.seen("/renew")) >= 2), \
-            proc.stderr.read() if proc.poll() is not None else "no renew"
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(broker.seen("/renew")) >= 2,
+                             "-s", broker.url, "-S", "exit", "-T", "1")
     assert rc == 0, err
     asks = broker.seen("/lease") + broker.seen("/renew")
     asks.sort(key=lambda r: r.at)
@@ -644,6 +640,18 @@ def stop(proc):
     return proc.returncode, out, err
 
 
+def run_until(box, until, *args):
+    """The client's `run` with ARGS until until() holds, then stopped as
+    netifd stops it (SIGTERM): (returncode, stdout, stderr)."""
+    proc = box.start(*args, "run")
+    try:
+        reached = wait_for(until)
+    finally:
+        rc, out, err = stop(proc)
+    assert reached, err
+    return rc, out, err
+
+
 ADDRESSES = dict(PREFIX="fd00:beef::/64", IPV4="198.51.100.16",
                  IPV4_GATEWAY="192.0.2.1")
 
@@ -672,13 +680,10 @@ def test_bridged_lease_leaves_addresses_to_the_bridge(box, broker):
 
 def test_netifd_gets_the_leased_addresses(box, broker):
     standard_answers(broker, RENEW_INTERVAL="1", **ADDRESSES)
-    proc = box.start("-s", broker.url, "-S", "exit", "-N", "wan", "run")
-    try:
-        assert wait_for(lambda: len(broker.seen("/renew")) >= 1)
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(broker.seen("/renew")) >= 1,
+                             "-s", broker.url, "-S", "exit", "-N", "wan")
     assert rc == 0, err
-    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    netifd = box.netifd_calls()
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_add_ipv4_address", "198.51.100.16", "32"),
                       ("proto_add_ipv4_route", "192.0.2.1", "32"),
@@ -722,13 +727,10 @@ def test_run_renews_releases_again_and_stops_cleanly(box, broker):
 
 def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):
     standard_answers(broker, RENEW_INTERVAL="1")
-    proc = box.start("-s", broker.url, "-S", "exit", "-N", "wan6", "run")
-    try:
-        assert wait_for(lambda: len(broker.seen("/renew")) >= 3)
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(broker.seen("/renew")) >= 3,
+                             "-s", broker.url, "-S", "exit", "-N", "wan6")
     assert rc == 0, err
-    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    netifd = box.netifd_calls()
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_send_update", "wan6")]
 
@@ -765,11 +767,8 @@ def test_run_backs_off_on_errors_and_honours_retry_after(box, broker):
     broker.set("/lease", error_answer("full", 503, "full", retry_after=1),
                error_answer("too_many", 429, "slow down", retry_after=1),
                lambda f: lease_answer(f, RENEW_INTERVAL="30"))
-    proc = box.start("-s", broker.url, "-S", "exit", "run")
-    try:
-        assert wait_for(lambda: "link.mb0" in box.kernel())
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: "link.mb0" in box.kernel(),
+                             "-s", broker.url, "-S", "exit")
     assert rc == 0
     assert len(broker.seen("/lease")) == 3
     assert "no lease: full: full; next try in 1s" in err
@@ -803,11 +802,8 @@ def test_run_resumes_after_its_own_restart(box, broker):
     proc.kill()  # no chance to clean up
     proc.wait()
     n = len(broker.seen("/lease"))
-    proc = box.start("-s", broker.url, "-S", "exit", "run")
-    try:
-        assert wait_for(lambda: len(broker.seen("/renew")) >= 3)
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(broker.seen("/renew")) >= 3,
+                             "-s", broker.url, "-S", "exit")
     assert "resumed lease" in err
     assert len(broker.seen("/lease")) == n
     assert len(box.ip_calls("l2tp", "add", "tunnel")) == 1
@@ -1410,13 +1406,10 @@ def test_down_leaves_a_link_that_is_not_a_tunnel(box):
 
 def test_netifd_gets_the_routed_link(box, exits):
     tnl = exits("ip6tnl", RENEW_INTERVAL="1")
-    proc = box.start("-s", tnl.url, "-K", "ip6tnl", "-D", "-N", "wan", "run")
-    try:
-        assert wait_for(lambda: len(tnl.seen("/renew")) >= 1)
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(tnl.seen("/renew")) >= 1,
+                             "-s", tnl.url, "-K", "ip6tnl", "-D", "-N", "wan")
     assert rc == 0, err
-    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    netifd = box.netifd_calls()
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_add_ipv4_address", "198.51.100.16", "32"),
                       ("proto_add_ipv4_route", "0.0.0.0", "0"),
@@ -1443,7 +1436,7 @@ def test_netifd_routed_link_gets_only_what_was_leased(box, exits, addrs,
                                                       calls):
     tnl = exits("ip6tnl", **addrs)
     box.run("-s", tnl.url, "-K", "ip6tnl", "-N", "wan", "up")
-    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    netifd = box.netifd_calls()
     assert netifd == [("proto_init_update", "mb0", "1")] + calls + \
         [("proto_send_update", "wan")]
 
@@ -1451,7 +1444,7 @@ def test_netifd_routed_link_gets_only_what_was_leased(box, exits, addrs,
 def test_netifd_gre_is_told_like_l2tp(box, exits):
     gre = exits("ip6gretap", **ADDRESSES)
     box.run("-s", gre.url, "-K", "ip6gretap", "-N", "wan", "up")
-    netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+    netifd = box.netifd_calls()
     assert netifd == [("proto_init_update", "mb0", "1"),
                       ("proto_add_ipv4_address", "198.51.100.16", "32"),
                       ("proto_add_ipv4_route", "192.0.2.1", "32"),
@@ -1473,11 +1466,8 @@ def test_offers_shows_kind_and_layer(box, broker):
 
 def test_run_keeps_a_gre_link_and_stops_cleanly(box, exits):
     gre = exits("ip6gretap", RENEW_INTERVAL="1")
-    proc = box.start("-s", gre.url, "-K", "ip6gretap", "run")
-    try:
-        assert wait_for(lambda: len(gre.seen("/renew")) >= 2)
-    finally:
-        rc, out, err = stop(proc)
+    rc, out, err = run_until(box, lambda: len(gre.seen("/renew")) >= 2,
+                             "-s", gre.url, "-K", "ip6gretap")
     assert rc == 0, err
     assert len(box.ip_calls("link", "add")) == 1
     assert box.ip_calls("link", "del") == [("link", "del", "mb0")]

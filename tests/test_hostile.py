@@ -16,7 +16,7 @@ import pytest
 
 import hostile
 import owrt
-from frontdoors import ServeDoor, UhttpdDoor
+from frontdoors import ServeDoor, UhttpdDoor, read_to_eof
 from microbroker import cgi as mbcgi
 
 CONFIG = """
@@ -68,16 +68,7 @@ def send(port, data, source="127.0.0.1", host="127.0.0.1", timeout=15,
                 s.shutdown(socket.SHUT_WR)
         except OSError:
             pass    # answered and closed before all of it was sent
-        out = []
-        while True:
-            try:
-                c = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not c:
-                break
-            out.append(c)
-        return b"".join(out)
+        return read_to_eof(s)
     finally:
         s.close()
 

@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,8 @@ import time
 import urllib.request
 
 import pytest
+
+from frontdoors import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEM_PY = "/usr/bin/python3"
@@ -101,14 +102,6 @@ def test_data_files_are_installed(installed):
         assert (share / rel).is_file(), rel
 
 
-def free_port():
-    s = socket.socket(socket.AF_INET6)
-    s.bind(("::1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def start_serve(argv, tmp_path, env):
     log = open(tmp_path / "serve.log", "w")
     p = subprocess.Popen(argv, cwd=str(tmp_path), env=env, stdout=log,
@@ -137,7 +130,7 @@ def fetch(port, path="/offer"):
 
 
 def test_installed_serve_answers_an_offer(installed, tmp_path):
-    port = free_port()
+    port = free_port("::1")
     p = start_serve([installed["bin"], "serve", "--dataplane", "none",
                      "--state-dir", str(tmp_path / "state"), "--listen",
                      "[::1]:%d" % port], tmp_path,
@@ -219,7 +212,7 @@ def unit_lines(key):
 def test_unit_exec_reload_really_reloads(installed, tmp_path):
     """Run the unit's ExecReload lines as systemd would ($MAINPID, the
     config path moved to a scratch file) against a running serve."""
-    port = free_port()
+    port = free_port("::1")
     config = tmp_path / "config"
     text = ("config broker\n\toption state_dir '%s'\n\toption dataplane "
             "'none'\n\tlist listen '[::1]:%d'\nconfig service 'exit'\n"

@@ -26,12 +26,7 @@ def service(name="exit", restrict="none", ports=(), isolate=True):
 @pytest.fixture
 def exit_net(netns, tmp_path):
     """An exit with two clients, each on its own veth, and a lease store."""
-    ex = netns.add("x")
-    clients = []
-    for i in (1, 2):
-        c = netns.add("c")
-        netns.link(ex, c, "fc00:%d::1/64" % i, "fc00:%d::2/64" % i, name_a="up%d" % i)
-        clients.append(c)
+    ex, clients = netns.exit_with_clients(2)
     cfg = SimpleNamespace(tunnel_ids=(100, 199), filter="")
     store = LeaseStore(str(tmp_path / "leases"), tunnel_ids=(100, 199),
                        session_ids=(100, 199))

@@ -9,21 +9,9 @@ import sys
 import pytest
 
 from microbroker import l2tp, rtnl
-from nsutil import inside, ping, run, wait_for
+from nsutil import A6, B6, inside, ping, run, wait_for
 
 pytestmark = pytest.mark.kernel
-
-A6, B6 = "fc00::1", "fc00::2"
-
-
-@pytest.fixture
-def pair(netns):
-    """Two namespaces joined by a veth with fc00:: addresses (exit, client)."""
-    a, b = netns.add("x"), netns.add("c")
-    netns.link(a, b, A6 + "/64", B6 + "/64")
-    netns.run_a, netns.run_b = a, b
-    return a, b
-
 
 def tunnels_by_ip(ns):
     return run("ip", "l2tp", "show", "tunnel", ns=ns)

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 import ovsutil
-from microbroker import dataplane, l2tp, ovs, ovsdb, rtnl
+from microbroker import dataplane, ovs, ovsdb, rtnl
 from microbroker.leases import LeaseStore
 from nsutil import inside, ping, run, wait_for
+from test_kernel_dataplane import client_end
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(bool(ovsutil.missing()), reason=ovsutil.missing() or "ok")]
@@ -34,12 +35,7 @@ def service(restrict="none"):
 @pytest.fixture
 def exit_net(netns, tmp_path):
     """An exit with two clients on veths, a private OVS in the exit's netns."""
-    ex = netns.add("x")
-    clients = []
-    for i in (1, 2):
-        c = netns.add("c")
-        netns.link(ex, c, "fc00:%d::1/64" % i, "fc00:%d::2/64" % i, name_a="up%d" % i)
-        clients.append(c)
+    ex, clients = netns.exit_with_clients(2)
     o = ovsutil.Ovs(tmp_path / "ovs", ns=ex)
     (tmp_path / "ovs").mkdir()
     o.start()
@@ -66,16 +62,6 @@ def lease_for(net, i, svc):
         except rtnl.LinkExists:
             pass
     return lease
-
-
-def client_end(net, i, lease, addr):
-    with inside(net.clients[i - 1]), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
-        l2.create_tunnel(lease.peer_tunnel_id, lease.tunnel_id, lease.remote, lease.local)
-        l2.create_session(lease.peer_tunnel_id, lease.peer_session_id, lease.session_id,
-                          ifname="pw0")
-        rt.set_mtu("pw0", lease.mtu)
-        rt.set_up("pw0")
-        rt.add_address("pw0", addr + "/24")
 
 
 def two_clients(net, svc):

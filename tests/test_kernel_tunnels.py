@@ -3,19 +3,9 @@
 import pytest
 
 from microbroker import rtnl
-from nsutil import inside, ping, run
+from nsutil import A6, B6, inside, ping, run
 
 pytestmark = pytest.mark.kernel
-
-A6, B6 = "fc00::1", "fc00::2"
-
-
-@pytest.fixture
-def pair(netns):
-    a, b = netns.add("x"), netns.add("c")
-    netns.link(a, b, A6 + "/64", B6 + "/64")
-    return a, b
-
 
 def test_ip6gretap_pseudowire_with_keys_both_ways(pair):
     a, b = pair

@@ -181,7 +181,7 @@ def test_the_command_netifd_runs_works_for_ip6tnl(tmp_path):
         box.run(*argv[:-1], "up")
         (req,) = broker.seen("/lease")
         assert req.fields == {"format": "sh", "kind": "ip6tnl"}
-        netifd = [c for c in box.calls() if c[0].startswith("proto_")]
+        netifd = box.netifd_calls()
         assert netifd == [
             ("proto_init_update", "mb-wan6", "1"),
             ("proto_add_ipv4_address", TNL_ADDRESSES["IPV4"], "32"),

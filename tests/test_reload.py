@@ -4,7 +4,6 @@ place; leases of removed or reshaped services end, others stay."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from frontdoors import free_port
 from microbroker import config as mbconfig
 from microbroker import reload as mbreload
 from microbroker import web
@@ -36,20 +36,12 @@ config service 'c'
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port():
-    s = socket.socket(socket.AF_INET6)
-    s.bind(("::1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class Serve:
     """`microbroker serve` in a subprocess; its log lines collected."""
 
     def __init__(self, tmp_path, **kw):
         self.path = tmp_path / "config"
-        self.vals = dict(state=tmp_path / "state", port=free_port(),
+        self.vals = dict(state=tmp_path / "state", port=free_port("::1"),
                          lifetime=600, mtu=1280)
         self.write(**kw)
         self.lines = []
@@ -160,7 +152,7 @@ def test_a_broken_config_keeps_the_running_one(serve):
 
 
 def test_what_needs_a_restart_keeps_its_value(serve):
-    serve.write(port=free_port())
+    serve.write(port=free_port("::1"))
     line = serve.hup("takes a restart")
     assert "listen" in line
     assert serve.post("/offer")[0] == 200     # still on the old port

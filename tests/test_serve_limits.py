@@ -2,15 +2,16 @@
 deadline per request, a busy lease store answered 503 busy."""
 
 import fcntl
+import itertools
 import os
 import socket
 import time
 
 import pytest
 
-from frontdoors import ServeDoor
+from frontdoors import ServeDoor, read_to_eof, trickle
 from microbroker import web
-from microbroker.server import SourceLimits
+from microbroker.limits import SourceLimits
 
 CONFIG = """
 config broker
@@ -53,16 +54,7 @@ def ask(door, source, data=b"GET /offer HTTP/1.1\r\n\r\n"):
 
 
 def read_answer(s):
-    out = []
-    while True:
-        try:
-            c = s.recv(65536)
-        except ConnectionResetError:
-            break
-        if not c:
-            break
-        out.append(c)
-    raw = b"".join(out)
+    raw = read_to_eof(s)
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ")[1]) if lines[0] else 0
@@ -177,20 +169,9 @@ def test_drain_ends_at_its_bound(tmp_path):
         start = time.monotonic()
         head = s.recv(65536)
         assert head.startswith(b"HTTP/1.1 413 ")
-        closed = None
-        while time.monotonic() - start < 20:
-            try:
-                s.send(b"x")
-                if s.recv(1) == b"":
-                    closed = time.monotonic() - start
-                    break
-            except socket.timeout:
-                continue
-            except OSError:
-                closed = time.monotonic() - start
-                break
+        closed = trickle(s, itertools.repeat(ord("x")), until=start + 20)
         s.close()
-        assert closed is not None and closed < 10
+        assert closed is not None and closed - start < 10
 
 
 def test_deadline_covers_the_whole_request(tmp_path):
@@ -200,18 +181,7 @@ def test_deadline_covers_the_whole_request(tmp_path):
         s.sendall(b"POST /lease HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
                   b"Content-Type: application/x-www-form-urlencoded\r\n\r\n")
         s.settimeout(0.2)
-        start, closed = time.monotonic(), None
-        for c in b"1\r\ns\r\n" * 100:
-            try:
-                s.send(bytes([c]))
-                if s.recv(1) == b"":
-                    closed = time.monotonic() - start
-                    break
-            except socket.timeout:
-                continue
-            except OSError:
-                closed = time.monotonic() - start
-                break
+        closed = trickle(s, b"1\r\ns\r\n" * 100)
         s.close()
         assert closed is not None   # 600 bytes at >= 0.2 s: 120 s
 

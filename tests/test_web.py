@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from frontdoors import free_port, trickle
 from microbroker import config as mbconfig
 from microbroker import server as mbserver
 from microbroker import web
@@ -910,34 +911,15 @@ def test_server_drops_a_client_that_trickles(tmp_path):
     try:
         s = socket.create_connection(door.address(V4))
         s.settimeout(0.2)
-        closed = False
-        for c in b"GET /offer HTTP/1.1\r\nX-Slow: " + b"a" * 150:
-            try:
-                s.sendall(bytes([c]))
-                if s.recv(1) == b"":
-                    closed = True
-                    break
-            except socket.timeout:
-                continue
-            except OSError:
-                closed = True
-                break
+        closed = trickle(s, b"GET /offer HTTP/1.1\r\nX-Slow: " + b"a" * 150)
         s.close()
         # 150 bytes at >= 0.2 s each take 30 s; the deadline is 1 s.
-        assert closed
+        assert closed is not None
     finally:
         door.close()
 
 
 # ---------------------------------------------------------------- serve
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_command_starts_and_stops_cleanly(tmp_path, sig):

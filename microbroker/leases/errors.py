@@ -2,13 +2,30 @@
 and why the file cannot be used (StoreError)."""
 
 
-class LeaseError(Exception):
-    """A request the store refuses; .code is the stable API error code."""
-    code = "lease"
+class _Error(Exception):
+    """str() is the message; the attributes named in FIELDS follow it, by
+    position in that order or by keyword, and are the class's defaults
+    where not given."""
+    FIELDS = ()
 
-    def __init__(self, message, retry_after=None):
+    def __init__(self, message, *args, **kwargs):
+        given = dict(zip(self.FIELDS, args))
+        if len(args) > len(self.FIELDS) or not given.keys().isdisjoint(
+                kwargs) or not set(kwargs) <= set(self.FIELDS):
+            raise TypeError("%s(message, %s)" % (type(self).__name__,
+                                                 ", ".join(self.FIELDS)))
         super().__init__(message)
-        self.retry_after = retry_after
+        given.update(kwargs)
+        for name, value in given.items():
+            setattr(self, name, value)
+
+
+class LeaseError(_Error):
+    """A request the store refuses; .code is the stable API error code,
+    .retry_after seconds or None."""
+    code = "lease"
+    FIELDS = ("retry_after",)
+    retry_after = None
 
 
 class NotFound(LeaseError):
@@ -49,13 +66,12 @@ class BadRequest(LeaseError, ValueError):
     code = "bad_request"
 
 
-class StoreError(Exception):
-    """The lease file cannot be used: corrupt, locked, wrong backend or schema."""
+class StoreError(_Error):
+    """The lease file cannot be used: corrupt, locked, wrong backend or
+    schema; .path is the lease file's."""
     code = "store"
-
-    def __init__(self, message, path=None):
-        super().__init__(message)
-        self.path = path
+    FIELDS = ("path",)
+    path = None
 
 
 class Corrupt(StoreError):
@@ -65,10 +81,8 @@ class Corrupt(StoreError):
 class Busy(StoreError):
     """Another process or thread holds the lease file's lock past the wait
     bound: nothing is wrong, ask again after .retry_after seconds."""
-
-    def __init__(self, message, path=None, retry_after=1):
-        super().__init__(message, path)
-        self.retry_after = retry_after
+    FIELDS = ("path", "retry_after")
+    retry_after = 1
 
 
 Locked = Busy       # the older name

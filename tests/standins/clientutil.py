@@ -355,6 +355,10 @@ class Sandbox:
                         out.append(tuple(parts))
         return out
 
+    def netifd_calls(self):
+        """The proto_* calls the netifd stand-ins logged, in order."""
+        return [c for c in self.calls() if c[0].startswith("proto_")]
+
     def ip_calls(self, *prefix):
         return [c[1:] for c in self.calls("ip") if c[1:1 + len(prefix)] ==
                 prefix]

@@ -1,0 +1,190 @@
+"""Admission for `microbroker serve`: per source address a cap on open
+connections and a token bucket of requests (SourceLimits), and the one
+thread that answers refused connections with a short 429 or 503
+(Refuser). Knows nothing of http.server: server.py asks and hands over.
+"""
+
+import socket
+import threading
+import time
+
+from microbroker.broker import BrokerError
+from microbroker.web import answer_format
+
+ANSWER_GRACE = 1.0          # an answer due at the deadline may take this
+REFUSE_TIME = 1.0           # a refused connection is read this long, then
+REFUSE_MAX = 256            # closed; at most this many at once
+
+
+class SourceLimits:
+    """Per source address: connections open now (at most `cap`) and a
+    token bucket of requests (`rate` per second, `burst` at once; rate 0:
+    no limit). Every request counts, whatever it asks: a token or secret
+    guessed wrongly costs a request like any other."""
+
+    TRACKED = 4096      # addresses kept; full buckets are forgotten first
+
+    def __init__(self, cap, rate, burst, clock=time.monotonic):
+        self.cap, self.rate, self.burst = cap, rate, burst
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.open = {}       # address -> connections open
+        self.buckets = {}    # address -> [tokens, when]
+
+    def admit(self, source):
+        """Take a connection and a request for source: None, or the
+        BrokerError (too_many) to answer with."""
+        with self.lock:
+            n = self.open.get(source, 0)
+            if n >= self.cap:
+                return BrokerError("too_many", "too many connections from "
+                                   "your address (at most %d)" % self.cap,
+                                   max(1, int(ANSWER_GRACE)))
+            if self.rate:
+                now = self.clock()
+                b = self.buckets.get(source)
+                if b is None:
+                    if len(self.buckets) >= self.TRACKED:
+                        self._forget(now)
+                    b = self.buckets[source] = [float(self.burst), now]
+                else:
+                    b[0] = min(float(self.burst),
+                               b[0] + (now - b[1]) * self.rate)
+                    b[1] = now
+                if b[0] < 1.0:
+                    wait = (1.0 - b[0]) / self.rate
+                    return BrokerError("too_many", "too many requests from "
+                                       "your address, at most %g per second"
+                                       % self.rate, max(1, -int(-wait // 1)))
+                b[0] -= 1.0
+            self.open[source] = n + 1
+            return None
+
+    def release(self, source):
+        with self.lock:
+            n = self.open.get(source, 0) - 1
+            if n > 0:
+                self.open[source] = n
+            else:
+                self.open.pop(source, None)
+
+    def _forget(self, now):
+        full = [a for a, (tokens, when) in self.buckets.items()
+                if tokens + (now - when) * self.rate >= self.burst]
+        for a in full:
+            del self.buckets[a]
+        if len(self.buckets) >= self.TRACKED:
+            # As many addresses as that, all busy: start again rather than
+            # grow without bound.
+            self.buckets.clear()
+
+
+class Refuser:
+    """Refused connections, all in one thread: the request line is read
+    (for the answer format it asks for), the answer sent, then what the
+    client still sends is read so that closing does not reset the
+    connection before the answer was seen; REFUSE_TIME in all, at most
+    REFUSE_MAX connections at once (beyond that, closed straight away)."""
+
+    def __init__(self, answer):
+        import selectors
+        self.answer = answer     # (BrokerError, fmt) -> bytes
+        self.sel = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.socks = {}      # socket -> [deadline, error, head so far]
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, 1)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="refuser",
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def refuse(self, sock, error):
+        with self.lock:
+            if self.stopping or len(self.socks) >= REFUSE_MAX:
+                self._send(sock, error, b"")
+                sock.close()
+                return
+            sock.setblocking(False)
+            self.socks[sock] = [time.monotonic() + REFUSE_TIME, error, b""]
+            self.sel.register(sock, 1)
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _send(self, sock, error, line):
+        target = line.split(b" ")[1:2]
+        query = target[0].partition(b"?")[2] if target else b""
+        fmt = answer_format(query.decode("latin-1"))
+        try:
+            sock.setblocking(False)
+            sock.send(self.answer(error, fmt))   # fits an empty buffer
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _run(self):
+        while True:
+            with self.lock:
+                if self.stopping:
+                    break
+                now = time.monotonic()
+                for sock, st in list(self.socks.items()):
+                    if st[0] <= now:
+                        self._close(sock)
+                left = min((st[0] for st in self.socks.values()),
+                           default=now + 5) - now
+            for key, _ in self.sel.select(max(left, 0.01)):
+                sock = key.fileobj
+                if sock is self.wake_r:
+                    try:
+                        sock.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                try:
+                    more = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    more = b""
+                with self.lock:
+                    st = self.socks.get(sock)
+                    if st is None:
+                        continue
+                    if st[1] is not None:
+                        head = st[2] + more
+                        if b"\n" in head or not more or len(head) > 8192:
+                            self._send(sock, st[1], head.split(b"\n")[0])
+                            st[1] = None
+                        else:
+                            st[2] = head
+                    if not more:
+                        self._close(sock)
+        with self.lock:
+            for sock in list(self.socks):
+                self._close(sock)
+
+    def _close(self, sock):
+        st = self.socks.pop(sock)
+        if st[1] is not None:    # no request line came: the default format
+            self._send(sock, st[1], b"")
+        self.sel.unregister(sock)
+        sock.close()
+
+    def stop(self):
+        with self.lock:
+            self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join()
+        self.sel.close()
+        self.wake_r.close()
+        self.wake_w.close()
