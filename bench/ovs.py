@@ -137,9 +137,15 @@ def scale_run(ex, n):
     dp, store = ex.fresh(svc, n)
     leases = ex.leases(store, svc, n)
     t0 = time.perf_counter()
+    per = []
     with inside(ex.ns):
-        for lease in leases:
+        for i, lease in enumerate(leases):
+            t1 = time.perf_counter()
             dp.up(lease, svc)
+            per.append(time.perf_counter() - t1)
+            if (i + 1) % 250 == 0:
+                print("  scale: %d up, the last 250 at %.0f ms each (median)"
+                      % (i + 1, statistics.median(per[-250:]) * 1000), flush=True)
     built = time.perf_counter() - t0
     br = dataplane.bridge_name(svc)
     with ovsdb.Ovsdb(ex.ovs.socket) as db:
@@ -158,7 +164,7 @@ def scale_run(ex, n):
     reached = len(acts.split(":", 1)[1].split(","))
     t0 = time.perf_counter()
     with inside(ex.ns):
-        report = dp.reconcile(store, [svc])
+        report = dp.reconcile(store.leases(), [svc])
     rec = time.perf_counter() - t0
     assert not report["failed"], report["failed"][:5]
     with inside(ex.ns):

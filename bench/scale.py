@@ -1,7 +1,7 @@
 """The exit at 1,000 leases: per-lease time by live count, reconcile, restart, rebuild.
 
 Run in the VM (root, L2TP, the lease file on tmpfs):
-    tests/vm/run exec /work/wt/kernel/.venv/bin/python bench/scale.py [-p] [N]
+    tests/vm/run exec /work/main/.venv/bin/python bench/scale.py [-p] [N]
 
 -p: cProfile of one no-op reconcile and of the restart's serve, top entries.
 
@@ -121,28 +121,18 @@ def at_live(ex, live, rows):
     return median_ms([t for t, _c, _v in sample])
 
 
-class Read:
-    """The store with its leases read once: reconcile's kernel work alone."""
-
-    def __init__(self, store):
-        self.live = store.leases()
-
-    def leases(self):
-        return self.live
-
-
 def kernel_part(ex, rows):
     """Where a no-op reconcile's time goes: the lease file, the kernel."""
     from microbroker import rtnl
     t0 = time.perf_counter()
-    read = Read(ex.store)
-    rows.append(("  of which: store.leases() (%d)" % len(read.live),
+    live = ex.store.leases()
+    rows.append(("  of which: store.leases() (%d)" % len(live),
                  time.perf_counter() - t0, "s"))
     with inside(ex.ns):
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            report = ex.dp.reconcile(read, ex.cfg.enabled_services())
+            report = ex.dp.reconcile(live, ex.cfg.enabled_services())
             times.append(time.perf_counter() - t0)
         assert not any(report.values()), report
         rows.append(("  of which: dataplane.reconcile, leases read (median of 3)",
@@ -169,9 +159,11 @@ def restart(ex, rows):
                          stderr=subprocess.PIPE, stdout=None if PROFILE else subprocess.DEVNULL,
                          text=True)
     done = []
+    said = []
 
     def watch():
         for line in p.stderr:
+            said.append(line)
             if "reconciled" in line or "reconcile at start failed" in line:
                 done.append(time.monotonic() - t0)
     threading.Thread(target=watch, daemon=True).start()
@@ -192,6 +184,8 @@ def restart(ex, rows):
     wait_for(lambda: done, 120)
     p.send_signal(signal.SIGTERM)
     p.wait(30)
+    if not answered or not done:
+        print("restart: serve said:\n" + "".join(said[-20:]))
     dropped = len(before - ex.tunnels())
     rows.append(("restart with %d live: first offer answered" % len(before),
                  answered or float("nan"), "s"))

@@ -1,20 +1,36 @@
-"""A storm of clients: N real client scripts started at once against `serve`.
+"""A storm of clients: N clients started at once against `serve`.
 
 Run in the VM (root, L2TP):
-    tests/vm/run exec /work/wt/kernel/.venv/bin/python bench/storm.py [N ...]
+    tests/vm/run exec /work/main/.venv/bin/python bench/storm.py [-u] [N ...]
 
 The exit (`python3 -m microbroker serve`, kernel dataplane) is in one
-namespace; each client is client/microbroker-client `run` under busybox sh
-with BusyBox wget, in a namespace of its own (one source address each, as
-on a mesh), all on one bridge to the exit. Measured from the moment all
-are started: time until N exit ports are bridged with exactly N tunnels,
-offers' latency (a prober asking every 0.2 s, 10 s timeout as the client's),
-and leases the broker re-issued (a client asking again for what it has).
+namespace; each client in a namespace of its own (one source address
+each, as on a mesh), all on one bridge to the exit. Two storms per N:
+
+- scripts: client/microbroker-client `run` under busybox sh with BusyBox
+  wget; with -u, OpenWrt's uclient-fetch from /opt/openwrt (built here
+  against OpenSSL 3, whose start costs each fetch about a second of CPU
+  under emulation: OpenWrt's mbedTLS or wolfSSL builds do not pay that).
+  All N wait on one FIFO and start when it opens. On a real
+  mesh each client has a CPU of its own; here they share the exit's two
+  vCPUs, so they run at nice 19 and their CPU time is reported beside the
+  exit's.
+- driver: N threads, each in a client namespace, asking GET /offer and
+  POST /lease over HTTP as the script does, and nothing else: the exit
+  alone under N simultaneous requests.
+
+Measured from the start: time until N exit ports are bridged with exactly
+N tunnels, offers' latency (a prober asking every 0.2 s, 10 s timeout as
+the client's), leases the broker re-issued (a client asking again for what
+it has), CPU seconds of serve and of everything else.
 Goal (issue 17): N=100 bridged in <= 30 s, offers' p99 <= 1 s throughout.
 """
 
+import collections
 import http.client
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +44,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from microbroker import l2tp, rtnl  # noqa: E402
 from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
+import owrt  # noqa: E402
 
 EXIT6 = "fc00::1"
 URL = "http://[%s]:8053" % EXIT6
@@ -123,23 +140,64 @@ def offer_ms(ns):
     return (time.perf_counter() - t0) * 1000 if ok else OFFER_TIMEOUT * 1000
 
 
-def storm(world, n):
-    tmp = tempfile.mkdtemp(dir=world.tmp)
-    cfg = os.path.join(tmp, "microbroker")
-    with open(cfg, "w") as f:
-        f.write(CONFIG % {"state": os.path.join(tmp, "state"), "exit": EXIT6})
-    log_path = os.path.join(tmp, "serve.log")
-    with open(log_path, "w") as log:
-        serve = subprocess.Popen(["ip", "netns", "exec", world.exit, sys.executable, "-m",
-                                  "microbroker", "-c", cfg, "serve"], cwd=ROOT, stdout=log,
-                                 stderr=log)
-    assert wait_for(lambda: offer_ms(world.probe) < OFFER_TIMEOUT * 1000, 60, 0.2), \
-        "serve did not answer"
-    bindir = os.path.join(tmp, "bin")
-    os.mkdir(bindir)
-    os.symlink(BUSYBOX, os.path.join(bindir, "wget"))     # BusyBox wget, no -T here
-    env = {"PATH": bindir + ":" + PATH, "TMPDIR": tmp}
-    clients = []
+def cpu_seconds(pid=None):
+    """CPU time of one process (utime + stime), or of the whole machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        with open("/proc/stat") as f:
+            user, nice, system = f.readline().split()[1:4]
+        return (int(user) + int(nice) + int(system)) / tick
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def in_open(pid):
+    """Is pid blocked in open/openat (the FIFO)?"""
+    try:
+        with open("/proc/%d/syscall" % pid) as f:
+            return f.read().split()[0] in ("2", "257")
+    except (OSError, IndexError):
+        return False
+
+
+def shape(text):
+    """A log line without its numbers, ids and addresses: for counting."""
+    text = re.sub(r"\[[0-9a-f:.]+\]|[0-9a-f]{16,}|fc00:[0-9a-f:]*|\d+", "#", text)
+    return text.strip()[:110]
+
+
+class Exit:
+    """serve in the exit's namespace, for one storm."""
+
+    def __init__(self, world, tmp):
+        self.world, self.tmp = world, tmp
+        cfg = os.path.join(tmp, "microbroker")
+        with open(cfg, "w") as f:
+            f.write(CONFIG % {"state": os.path.join(tmp, "state"), "exit": EXIT6})
+        self.log_path = os.path.join(tmp, "serve.log")
+        with open(self.log_path, "w") as log:
+            self.p = subprocess.Popen(["ip", "netns", "exec", world.exit, sys.executable,
+                                       "-m", "microbroker", "-c", cfg, "serve"], cwd=ROOT,
+                                      stdout=log, stderr=log)
+        assert wait_for(lambda: offer_ms(world.probe) < OFFER_TIMEOUT * 1000, 60, 0.2), \
+            "serve did not answer"
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(60)
+        with open(self.log_path) as f:
+            text = f.read()
+        with inside(self.world.exit), l2tp.L2TP() as l2:
+            for t in l2.tunnels(stats=False):
+                l2.delete_tunnel(t.tunnel_id)
+        run("ip", "link", "del", "br-exit", ns=self.world.exit, check=False)
+        return text
+
+
+def measure(world, n, exit_, start):
+    """start() starts the N clients; then watch the kernel, probe offers.
+    A result row."""
     stop = threading.Event()
     offers = []
 
@@ -147,14 +205,9 @@ def storm(world, n):
         while not stop.is_set():
             offers.append(offer_ms(world.probe))
             stop.wait(0.2)
+    cpu0, serve0 = cpu_seconds(), cpu_seconds(exit_.p.pid)
     t0 = time.monotonic()
-    for k, ns in enumerate(world.clients[1:n + 1]):
-        state = os.path.join(tmp, "client%d" % k)
-        clients.append(subprocess.Popen(
-            ["ip", "netns", "exec", ns, BUSYBOX, "sh", CLIENT, "-q", "-f", "none", "-d",
-             state, "-s", URL, "run"], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(tmp, "client%d.log" % k), "w")))
-    started = time.monotonic() - t0
+    start()
     probe = threading.Thread(target=prober, daemon=True)
     probe.start()
     done = None
@@ -166,9 +219,48 @@ def storm(world, n):
             done = time.monotonic() - t0
             break
         time.sleep(0.25)
+    serve_cpu = cpu_seconds(exit_.p.pid) - serve0
+    all_cpu = cpu_seconds() - cpu0
     stop.set()
     probe.join()
     ports, tunnels = world.kernel()
+    return {"n": n, "done": done, "ports": ports, "tunnels": tunnels, "most": most,
+            "p50": pct(offers, 50), "p99": pct(offers, 99), "offers": len(offers),
+            "timeouts": sum(1 for x in offers if x >= OFFER_TIMEOUT * 1000),
+            "serve_cpu": serve_cpu, "other_cpu": all_cpu - serve_cpu}
+
+
+def log_counts(text, row):
+    row["reissued"] = text.count(" re-issued to ")
+    row["granted"] = text.count(" granted to ")
+
+
+def scripts(world, n, fetcher):
+    """N client scripts, started at once through a FIFO."""
+    tmp = tempfile.mkdtemp(dir=world.tmp)
+    exit_ = Exit(world, tmp)
+    bindir = os.path.join(tmp, "bin")
+    os.mkdir(bindir)
+    os.symlink(fetcher, os.path.join(bindir, "wget"))
+    env = {"PATH": bindir + ":" + PATH, "TMPDIR": tmp}
+    fifo = os.path.join(tmp, "go")
+    os.mkfifo(fifo)
+    clients = []
+    for k, ns in enumerate(world.clients[1:n + 1]):
+        state = os.path.join(tmp, "client%d" % k)
+        with open(os.path.join(tmp, "client%d.log" % k), "w") as err:
+            clients.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, "nice", "-n", "19", BUSYBOX, "sh", "-c",
+                 'read _ <"$0"; exec "$@"', fifo, BUSYBOX, "sh", CLIENT, "-q", "-f", "none",
+                 "-d", state, "-s", URL, "run"], env=env, cwd=tmp,
+                stdout=subprocess.DEVNULL, stderr=err))
+    assert wait_for(lambda: all(in_open(p.pid) for p in clients), 300, 0.2), \
+        "the clients did not reach the FIFO"
+
+    def start():
+        with open(fifo, "w") as f:
+            f.write("go\n")
+    row = measure(world, n, exit_, start)
     for p in clients:
         p.send_signal(signal.SIGTERM)
     for p in clients:
@@ -177,44 +269,111 @@ def storm(world, n):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    serve.send_signal(signal.SIGTERM)
-    serve.wait(60)
-    with open(log_path) as f:
-        text = f.read()
-    with inside(world.exit), l2tp.L2TP() as l2:
-        for t in l2.tunnels(stats=False):
-            l2.delete_tunnel(t.tunnel_id)
-    run("ip", "link", "del", "br-exit", ns=world.exit, check=False)
-    return {"n": n, "started": started, "done": done, "ports": ports, "tunnels": tunnels,
-            "most": most, "reissued": text.count(" re-issued to "),
-            "granted": text.count(" granted to "),
-            "p50": pct(offers, 50), "p99": pct(offers, 99), "offers": len(offers),
-            "timeouts": sum(1 for x in offers if x >= OFFER_TIMEOUT * 1000)}
+    text = exit_.stop()
+    log_counts(text, row)
+    said = collections.Counter()
+    for k in range(n):
+        with open(os.path.join(tmp, "client%d.log" % k)) as f:
+            said.update({shape(line) for line in f if line.strip()})
+    row["said"] = said.most_common(6)
+    row["serve_said"] = collections.Counter(
+        shape(line) for line in text.splitlines() if ": info: " not in line).most_common(6)
+    return row
+
+
+def driver(world, n):
+    """N threads: GET /offer then POST /lease, each from its client
+    namespace; a failed lease asks again after Retry-After (or 1 s)."""
+    tmp = tempfile.mkdtemp(dir=world.tmp)
+    exit_ = Exit(world, tmp)
+    go = threading.Event()
+    failures = collections.Counter()
+
+    def one(ns):
+        go.wait()
+        tid = random.randint(1, 65535)
+        body = "service=exit&tunnel_id=%d&session_id=%d" % (tid, tid)
+        while True:
+            try:
+                with inside(ns):
+                    c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
+                    c.connect()
+                try:
+                    c.request("GET", "/offer")
+                    c.getresponse().read()
+                finally:
+                    c.close()
+                with inside(ns):
+                    c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
+                    c.connect()
+                try:
+                    c.request("POST", "/lease", body,
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+                    r = c.getresponse()
+                    r.read()
+                finally:
+                    c.close()
+                if r.status == 200:
+                    return
+                failures["HTTP %d" % r.status] += 1
+                wait = int(r.getheader("Retry-After") or 1)
+            except OSError as e:
+                failures[type(e).__name__] += 1
+                wait = 1
+            time.sleep(min(wait, 5))
+    threads = [threading.Thread(target=one, args=(ns,), daemon=True)
+               for ns in world.clients[1:n + 1]]
+    for t in threads:
+        t.start()
+    row = measure(world, n, exit_, go.set)
+    for t in threads:
+        t.join(OFFER_TIMEOUT * 3)
+    text = exit_.stop()
+    log_counts(text, row)
+    row["said"] = sorted(failures.items())
+    row["serve_said"] = collections.Counter(
+        shape(line) for line in text.splitlines() if ": info: " not in line).most_common(6)
+    return row
 
 
 def main():
-    sizes = [int(a) for a in sys.argv[1:]] or [20, 100, 200]
+    args = [a for a in sys.argv[1:] if a != "-u"]
+    sizes = [int(a) for a in args] or [20, 100, 200]
+    fetcher = BUSYBOX
+    if "-u" in sys.argv:
+        assert not owrt.missing("uclient-fetch"), owrt.missing("uclient-fetch")
+        fetcher = owrt.path("uclient-fetch")
     tmp = tempfile.mkdtemp()
     world = World(tmp)
     rows = []
     try:
         world.grow(max(sizes))
         for n in sizes:
-            rows.append(storm(world, n))
+            rows.append(("driver", driver(world, n)))
+            rows.append(("scripts", scripts(world, n, fetcher)))
     finally:
         world.close()
-    print("storm: N client scripts (busybox sh + BusyBox wget, -f none) started at once "
-          "against serve (VM: other helpers' VMs may share the 2 cores)")
-    print("%5s %10s %14s %8s %8s %8s %9s %9s %8s %9s %8s" % (
-        "N", "start (s)", "bridged (s)", "ports", "tunnels", "max tun", "granted",
-        "re-issued", "offers", "p50 (ms)", "p99 (ms)"))
-    for r in rows:
-        print("%5d %10.1f %14s %8d %8d %8d %9d %9d %8d %9.0f %8.0f" % (
-            r["n"], r["started"], "%.1f" % r["done"] if r["done"] else "> %d" % DEADLINE,
-            r["ports"], r["tunnels"], r["most"], r["granted"], r["reissued"], r["offers"],
-            r["p50"], r["p99"]))
-        if r["timeouts"]:
-            print("      %d offers timed out (%.0f s)" % (r["timeouts"], OFFER_TIMEOUT))
+        print("storm: N clients started at once against serve; scripts: busybox sh with "
+              "%s as wget, -f none, at nice 19; driver: N Python threads, offer + lease "
+              "over HTTP" % ("uclient-fetch" if fetcher != BUSYBOX else "BusyBox wget"))
+        print("%8s %5s %12s %6s %6s %6s %8s %9s %7s %8s %8s %10s %10s" % (
+            "storm", "N", "bridged (s)", "ports", "tuns", "max", "granted", "re-issued",
+            "offers", "p50 (ms)", "p99 (ms)", "serve CPU", "other CPU"))
+        for what, r in rows:
+            print("%8s %5d %12s %6d %6d %6d %8d %9d %7d %8.0f %8.0f %9.1fs %9.1fs" % (
+                what, r["n"], "%.1f" % r["done"] if r["done"] else "> %d" % DEADLINE,
+                r["ports"], r["tunnels"], r["most"], r["granted"], r["reissued"],
+                r["offers"], r["p50"], r["p99"], r["serve_cpu"], r["other_cpu"]))
+            if r["timeouts"]:
+                print("         %d offers timed out (%.0f s)" % (r["timeouts"], OFFER_TIMEOUT))
+        for what, r in rows:
+            print("%s N=%d: the clients said (lines, in how many clients / failures):"
+                  % (what, r["n"]))
+            for line, k in r["said"]:
+                print("   %5d  %s" % (k, line))
+            print("  serve warned:")
+            for line, k in r["serve_said"]:
+                print("   %5d  %s" % (k, line))
 
 
 if __name__ == "__main__":

@@ -183,6 +183,10 @@ def test_foreign_200_page(foreign, box):
     assert "did not answer in microbroker's shell format" in p.stdout
     p = box.run("-s", url, "-S", "exit", "up", check=False)
     assert p.returncode == 1
-    assert "%s/lease did not answer in microbroker's shell format" % url \
-        in p.stderr, p.stderr
+    # uhttpd serves a POST to a static file as the file and leaves the body
+    # unread (file.c, uh_file_request); the body then ends the connection.
+    # Whether uclient-fetch reads the page first or meets the reset is a
+    # race of the two real tools. Either way it is this URL's error.
+    assert "%s/lease did not answer in microbroker's shell format" % url in p.stderr or \
+        "no answer from %s/lease" % url in p.stderr, p.stderr
     assert box.ip_calls("l2tp", "add") == [] and box.state_files() == []
