@@ -1,9 +1,12 @@
 """Admission for `microbroker serve`: per source address a cap on open
-connections and a token bucket of requests (SourceLimits), and the one
+connections and a token bucket of requests (SourceLimits), the one
 thread that answers refused connections with a short 429 or 503
-(Refuser). Knows nothing of http.server: server.py asks and hands over.
+(Refuser), and the gate in front of the lease file's writers (WorkGate).
+Knows nothing of http.server: server.py asks and hands over.
 """
 
+import _thread
+import collections
 import socket
 import threading
 import time
@@ -77,6 +80,57 @@ class SourceLimits:
             # As many addresses as that, all busy: start again rather than
             # grow without bound.
             self.buckets.clear()
+
+
+class WorkGate:
+    """At most `slots` requests that write leases at once, let in in the
+    order they came; one not let in within `wait` seconds is answered
+    503 busy, with a Retry-After from the queue ahead of it.
+
+    Without it a storm of lease requests takes turns at the lease file's
+    lock in no order: some wait past the client's timeout, the client asks
+    again, and the work done for the first ask is wasted. Use as
+    `with gate:`."""
+
+    def __init__(self, slots, wait, clock=time.monotonic):
+        self.slots, self.wait, self.clock = slots, wait, clock
+        self.mutex = _thread.allocate_lock()
+        self.busy = 0
+        self.queue = collections.deque()     # a locked lock per waiter
+        self.took = 0.1                      # seconds a request takes, smoothed
+        self.local = threading.local()
+
+    def __enter__(self):
+        with self.mutex:
+            if self.busy < self.slots and not self.queue:
+                self.busy += 1
+                self.local.since = self.clock()
+                return self
+            waiter = _thread.allocate_lock()
+            waiter.acquire()
+            self.queue.append(waiter)
+            ahead = len(self.queue)
+        if not waiter.acquire(True, self.wait):
+            with self.mutex:
+                try:
+                    self.queue.remove(waiter)
+                except ValueError:
+                    waiter = None        # __exit__ handed us its slot just now
+            if waiter is not None:
+                drain = ahead * self.took / self.slots
+                raise BrokerError("busy", "%d lease requests ahead of this one; "
+                                  "try again" % ahead, max(1, int(drain + 0.999)))
+        self.local.since = self.clock()
+        return self
+
+    def __exit__(self, *exc):
+        took = self.clock() - self.local.since
+        with self.mutex:
+            self.took = 0.8 * self.took + 0.2 * took
+            if self.queue:
+                self.queue.popleft().release()     # the slot passes on
+            else:
+                self.busy -= 1
 
 
 class Refuser:

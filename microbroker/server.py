@@ -48,12 +48,17 @@ import http.server  # noqa: E402
 
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_listen
-from microbroker.limits import ANSWER_GRACE, Refuser, SourceLimits
+from microbroker.limits import ANSWER_GRACE, Refuser, SourceLimits, WorkGate
 from microbroker.web import REASONS, answer_format, show
 
 HARD_HEADER_LIMIT = 65536   # beyond this we stop reading, whatever the config
 DRAIN_LIMIT = 1 << 20       # bytes read after refusing a body
 DRAIN_TIME = 1.0            # seconds for that, within the request's deadline
+# Lease, renew and release requests at once (the rest wait in order): a few
+# overlap one's kernel round trips with another's Python; more only share
+# one interpreter lock. A wait well inside a client's 10 s timeout.
+WORK_SLOTS = 4
+WORK_WAIT = 4.0             # seconds
 
 
 def unquote_path(path):
@@ -479,6 +484,7 @@ class Server:
                                     cfg.request_rate, cfg.request_burst)
         self.refuser = Refuser(
             lambda e, fmt: encode_answer(app.error(e, fmt)))
+        app.gate = WorkGate(WORK_SLOTS, WORK_WAIT)
 
     def start(self):
         """Bind every listen address; returns [(host, port)] as bound."""

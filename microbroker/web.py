@@ -272,6 +272,8 @@ class App:
         self._broker = broker
         self._making = _thread.allocate_lock()
         self.sweep_on_request = sweep_on_request
+        # serve's limits.WorkGate; a CGI is one request and needs none
+        self.gate = None
 
     @property
     def broker(self):
@@ -385,20 +387,27 @@ class App:
             self._maybe_sweep(b)
         if route == "/offer":
             answer = b.offer(local)
+        elif route == "/status":
+            answer = b.status(client, **args)
         elif route == "/lease":
             why = addr_kind(family, packed)
             if why:
                 raise BrokerError("bad_request", "a %s address cannot be a "
                                   "tunnel endpoint" % why)
-            answer = b.lease(client, local=local, **args)
+            answer = self._write(b.lease, client, local=local, **args)
         elif route == "/renew":
-            answer = b.renew(client, **args)
-        elif route == "/release":
-            answer = b.release(client, **args)
+            answer = self._write(b.renew, client, **args)
         else:
-            answer = b.status(client, **args)
+            answer = self._write(b.release, client, **args)
         self._count(route, answer)
         return self.answer(200, answer, fmt[0])
+
+    def _write(self, call, *args, **kwargs):
+        """A request that writes leases: through the gate where there is one."""
+        if self.gate is None:
+            return call(*args, **kwargs)
+        with self.gate:
+            return call(*args, **kwargs)
 
     def _count(self, route=None, answer=None, code=None):
         """Counters for /metrics, shared by every process (metrics.py)."""

@@ -5,13 +5,15 @@ import fcntl
 import itertools
 import os
 import socket
+import threading
 import time
 
 import pytest
 
 from frontdoors import ServeDoor, read_to_eof, trickle
 from microbroker import web
-from microbroker.limits import SourceLimits
+from microbroker.broker import BrokerError
+from microbroker.limits import SourceLimits, WorkGate
 
 CONFIG = """
 config broker
@@ -245,3 +247,40 @@ def test_limit_defaults(tmp_path):
     cfg = mbconfig.load(config(tmp_path))
     assert (cfg.source_connections, cfg.request_rate, cfg.request_burst,
             cfg.timeout) == (8, 5.0, 20, 10)
+
+
+def test_the_work_gate_lets_writers_in_in_arrival_order():
+    gate = WorkGate(1, 30.0)
+    order = []
+
+    def writer(name):
+        with gate:
+            order.append(name)
+    gate.__enter__()                      # one request in: the rest wait
+    threads = []
+    for name in ("b", "c", "d"):
+        t = threading.Thread(target=writer, args=(name,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while len(gate.queue) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert len(gate.queue) == 3
+    gate.__exit__(None, None, None)
+    for t in threads:
+        t.join(10)
+    assert order == ["b", "c", "d"]
+    assert gate.busy == 0 and not gate.queue
+
+
+def test_a_writer_not_let_in_in_time_is_answered_busy_and_leaves_no_trace():
+    gate = WorkGate(1, 0.05)
+    with gate:
+        with pytest.raises(BrokerError) as e:
+            with gate:
+                pass
+        assert e.value.code == "busy" and e.value.retry_after >= 1
+        assert not gate.queue
+    assert gate.busy == 0
+    with gate:                           # free again, at once
+        assert gate.busy == 1
