@@ -1,7 +1,7 @@
 """A storm of clients: N clients started at once against `serve`.
 
 Run in the VM (root, L2TP):
-    tests/vm/run exec /work/main/.venv/bin/python bench/storm.py [-u] [N ...]
+    tests/vm/run exec /work/main/.venv/bin/python bench/storm.py [-u] [N ...] [-d N ...]
 
 The exit (`python3 -m microbroker serve`, kernel dataplane) is in one
 namespace; each client in a namespace of its own (one source address
@@ -17,11 +17,11 @@ each, as on a mesh), all on one bridge to the exit. Two storms per N:
   exit's.
 - driver: N threads, each in a client namespace, asking GET /offer and
   POST /lease over HTTP as the script does, and nothing else: the exit
-  alone under N simultaneous requests.
+  alone under N simultaneous requests. Sizes after -d: the driver only.
 
 Measured from the start: time until N exit ports are bridged with exactly
-N tunnels, offers' latency (a prober asking every 0.2 s, 10 s timeout as
-the client's), leases the broker re-issued (a client asking again for what
+N tunnels, offers' latency (a prober process asking every 0.2 s, 10 s timeout
+as the client's), leases the broker re-issued (a client asking again for what
 it has), CPU seconds of serve and of everything else.
 Goal (issue 17): N=100 bridged in <= 30 s, offers' p99 <= 1 s throughout.
 """
@@ -69,6 +69,23 @@ config service 'exit'
 	option lifetime '600'
 	option renew_interval '120'
 	option capacity '1000'
+"""
+
+
+PROBER = r"""
+import http.client, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while True:
+    t0 = time.perf_counter()
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=timeout)
+        c.request("GET", "/offer")
+        ok = c.getresponse().status == 200
+        c.close()
+    except OSError:
+        ok = False
+    print((time.perf_counter() - t0) * 1000 if ok else timeout * 1000, flush=True)
+    time.sleep(0.2)
 """
 
 
@@ -198,18 +215,16 @@ class Exit:
 def measure(world, n, exit_, start):
     """start() starts the N clients; then watch the kernel, probe offers.
     A result row."""
-    stop = threading.Event()
-    offers = []
-
-    def prober():
-        while not stop.is_set():
-            offers.append(offer_ms(world.probe))
-            stop.wait(0.2)
+    # The prober is a process of its own: the driver's threads share this
+    # one's interpreter lock, and would be measured with it.
+    probe = subprocess.Popen(["ip", "netns", "exec", world.probe, sys.executable, "-c",
+                              PROBER, EXIT6, "8053", str(OFFER_TIMEOUT)],
+                             stdout=subprocess.PIPE, text=True)
+    first = probe.stdout.readline()
+    assert first, "the prober did not start"
     cpu0, serve0 = cpu_seconds(), cpu_seconds(exit_.p.pid)
     t0 = time.monotonic()
     start()
-    probe = threading.Thread(target=prober, daemon=True)
-    probe.start()
     done = None
     most = 0
     while time.monotonic() - t0 < DEADLINE:
@@ -221,8 +236,9 @@ def measure(world, n, exit_, start):
         time.sleep(0.25)
     serve_cpu = cpu_seconds(exit_.p.pid) - serve0
     all_cpu = cpu_seconds() - cpu0
-    stop.set()
-    probe.join()
+    probe.terminate()
+    offers = [float(x) for x in probe.stdout.read().split()]
+    probe.wait()
     ports, tunnels = world.kernel()
     return {"n": n, "done": done, "ports": ports, "tunnels": tunnels, "most": most,
             "p50": pct(offers, 50), "p99": pct(offers, 99), "offers": len(offers),
@@ -338,7 +354,9 @@ def driver(world, n):
 
 def main():
     args = [a for a in sys.argv[1:] if a != "-u"]
-    sizes = [int(a) for a in args] or [20, 100, 200]
+    only = args.index("-d") if "-d" in args else len(args)
+    sizes = [int(a) for a in args[:only]] or ([] if args else [20, 100, 200])
+    drivers = [int(a) for a in args[only + 1:]]
     fetcher = BUSYBOX
     if "-u" in sys.argv:
         assert not owrt.missing("uclient-fetch"), owrt.missing("uclient-fetch")
@@ -347,10 +365,12 @@ def main():
     world = World(tmp)
     rows = []
     try:
-        world.grow(max(sizes))
+        world.grow(max(sizes + drivers))
         for n in sizes:
             rows.append(("driver", driver(world, n)))
             rows.append(("scripts", scripts(world, n, fetcher)))
+        for n in drivers:
+            rows.append(("driver", driver(world, n)))
     finally:
         world.close()
         print("storm: N clients started at once against serve; scripts: busybox sh with "
