@@ -84,8 +84,9 @@ class SourceLimits:
 
 class WorkGate:
     """At most `slots` requests that write leases at once, let in in the
-    order they came; one not let in within `wait` seconds is answered
-    503 busy, with a Retry-After from the queue ahead of it.
+    order they came; one not let in within `wait` seconds, or with a queue
+    ahead of it that takes longer to drain, is answered 503 busy with a
+    Retry-After from that queue.
 
     Without it a storm of lease requests takes turns at the lease file's
     lock in no order: some wait past the client's timeout, the client asks
@@ -106,10 +107,15 @@ class WorkGate:
                 self.busy += 1
                 self.local.since = self.clock()
                 return self
+            ahead = len(self.queue) + 1
+            drain = ahead * self.took / self.slots
+            if drain > self.wait:
+                # It would not get in in time: say so now, not after the wait.
+                raise BrokerError("busy", "%d lease requests ahead of this one; "
+                                  "try again" % ahead, max(1, int(drain + 0.999)))
             waiter = _thread.allocate_lock()
             waiter.acquire()
             self.queue.append(waiter)
-            ahead = len(self.queue)
         if not waiter.acquire(True, self.wait):
             with self.mutex:
                 try:

@@ -284,3 +284,26 @@ def test_a_writer_not_let_in_in_time_is_answered_busy_and_leaves_no_trace():
     assert gate.busy == 0
     with gate:                           # free again, at once
         assert gate.busy == 1
+
+
+def test_a_writer_behind_a_queue_longer_than_the_wait_is_answered_at_once():
+    gate = WorkGate(1, 1.0)
+    gate.took = 0.4                          # seconds a request has been taking
+    gate.__enter__()
+    blocked = [threading.Thread(target=lambda: gate.__enter__() and gate.__exit__(None, None, None))
+               for _ in range(2)]
+    for t in blocked:                        # 2 ahead: 0.8 s to drain, within the wait
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(gate.queue) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    with pytest.raises(BrokerError) as e:    # a third: 1.2 s, past it
+        gate.__enter__()
+    assert time.monotonic() - t0 < 0.5
+    assert e.value.code == "busy" and e.value.retry_after == 2
+    assert len(gate.queue) == 2
+    gate.__exit__(None, None, None)
+    for t in blocked:
+        t.join(10)
+    assert gate.busy == 0 and not gate.queue
