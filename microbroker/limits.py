@@ -108,11 +108,9 @@ class WorkGate:
                 self.local.since = self.clock()
                 return self
             ahead = len(self.queue) + 1
-            drain = ahead * self.took / self.slots
-            if drain > self.wait:
+            if self._drain(ahead) > self.wait:
                 # It would not get in in time: say so now, not after the wait.
-                raise BrokerError("busy", "%d lease requests ahead of this one; "
-                                  "try again" % ahead, max(1, int(drain + 0.999)))
+                raise self._busy(ahead)
             waiter = _thread.allocate_lock()
             waiter.acquire()
             self.queue.append(waiter)
@@ -123,11 +121,17 @@ class WorkGate:
                 except ValueError:
                     waiter = None        # __exit__ handed us its slot just now
             if waiter is not None:
-                drain = ahead * self.took / self.slots
-                raise BrokerError("busy", "%d lease requests ahead of this one; "
-                                  "try again" % ahead, max(1, int(drain + 0.999)))
+                raise self._busy(ahead)
         self.local.since = self.clock()
         return self
+
+    def _drain(self, ahead):
+        """Seconds until `ahead` requests are through, at the recent pace."""
+        return ahead * self.took / self.slots
+
+    def _busy(self, ahead):
+        return BrokerError("busy", "%d lease requests ahead of this one; try again"
+                           % ahead, max(1, int(self._drain(ahead) + 0.999)))
 
     def __exit__(self, *exc):
         took = self.clock() - self.local.since
