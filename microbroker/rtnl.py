@@ -211,27 +211,25 @@ class Rtnl(nl.Closing):
         """The links of one kind (IFLA_INFO_KIND: "bridge", "ip6gretap"),
         filtered by the kernel (rtnl_dump_ifinfo, 4.x on) and again here,
         for kernels that ignore the filter."""
-        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS) + \
-            nl.attr_nest(IFLA_LINKINFO, nl.attr_str(IFLA_INFO_KIND, kind))
-        try:
-            found = [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload,
-                                                                "%s links" % kind)]
-        except nl.NetlinkError as e:
-            raise _error(e, "%s link dump" % kind) from None
-        return [l for l in found if l.kind == kind]
+        return [l for l in self._links_filtered(
+            nl.attr_nest(IFLA_LINKINFO, nl.attr_str(IFLA_INFO_KIND, kind)),
+            "%s link dump" % kind) if l.kind == kind]
 
     def links_of_master(self, master):
         """The links whose master is ifindex `master` (an Open vSwitch
         datapath, whose ports the AF_BRIDGE dump leaves out), filtered by
         the kernel (IFLA_MASTER in the dump request) and again here."""
-        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS) + \
-            nl.attr_u32(IFLA_MASTER, master)
+        return [l for l in self._links_filtered(nl.attr_u32(IFLA_MASTER, master),
+                                                "link dump of master %d" % master)
+                if l.master == master]
+
+    def _links_filtered(self, attr, what):
+        """A link dump without stats, with one filter attribute."""
+        payload = ifinfomsg() + nl.attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS) + attr
         try:
-            found = [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload,
-                                                                "ports of %d" % master)]
+            return [_link(body) for _t, body in self.sock.dump(RTM_GETLINK, payload, what)]
         except nl.NetlinkError as e:
-            raise _error(e, "link dump of master %d" % master) from None
-        return [l for l in found if l.master == master]
+            raise _error(e, what) from None
 
     def bridge_ports(self):
         """Every bridge port, from the AF_BRIDGE dump (as `bridge link`):
