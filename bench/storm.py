@@ -141,17 +141,25 @@ class World:
         self.ns.cleanup()
 
 
+def ask(ns, method, path, body=None):
+    """One request to the exit from netns ns; the response, read."""
+    with inside(ns):
+        c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
+        c.connect()
+    try:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+        c.request(method, path, body, headers)
+        r = c.getresponse()
+        r.read()
+        return r
+    finally:
+        c.close()
+
+
 def offer_ms(ns):
     t0 = time.perf_counter()
     try:
-        with inside(ns):
-            c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
-            c.connect()
-        try:
-            c.request("GET", "/offer")
-            ok = c.getresponse().status == 200
-        finally:
-            c.close()
+        ok = ask(ns, "GET", "/offer").status == 200
     except OSError:
         ok = False
     return (time.perf_counter() - t0) * 1000 if ok else OFFER_TIMEOUT * 1000
@@ -311,24 +319,8 @@ def driver(world, n):
         body = "service=exit&tunnel_id=%d&session_id=%d" % (tid, tid)
         while True:
             try:
-                with inside(ns):
-                    c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
-                    c.connect()
-                try:
-                    c.request("GET", "/offer")
-                    c.getresponse().read()
-                finally:
-                    c.close()
-                with inside(ns):
-                    c = http.client.HTTPConnection(EXIT6, 8053, timeout=OFFER_TIMEOUT)
-                    c.connect()
-                try:
-                    c.request("POST", "/lease", body,
-                              {"Content-Type": "application/x-www-form-urlencoded"})
-                    r = c.getresponse()
-                    r.read()
-                finally:
-                    c.close()
+                ask(ns, "GET", "/offer")
+                r = ask(ns, "POST", "/lease", body)
                 if r.status == 200:
                     return
                 failures["HTTP %d" % r.status] += 1
