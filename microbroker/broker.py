@@ -168,7 +168,6 @@ class Broker:
     state (a second request for it while it is built is answered 503)."""
 
     def __init__(self, config, store, dataplane, clock=time.time):
-        import threading
         self.config = config
         self.store = store
         self.dataplane = dataplane
@@ -177,21 +176,24 @@ class Broker:
         # long-lived server learns them at reconcile and from IdInUse; a
         # CGI keeps None and learns from IdInUse within its one request.
         self.foreign_ids = None
-        self.ready = threading.Event()
-        self.ready.set()
+        # None: ready. A server's start-up sets an Event (a CGI never
+        # waits, and importing threading is a sixth of its start).
+        self.ready = None
 
     def hold_leases(self):
         """Lease requests wait (briefly, then 503 busy) until leases_ready():
         the server's start-up reconcile runs meanwhile; offers are answered,
         from the counts file made here if the store has none yet."""
-        self.ready.clear()
+        import threading
+        self.ready = threading.Event()
         try:
             self.store.counts()
         except Exception as e:
             log("warning", "lease counts: %s: %s", type(e).__name__, e)
 
     def leases_ready(self):
-        self.ready.set()
+        if self.ready is not None:
+            self.ready.set()
 
     # -- the offer
 
@@ -317,7 +319,7 @@ class Broker:
         if not ok and not getattr(self.dataplane, "dry_run", False):
             raise BrokerError("unavailable", "this exit cannot build "
                               "tunnels now: %s" % reason, UNAVAILABLE_RETRY)
-        if not self.ready.wait(STARTUP_WAIT):
+        if self.ready is not None and not self.ready.wait(STARTUP_WAIT):
             raise BrokerError("busy", "this exit is starting (reconciling "
                               "its kernel with its leases); ask again", 2)
         return self._lease(svc, client, endpoint, tunnel_id, session_id,

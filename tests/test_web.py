@@ -633,7 +633,8 @@ def test_cgi_bad_content_length(tmp_path):
 def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
     or anything kernel-related (with dataplane none), and an offer, a lease
-    and a renew never json, re or enum (jsonlite.py)."""
+    and a renew never json, re, enum (jsonlite.py) or threading (one
+    process, one request)."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
         "sys.exit(main())",
@@ -660,7 +661,8 @@ def test_cgi_imports_stay_small(tmp_path):
         for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
                     "cgi", "logging", "argparse", "socketserver",
                     "microbroker.netlink", "microbroker.dataplane",
-                    "microbroker.server", "ipaddress", "json", "re", "enum"):
+                    "microbroker.server", "ipaddress", "json", "re", "enum",
+                    "threading"):
             assert bad not in mods, (what, bad)
 
 
