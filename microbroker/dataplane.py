@@ -575,7 +575,7 @@ class Dataplane:
                         report["removed"].append(tid)
                 self.foreign_ids = self._foreign(live, tunnels, sessions, report["removed"])
                 self._remove_links(rt, links, owned, report)
-                self._reconcile_ovs(rt, live, services, ready, report)
+                self._reconcile_ovs(rt, live, services, ready, report, links)
                 if report["rebuilt"] or report["links_removed"]:
                     links = self._links(rt, ovs)    # indexes changed
                 self._reconcile_routes(rt, live, by_name, services, report, links)
@@ -588,18 +588,30 @@ class Dataplane:
                              any(KINDS[s.kind].layer == 3 for s in services))
         return report
 
-    def _reconcile_ovs(self, rt, live, services, ready, report):
-        """Open vSwitch bridges: leased ports and flow tables (ovs.py)."""
-        links = None
+    def _reconcile_ovs(self, rt, live, services, ready, report, links):
+        """Open vSwitch bridges: leased ports and flow tables (ovs.py).
+        `links` has the devices on the kernel datapath; one of a lease
+        that is not (its port gone from OVSDB) is looked up by name."""
         for svc in services:
             if svc.name not in ready or not ovs_backed(svc) or KINDS[svc.kind].layer != 2:
                 continue
-            links = links or {l.name for l in rt.links()}
+            mine = [l for l in live if l.service == svc.name]
+            present = set()
+            for lease in mine:
+                if lease.ifname in links or self._has_link(rt, lease.ifname):
+                    present.add(lease.ifname)
             try:
-                self._ovs_do("reconcile", svc, bridge_name(svc),
-                             [l for l in live if l.service == svc.name], links, report)
+                self._ovs_do("reconcile", svc, bridge_name(svc), mine, present, report)
             except Exception as e:
                 report["failed"].append("service %s: Open vSwitch: %s" % (svc.name, e))
+
+    @staticmethod
+    def _has_link(rt, name):
+        try:
+            rt.link(name)
+        except rtnl.NoSuchLink:
+            return False
+        return True
 
     @staticmethod
     def _sync_ports(f, live, by_name, ready, report, routed):

@@ -35,12 +35,17 @@ def lease_cookie(ofport):
     return COOKIE_LEASE | int(ofport)
 
 
-def base_flows():
+def base_flows(restricted=False):
     """Beacons never cross the bridge; everything else is switched by
-    NORMAL, which keeps protected ports apart."""
+    NORMAL, which keeps protected ports apart. Where leases are restricted,
+    only the exit's own port is switched without a profile: a port whose
+    rules are not in yet (or are gone) drops, it does not pass."""
     c = "cookie=%#x," % COOKIE_BASE
-    return [c + "priority=1000,dl_type=%#06x actions=drop" % BEACON_ETHERTYPE,
-            c + "priority=10 actions=NORMAL"]
+    beacons = c + "priority=1000,dl_type=%#06x actions=drop" % BEACON_ETHERTYPE
+    if restricted:
+        return [beacons, c + "priority=10,in_port=LOCAL actions=NORMAL",
+                c + "priority=5 actions=drop"]
+    return [beacons, c + "priority=10 actions=NORMAL"]
 
 
 def profile_flows(ofport, ports):
@@ -126,7 +131,7 @@ class Backend:
             ident = self._mgmt_ident(bridge)
             if ident is None or self._mgmt.get(bridge) != ident:
                 of = self.flows(bridge)
-                if of.count(COOKIE_BASE) != len(base_flows()):
+                if of.count(COOKIE_BASE) != len(base_flows(_restricted(service))):
                     self._rebuild(db, of, service, bridge)
                 self._mgmt[bridge] = ident
         rt.set_up(bridge)
@@ -143,7 +148,7 @@ class Backend:
         the profile of every leased port that has an ofport."""
         ports = db.ports(bridge) if ports is None else ports
         lines = ["delete cookie=%#x/%#x" % (COOKIE_BASE, COOKIE_OURS)]
-        lines += ["add " + f for f in base_flows()]
+        lines += ["add " + f for f in base_flows(_restricted(service))]
         if _restricted(service):
             for p in sorted(ports.values(), key=lambda p: p.name):
                 if ovsdb.LEASE_KEY in p.external_ids and p.ofport and p.ofport > 0:
@@ -153,16 +158,21 @@ class Backend:
 
     def join(self, lease, service, bridge):
         """The lease's device as a port: protected when the service
-        isolates, with its profile's rules once its ofport is known."""
+        isolates, with its profile's rules once its ofport is known.
+
+        An unrestricted port is not waited for: ovs-vswitchd takes it up
+        at its next reconfiguration, which goes over every port of the
+        switch, so a wait per lease costs one whole reconfiguration each,
+        while ports that come faster than vswitchd runs share one. A port
+        vswitchd cannot open shows at reconcile (Interface.error)."""
         with self.db() as db:
             db.add_port(bridge, lease.ifname, getattr(service, "isolate", True),
                         {ovsdb.LEASE_KEY: lease.lease_id})
-            # Also the check that vswitchd could open the device.
+            if not _restricted(service):
+                return
             ofport = db.ofport(lease.ifname)
-        if _restricted(service):
-            of = self.flows(bridge)
-            of.apply(["delete cookie=%#x/-1" % lease_cookie(ofport)] +
-                     ["add " + f for f in profile_flows(ofport, service.ports)])
+        self.flows(bridge).apply(["delete cookie=%#x/-1" % lease_cookie(ofport)] +
+                                 ["add " + f for f in profile_flows(ofport, service.ports)])
 
     def leave(self, lease, service, bridge):
         """Rules first, then the port: flows that name an ofport outlive it."""
@@ -198,6 +208,11 @@ class Backend:
             if report.get("ports_added"):
                 db.wait_applied()
             ports = db.ports(bridge)
+            for name in sorted(want):
+                p = ports.get(name)
+                if p is not None and p.error:
+                    report["failed"].append("%s: port %s: ovs-vswitchd: %s"
+                                            % (want[name].lease_id, name, p.error))
             n = self._rebuild(db, self.flows(bridge), service, bridge, ports)
             self._mgmt[bridge] = self._mgmt_ident(bridge)
         report.setdefault("flows_rebuilt", []).append("%s: %d rules" % (bridge, n))

@@ -15,6 +15,7 @@ DEFAULT_SOCKET = "/var/run/openvswitch/db.sock"
 DB = "Open_vSwitch"
 OFPP_LOCAL = 65534        # the bridge's own (internal) port
 RECV_SIZE = 65536
+MAX_MESSAGE = 64 << 20      # characters of one message before we give up
 LEASE_KEY = "mb-lease"    # Port.external_ids: the lease the port is for
 
 
@@ -147,19 +148,26 @@ class Ovsdb:
         """The next complete JSON value from the stream."""
         while True:
             text = self._buf.lstrip()
-            if text:
+            # Every message is an object: a prefix of one never parses, and
+            # one can be whole only where the text ends with "}". Parsing
+            # each partial read of a long reply (a select of 1,500 ports)
+            # would cost its length times the number of reads.
+            if text.rstrip().endswith("}"):
                 try:
                     msg, end = self._json.raw_decode(text)
                 except ValueError:
-                    # Every message is an object: a prefix of one never
-                    # parses, so this is "not all here yet" or garbage.
-                    if len(text) > 64 << 20:
-                        raise ProtocolError("unparsable reply from ovsdb-server") from None
+                    pass        # not all here yet, or garbage (the cap below)
                 else:
                     self._buf = text[end:]
                     if not isinstance(msg, dict):
                         raise ProtocolError("ovsdb-server sent %r" % (msg,))
                     return msg
+            self._buf = text + self._read_to_brace(MAX_MESSAGE - len(text))
+
+    def _read_to_brace(self, room):
+        """What the server sends next, up to a read that ends with "}"."""
+        parts = []
+        while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
             except socket.timeout:
@@ -169,7 +177,13 @@ class Ovsdb:
                 raise ProtocolError("ovsdb-server at %s: %s" % (self.path, e)) from None
             if not data:
                 raise ProtocolError("ovsdb-server closed the connection")
-            self._buf = text + self._dec.decode(data)
+            room -= len(data)
+            if room < 0:
+                raise ProtocolError("unparsable reply from ovsdb-server (over %d MiB)"
+                                    % (MAX_MESSAGE >> 20))
+            parts.append(self._dec.decode(data))
+            if parts[-1].rstrip().endswith("}"):
+                return "".join(parts)
 
     def call(self, method, params):
         """Send a request and return its result; raise on an error reply."""

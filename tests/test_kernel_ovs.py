@@ -1,6 +1,6 @@
 """The exit on an Open vSwitch bridge in a real kernel: L2TP pseudo-wires as
 OVS ports, isolation, beacons, a restricted profile, reconcile after
-ovs-vswitchd restarts.
+ovs-vswitchd restarts, 1,500 leases on one service.
 
 Debian's ovsdb-server and ovs-vswitchd run privately (tests/ovsutil.py),
 vswitchd in the exit's namespace, on the kernel datapath (module
@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 import ovsutil
-from microbroker import dataplane, ovs, ovsdb, rtnl
+from microbroker import dataplane, l2tp, ovs, ovsdb, rtnl
 from microbroker.leases import LeaseStore
+from microbroker.leases.record import Lease
 from nsutil import inside, ping, run, wait_for
 from test_kernel_dataplane import client_end
 
@@ -183,7 +184,7 @@ def test_reconcile_after_vswitchd_restarts(exit_net):
         assert sorted(ports) == ["br-exit", l1.ifname]
     got = exit_net.ovs.dump_flows("br-exit")
     n = len(ovs.profile_flows(1, svc.ports))
-    assert len(got) == 2 + n
+    assert len(got) == len(ovs.base_flows(True)) + n
     assert set(got) <= set(flows)
     assert ping(c1, EXIT_BR)
     assert udp_arrives(exit_net.ns, c1, "10.99.0.11", EXIT_BR, 53)
@@ -193,3 +194,54 @@ def test_reconcile_after_vswitchd_restarts(exit_net):
         report = exit_net.dp.reconcile(exit_net.store.leases(), [svc])
     assert not report.get("rebuilt") and not report.get("ports_added") and \
         not report.get("ports_removed"), report
+
+
+def outputs(net, flow):
+    """How many ports ovs-vswitchd would send this frame to."""
+    out = net.ovs.appctl("ofproto/trace", "br-exit", flow)
+    acts = [l for l in out.splitlines() if l.startswith("Datapath actions:")][-1]
+    acts = acts.split(":", 1)[1].strip()
+    return 0 if acts == "drop" else len(acts.split(","))
+
+
+def test_1500_leases_on_one_service_past_a_linux_bridge(exit_net):
+    """More ports than a Linux bridge takes (1,023): 1,500 live leases on
+    one service, each port protected once ovs-vswitchd has taken it up; a
+    client's broadcast reaches the exit only, the exit's reaches them all."""
+    n = 1500
+    svc = service()
+    cfg = SimpleNamespace(tunnel_ids=(1000, 2999), filter="", ovsdb=exit_net.ovs.socket,
+                          ovs_datapath=exit_net.cfg.ovs_datapath, services={svc.name: svc})
+    dp = dataplane.Dataplane(cfg)
+    # Leases as the store would make them (its allocations alone would
+    # take a minute under emulation, and are not what is tested here).
+    leases = [Lease("%016x" % t, "", "fc00:1::%x" % t, svc.name, "l2tpv3", "ip", "fc00:1::1",
+                    "fc00:1::%x" % t, t, t, t, t, "mb%d" % t, 1280, state="up")
+              for t in range(1000, 1000 + n)]
+    with inside(exit_net.ns):
+        for lease in leases:
+            dp.up(lease, svc)
+    try:
+        with ovsdb.Ovsdb(exit_net.ovs.socket) as db:
+            db.wait_applied(900)
+            ports = db.ports("br-exit")
+        mine = [ports[l.ifname] for l in leases]
+        assert all(p.protected and p.ofport > 0 and not p.error for p in mine)
+        bcast = "dl_dst=ff:ff:ff:ff:ff:ff,dl_type=0x0806"
+        for p in (mine[0], mine[n // 2], mine[-1]):
+            assert outputs(exit_net, "in_port=%d,dl_src=02:00:00:00:00:01,%s"
+                           % (p.ofport, bcast)) == 1
+        assert outputs(exit_net, "in_port=LOCAL," + bcast) == n
+        with inside(exit_net.ns):
+            report = dp.reconcile(leases, [svc])
+        assert report["failed"] == [] and not report.get("rebuilt")
+        assert "ports_added" not in report and "ports_removed" not in report
+    finally:
+        # Without a vswitchd to reconfigure 1,500 times, and the kernel's
+        # deletions done before the next test starts.
+        exit_net.ovs.kill("ovs-vswitchd")
+        with inside(exit_net.ns), l2tp.L2TP() as l2:
+            for t in l2.tunnels(stats=False):
+                l2.delete_tunnel(t.tunnel_id)
+        assert wait_for(lambda: run("ip", "l2tp", "show", "tunnel", ns=exit_net.ns).strip() == "",
+                        600, 1.0)

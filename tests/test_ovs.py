@@ -9,6 +9,7 @@ ask ovs-vswitchd itself (ofproto/trace) where a frame would go.
 import json
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -62,6 +63,27 @@ def test_replies_back_to_back_split_and_after_an_echo():
     assert db.transact({"op": "select"})[0]["rows"][0]["name"] == "p\u00e4"
     assert seen == [{"id": "echo", "result": [7], "error": None}]
     assert db.transact({"op": "mutate"})[0]["count"] == 1
+    t.join(5)
+
+
+def test_a_long_reply_cut_after_an_inner_brace():
+    rows = [{"name": "mb%d" % i, "external_ids": ["map", [["mb-lease", "%d" % i]]]}
+            for i in range(2000)]
+    rows[1000]["name"] = "a}b"
+
+    def server(s):
+        req, _ = _read_request(s)
+        reply = json.dumps({"id": req["id"], "result": [{"rows": rows}], "error": None})
+        # Reads that end in "}" before the end: an inner object's, and one
+        # inside a string.
+        inner = reply.index("}") + 1
+        in_string = reply.index("a}b") + 2
+        for a, b in ((0, inner), (inner, in_string), (in_string, len(reply))):
+            s.sendall(reply[a:b].encode())
+            time.sleep(0.05)    # separate reads, most likely
+
+    db, t = _pair(server)
+    assert db.transact({"op": "select"})[0]["rows"] == rows
     t.join(5)
 
 
@@ -149,7 +171,10 @@ def ensure(sw, service, backend=None):
 
 
 def ofports(sw):
+    """Once ovs-vswitchd has taken up every port (join does not wait for
+    an unrestricted one)."""
     with ovsdb.Ovsdb(sw.ovs.socket) as db:
+        db.wait_applied()
         return {n: p.ofport for n, p in db.ports("br-exit").items()}
 
 
@@ -212,9 +237,16 @@ def test_restricted_port_reaches_dns_and_web_only(switch):
     assert trace(switch, p, ip + "udp,nw_dst=10.0.0.1,udp_dst=53") == ["br-exit"]
     assert trace(switch, p, ip + "tcp,nw_dst=10.0.0.1,tcp_dst=22") == "drop"
     assert trace(switch, p, ip + "udp,nw_dst=10.0.0.1,udp_dst=443") == "drop"
+    # A port without its profile's rules (not in yet, or gone) drops even
+    # what a profile allows: it does not fall through to NORMAL.
+    devices(switch, 3)
+    with ovsdb.Ovsdb(switch.ovs.socket) as db:
+        db.add_port("br-exit", "mb3", True, {ovsdb.LEASE_KEY: "x"})
+    assert trace(switch, ofports(switch)["mb3"], "dl_src=02:00:00:00:00:03,"
+                 "dl_dst=02:6d:42:00:00:01,tcp,nw_dst=10.0.0.1,tcp_dst=80") == "drop"
     # Replies come back: the profile is on ingress from the client only.
     assert trace(switch, "LOCAL", "dl_src=02:6d:42:00:00:01,dl_dst=ff:ff:ff:ff:ff:ff,"
-                 "tcp,tcp_src=22") == ["mb1", "mb2"]
+                 "tcp,tcp_src=22") == ["mb1", "mb2", "mb3"]
     # A lease's rules go with it; the other lease keeps its own.
     n = len(ovs.profile_flows(p, s.ports))
     of = switch.backend.flows("br-exit")
@@ -232,7 +264,7 @@ def test_restart_and_reconcile_restore_ports_and_flows(switch):
     for i in (1, 2, 3):
         switch.backend.join(lease(i), s, "br-exit")
     before = switch.ovs.dump_flows("br-exit")
-    assert len(before) == 2 + 3 * len(ovs.profile_flows(1, s.ports))
+    assert len(before) == len(ovs.base_flows(True)) + 3 * len(ovs.profile_flows(1, s.ports))
     # ovs-vswitchd keeps flows in memory only: a new one starts with none
     # (fail_mode secure: nothing passes).
     switch.ovs.kill("ovs-vswitchd")
