@@ -5,8 +5,10 @@
   leases (default 1000): requests per second and median latency, one
   client and four concurrent clients;
 - resident memory of that server against a bare interpreter's;
-- wall time and peak memory of one CGI request (offer, renew) against a
-  bare `python3 -I -S -c pass`, measured in the same run, interleaved.
+- wall time and peak memory of one CGI request (offer, a new lease,
+  renew) against a bare `python3 -I -S -c pass`, measured in the same
+  run, interleaved (each lease is from a client with none, and is
+  removed again, untimed, before the next).
 
 Goals: CGI request <= 1.5x the bare interpreter, server RSS with the
 leases <= 1.5x a bare interpreter's. The data plane is `none` (no kernel
@@ -155,8 +157,9 @@ HWM = ("import os; f = open('/proc/self/status', 'rb'); "
        "if l.startswith(b'VmHWM')][0].split()[1])")
 
 
-def measured_child(argv, env, stdin, hwm=False):
-    """Wall seconds (or, with hwm, peak KiB) of one child process."""
+def measured_child(argv, env, stdin, hwm=False, after=None):
+    """Wall seconds (or, with hwm, peak KiB) of one child process; then
+    after(), untimed."""
     if hwm:
         r3, w3 = os.pipe()
         argv = argv[:-1] + ["try:\n %s\nfinally:\n %s" % (
@@ -169,6 +172,8 @@ def measured_child(argv, env, stdin, hwm=False):
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit("child failed: %s" % err.decode())
+    if after is not None:
+        after()
     if not hwm:
         return wall
     os.close(w3)
@@ -240,21 +245,38 @@ def main():
                  cgi_env(cfgpath, "GET", "/offer", c), b"")
     cgi_renew = ([py, "-I", "-S", "-c", CGI_BOOT],
                  cgi_env(cfgpath, "POST", "/renew", c, body), body)
-    res = {"bare": [], "offer": [], "renew": []}
-    for job in (bare, cgi_offer, cgi_renew):   # warm the page cache, pyc
-        measured_child(*job)
+    # A new lease each time, from a client that holds none: one address
+    # past the populated ones, its lease removed before the next run.
+    newcomer = client_addr(n_leases)
+    lease_body = b"service=v4"
+    cgi_lease = ([py, "-I", "-S", "-c", CGI_BOOT],
+                 cgi_env(cfgpath, "POST", "/lease", newcomer, lease_body),
+                 lease_body)
+    store = LeaseStore(cfg.lease_path)
+
+    def unlease():
+        held = store.leases(newcomer)
+        if len(held) != 1:
+            raise SystemExit("the CGI lease made %d leases" % len(held))
+        store.remove(held[0].lease_id)
+    jobs = (("bare", bare, None), ("offer", cgi_offer, None),
+            ("lease", cgi_lease, unlease), ("renew", cgi_renew, None))
+    res = {name: [] for name, _, _ in jobs}
+    for _, job, after in jobs:   # warm the page cache, pyc
+        measured_child(*job, after=after)
     for _ in range(rounds):
-        for name, job in (("bare", bare), ("offer", cgi_offer),
-                          ("renew", cgi_renew)):
-            res[name].append((measured_child(*job),
-                              measured_child(*job, hwm=True)))
+        for name, job, after in jobs:
+            res[name].append((measured_child(*job, after=after),
+                              measured_child(*job, hwm=True, after=after)))
     # Where a CGI request's time goes: the import of each part alone.
     parts = [
         ("front door (cgi, web, config, broker)",
          "import microbroker.cgi, microbroker.web"),
-        ("lease store (microbroker.leases)", "import microbroker.leases"),
+        ("lease store (microbroker.leases.store)",
+         "import microbroker.leases.store"),
         ("  json (only for listings of many leases)", "import json"),
-        ("  hmac, hashlib (renew's secret check)", "import hmac"),
+        ("  hashlib (OpenSSL here; leases/secret.py does without)",
+         "import hashlib"),
         ("kernel data plane (dataplane 'kernel')",
          "import microbroker.dataplane"),
     ]
@@ -301,16 +323,17 @@ def main():
          bare_resident("import http.server")),
         ("RSS: import of the server's front door",
          bare_resident("import microbroker.server")),
-        ("RSS: + lease store, dbm, hmac",
-         bare_resident("import microbroker.server, microbroker.leases, "
-                       "hmac, dbm.%s" % backend.split(".")[1])),
+        ("RSS: + lease store and its dbm",
+         bare_resident("import microbroker.server, microbroker.leases.store; "
+                       "from microbroker.leases import dbfile; "
+                       "dbfile._module(%r)" % backend)),
     ]
 
     bw, bm = med("bare", 0) * 1000, med("bare", 1)
     print()
     print("%-44s %12s %12s %8s" % ("measure", "value", "baseline", "ratio"))
     print("-" * 79)
-    for name in ("offer", "renew"):
+    for name in ("offer", "lease", "renew"):
         w, m = med(name, 0) * 1000, med(name, 1)
         print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
             "CGI %s: wall time (median of %d)" % (name, rounds), w, bw,
