@@ -103,7 +103,7 @@ def _main(env, stdin, stdout):
         max_body = 4096
     else:
         log.configure(cfg.log, cfg.log_level, cfg.log_client_addresses)
-        app = web.App(cfg, sweep_on_request=True)
+        app = web.App(cfg, sweep_on_request=True, lazy_store=True)
         max_body = cfg.max_body
     method, path, query, headers, body, n, remote, local = \
         request_from_env(env, max_body, stdin)

@@ -27,6 +27,7 @@ import time
 from bisect import bisect_left
 
 from microbroker import jsonlite
+from microbroker.leases import counts
 from microbroker.leases.dbfile import LeaseFile
 from microbroker.leases.errors import (
     BadRequest, Conflict, Exhausted, Forbidden, Full, NotFound, PoolExhausted,
@@ -60,7 +61,7 @@ class LeaseStore(LeaseFile):
         from microbroker.names import check_prefix
         check_prefix(ifname_prefix, self.tunnel_ids[1])
         self.ifname_prefix = ifname_prefix
-        self.counts_path = os.fspath(path) + ".counts"
+        self.counts_path = counts.path_of(path)
         LeaseFile.__init__(self, path, backend, lock_timeout, fsync, mode)
 
     @staticmethod
@@ -239,28 +240,15 @@ class LeaseStore(LeaseFile):
         ids.tokens, ids.stamp = tokens - 1, now
 
     def _publish(self, ids):
-        """Write <path>.counts for offers that take no lock; best effort."""
-        data = jsonlite.dumps({"total": len(ids.tunnels), "services": ids.services})
-        tmp = "%s.%d.tmp" % (self.counts_path, os.getpid())
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
-            with open(fd, "w") as f:
-                f.write(data)
-            os.replace(tmp, self.counts_path)
-        except OSError:
-            pass
+        """Write <path>.counts for offers that take no lock (counts.py)."""
+        counts.write(self.counts_path, len(ids.tunnels), ids.services, self.mode)
 
     def counts(self):
         """(total, {service: leases}) without taking the lock: from <path>.counts
         when it reads, else from the ids record (locked, then published)."""
-        try:
-            with open(self.counts_path, "rb") as f:
-                d = jsonlite.loads(f.read(65536))
-            total, services = d["total"], d["services"]
-            if isinstance(total, int) and isinstance(services, dict):
-                return total, services
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        got = counts.read(self.counts_path)
+        if got is not None:
+            return got
         with self._open(False) as tx:
             ids = tx.ids()
             self._publish(ids)
