@@ -36,6 +36,7 @@ from microbroker.leases.record import (
     _CLIENT, _EXPIRES, _F, _ID, _PEER_SESSION, _PEER_TUNNEL, _RENEWED, _SECRET,
     _SERVICE, _SESSION, _STATE, _TUNNEL, FIELDS, U32, _lease, _rows, has,
     held_items, home, udp_item)
+from microbroker.leases.secret import digest, matches
 
 STATES = ("pending", "up", "closing")
 ENCAPS = ("ip", "udp")
@@ -122,7 +123,7 @@ class LeaseStore(LeaseFile):
 
             for row in mine:
                 if row[_SERVICE] == service and row[_STATE] != "closing":
-                    row[_SECRET] = _hash(secret)
+                    row[_SECRET] = digest(secret)
                     row[_RENEWED] = now
                     row[_EXPIRES] = max(row[_EXPIRES], now + lifetime)
                     i, _ = bucket.find(row[_ID])
@@ -167,7 +168,7 @@ class LeaseStore(LeaseFile):
             lease_id = self._new_id(hb, bucket)
             row = [None] * len(FIELDS)
             values = dict(
-                lease_id=lease_id, secret_hash=_hash(secret), client=client,
+                lease_id=lease_id, secret_hash=digest(secret), client=client,
                 service=service, kind=kind, encap=encap, local=local, remote=client,
                 tunnel_id=t, peer_tunnel_id=pt, session_id=s, peer_session_id=ps,
                 ifname=f"{self.ifname_prefix}{t}", mtu=mtu, mac=mac,
@@ -271,9 +272,7 @@ class LeaseStore(LeaseFile):
 
     @staticmethod
     def _check(row, secret, client):
-        import hmac
-        ok = isinstance(secret, str) and hmac.compare_digest(_hash(secret), row[_SECRET])
-        if not ok or _client(client) != row[_CLIENT]:
+        if not matches(secret, row[_SECRET]) or _client(client) != row[_CLIENT]:
             raise Forbidden("wrong secret or address for this lease")
 
     def authorize(self, lease_id, secret, client):
@@ -440,11 +439,6 @@ class LeaseStore(LeaseFile):
         """Keep every lease whose record verifies, in a fresh file (check.py)."""
         from microbroker.leases.check import repair
         return repair(self)
-
-
-def _hash(secret):
-    import hashlib
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _free_peer(start, used):
