@@ -528,6 +528,16 @@ def test_secret_digest_is_sha256_and_matches_only_its_secret():
         assert not secret.matches(wrong, stored), (wrong, stored)
 
 
+def test_the_gnu_backend_is_dbm_gnu_itself():
+    """dbfile takes _gdbm without the dbm package (which loads dbm.ndbm)."""
+    if not have("dbm.gnu"):
+        pytest.skip("needs dbm.gnu")
+    import dbm.gnu
+    from microbroker.leases import dbfile
+    assert dbfile._module("dbm.gnu").open is dbm.gnu.open
+    assert dbfile._module("dbm.gnu").error is dbm.gnu.error
+
+
 def test_a_file_this_python_cannot_read_is_reported(tmp_path, monkeypatch):
     if not have("dbm.gnu"):
         pytest.skip("needs dbm.gnu to write the file")
