@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 BOOT = ("import sys; sys.path.insert(0, %r); "
         "from microbroker.__main__ import main; sys.exit(main())" % ROOT)
 CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
-            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+            "from microbroker.cgi import run; run()" % ROOT)
 
 CONFIG = """
 config broker

@@ -23,7 +23,7 @@ from microbroker import web
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
-            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+            "from microbroker.cgi import run; run()" % ROOT)
 TOKEN = "open-sesame-42"
 
 CONFIG = """
@@ -638,8 +638,9 @@ def test_cgi_imports_stay_small(tmp_path):
     the lease store."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
-        "sys.exit(main())",
-        "main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
+        "import run; run()",
+        "import main; main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
+    assert boot != CGI_BOOT
 
     def cgi(method, where, body=b""):
         env = {"REQUEST_METHOD": method, "PATH_INFO": where,
