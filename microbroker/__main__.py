@@ -267,7 +267,7 @@ def main(argv=None):
                              "config file only\n")
             return 2
         from microbroker.cgi import run
-        run()
+        run()       # answers, then ends the process
     if command == "check-config":
         return cmd_check_config(path, overrides, rest)
 
