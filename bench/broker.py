@@ -150,11 +150,23 @@ def bare_resident(code="pass"):
 
 # Peak memory: a child's ru_maxrss would include the RSS of the forked
 # benchmark process before exec, so the child reports its own VmHWM (the
-# high-water mark of its post-exec address space) on a pipe instead. Bare and
-# CGI runs do this the same way; wall times come from runs without it.
+# high-water mark of its post-exec address space) on a pipe instead, as it
+# ends: after its code, or in os._exit (cgi.run ends the process that way,
+# past any finally). Bare and CGI runs do this the same way; wall times come
+# from runs without it.
 HWM = ("import os; f = open('/proc/self/status', 'rb'); "
        "os.write(%d, [l for l in f.read().split(b'\\n') "
        "if l.startswith(b'VmHWM')][0].split()[1])")
+HWM_RUN = """import os as _os
+_exit = _os._exit
+def _hwm_exit(status):
+ %(hwm)s
+ _exit(status)
+_os._exit = _hwm_exit
+try:
+ %(code)s
+finally:
+ %(hwm)s"""
 
 
 def measured_child(argv, env, stdin, hwm=False, after=None):
@@ -162,8 +174,8 @@ def measured_child(argv, env, stdin, hwm=False, after=None):
     after(), untimed."""
     if hwm:
         r3, w3 = os.pipe()
-        argv = argv[:-1] + ["try:\n %s\nfinally:\n %s" % (
-            argv[-1].replace("; ", "\n "), HWM % w3)]
+        argv = argv[:-1] + [HWM_RUN % {"hwm": HWM % w3,
+                                      "code": argv[-1].replace("; ", "\n ")}]
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
