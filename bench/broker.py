@@ -5,10 +5,12 @@
   leases (default 1000): requests per second and median latency, one
   client and four concurrent clients;
 - resident memory of that server against a bare interpreter's;
-- wall time and peak memory of one CGI request (offer, a new lease,
-  renew) against a bare `python3 -I -S -c pass`, measured in the same
-  run, interleaved (each lease is from a client with none, and is
-  removed again, untimed, before the next).
+- wall time, CPU time and peak memory of one CGI request (offer, a new
+  lease, renew) against a bare `python3 -I -S -c pass`, measured in the
+  same run, interleaved (each lease is from a client with none, and is
+  removed again, untimed, before the next). CPU time (user + system, from
+  the kernel's accounting of the child) moves less than wall time when
+  other work (a VM) shares the machine.
 
 Goals: CGI request <= 1.5x the bare interpreter, server RSS with the
 leases <= 1.5x a bare interpreter's. The data plane is `none` (no kernel
@@ -17,6 +19,7 @@ work is measured here; that is bench/ of the kernel layer). Clients are
 """
 
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -169,23 +172,28 @@ finally:
  %(hwm)s"""
 
 
-def measured_child(argv, env, stdin, hwm=False, after=None):
+def measured_child(argv, env, stdin, hwm=False, after=None, cpu=False):
     """Wall seconds (or, with hwm, peak KiB) of one child process; then
-    after(), untimed."""
+    after(), untimed. cpu: (wall, its CPU seconds, user + system)."""
     if hwm:
         r3, w3 = os.pipe()
         argv = argv[:-1] + [HWM_RUN % {"hwm": HWM % w3,
                                       "code": argv[-1].replace("; ", "\n ")}]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          pass_fds=(w3,) if hwm else ())
     _, err = p.communicate(stdin)
     wall = time.perf_counter() - t0
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit("child failed: %s" % err.decode())
     if after is not None:
         after()
+    if cpu:
+        return wall, (now.ru_utime - used.ru_utime) + (now.ru_stime -
+                                                       used.ru_stime)
     if not hwm:
         return wall
     os.close(w3)
@@ -278,8 +286,9 @@ def main():
         measured_child(*job, after=after)
     for _ in range(rounds):
         for name, job, after in jobs:
-            res[name].append((measured_child(*job, after=after),
-                              measured_child(*job, hwm=True, after=after)))
+            wall, cpu = measured_child(*job, after=after, cpu=True)
+            res[name].append((wall, measured_child(*job, hwm=True,
+                                                   after=after), cpu))
     # Where a CGI request's time goes: the import of each part alone.
     parts = [
         ("front door (cgi, web, config, broker)",
@@ -341,15 +350,17 @@ def main():
                        "dbfile._module(%r)" % backend)),
     ]
 
-    bw, bm = med("bare", 0) * 1000, med("bare", 1)
+    bw, bm, bc = med("bare", 0) * 1000, med("bare", 1), med("bare", 2) * 1000
     print()
     print("%-44s %12s %12s %8s" % ("measure", "value", "baseline", "ratio"))
     print("-" * 79)
     for name in ("offer", "lease", "renew"):
-        w, m = med(name, 0) * 1000, med(name, 1)
+        w, m, c = med(name, 0) * 1000, med(name, 1), med(name, 2) * 1000
         print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
             "CGI %s: wall time (median of %d)" % (name, rounds), w, bw,
             w / bw))
+        print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
+            "CGI %s: CPU time, user + system" % name, c, bc, c / bc))
         print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
             "CGI %s: peak memory" % name, m / 1024, bm / 1024, m / bm))
     for label, wall in imports.items():
