@@ -5,8 +5,12 @@
   leases (default 1000): requests per second and median latency, one
   client and four concurrent clients;
 - resident memory of that server against a bare interpreter's;
-- wall time and peak memory of one CGI request (offer, renew) against a
-  bare `python3 -I -S -c pass`, measured in the same run, interleaved.
+- wall time, CPU time and peak memory of one CGI request (offer, a new
+  lease, renew) against a bare `python3 -I -S -c pass`, measured in the
+  same run, interleaved (each lease is from a client with none, and is
+  removed again, untimed, before the next). CPU time (user + system, from
+  the kernel's accounting of the child) moves less than wall time when
+  other work (a VM) shares the machine.
 
 Goals: CGI request <= 1.5x the bare interpreter, server RSS with the
 leases <= 1.5x a bare interpreter's. The data plane is `none` (no kernel
@@ -15,6 +19,7 @@ work is measured here; that is bench/ of the kernel layer). Clients are
 """
 
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -29,7 +34,7 @@ sys.path.insert(0, ROOT)
 BOOT = ("import sys; sys.path.insert(0, %r); "
         "from microbroker.__main__ import main; sys.exit(main())" % ROOT)
 CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
-            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+            "from microbroker.cgi import run; run()" % ROOT)
 
 CONFIG = """
 config broker
@@ -148,27 +153,47 @@ def bare_resident(code="pass"):
 
 # Peak memory: a child's ru_maxrss would include the RSS of the forked
 # benchmark process before exec, so the child reports its own VmHWM (the
-# high-water mark of its post-exec address space) on a pipe instead. Bare and
-# CGI runs do this the same way; wall times come from runs without it.
+# high-water mark of its post-exec address space) on a pipe instead, as it
+# ends: after its code, or in os._exit (cgi.run ends the process that way,
+# past any finally). Bare and CGI runs do this the same way; wall times come
+# from runs without it.
 HWM = ("import os; f = open('/proc/self/status', 'rb'); "
        "os.write(%d, [l for l in f.read().split(b'\\n') "
        "if l.startswith(b'VmHWM')][0].split()[1])")
+HWM_RUN = """import os as _os
+_exit = _os._exit
+def _hwm_exit(status):
+ %(hwm)s
+ _exit(status)
+_os._exit = _hwm_exit
+try:
+ %(code)s
+finally:
+ %(hwm)s"""
 
 
-def measured_child(argv, env, stdin, hwm=False):
-    """Wall seconds (or, with hwm, peak KiB) of one child process."""
+def measured_child(argv, env, stdin, hwm=False, after=None, cpu=False):
+    """Wall seconds (or, with hwm, peak KiB) of one child process; then
+    after(), untimed. cpu: (wall, its CPU seconds, user + system)."""
     if hwm:
         r3, w3 = os.pipe()
-        argv = argv[:-1] + ["try:\n %s\nfinally:\n %s" % (
-            argv[-1].replace("; ", "\n "), HWM % w3)]
+        argv = argv[:-1] + [HWM_RUN % {"hwm": HWM % w3,
+                                      "code": argv[-1].replace("; ", "\n ")}]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          pass_fds=(w3,) if hwm else ())
     _, err = p.communicate(stdin)
     wall = time.perf_counter() - t0
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit("child failed: %s" % err.decode())
+    if after is not None:
+        after()
+    if cpu:
+        return wall, (now.ru_utime - used.ru_utime) + (now.ru_stime -
+                                                       used.ru_stime)
     if not hwm:
         return wall
     os.close(w3)
@@ -240,21 +265,39 @@ def main():
                  cgi_env(cfgpath, "GET", "/offer", c), b"")
     cgi_renew = ([py, "-I", "-S", "-c", CGI_BOOT],
                  cgi_env(cfgpath, "POST", "/renew", c, body), body)
-    res = {"bare": [], "offer": [], "renew": []}
-    for job in (bare, cgi_offer, cgi_renew):   # warm the page cache, pyc
-        measured_child(*job)
+    # A new lease each time, from a client that holds none: one address
+    # past the populated ones, its lease removed before the next run.
+    newcomer = client_addr(n_leases)
+    lease_body = b"service=v4"
+    cgi_lease = ([py, "-I", "-S", "-c", CGI_BOOT],
+                 cgi_env(cfgpath, "POST", "/lease", newcomer, lease_body),
+                 lease_body)
+    store = LeaseStore(cfg.lease_path)
+
+    def unlease():
+        held = store.leases(newcomer)
+        if len(held) != 1:
+            raise SystemExit("the CGI lease made %d leases" % len(held))
+        store.remove(held[0].lease_id)
+    jobs = (("bare", bare, None), ("offer", cgi_offer, None),
+            ("lease", cgi_lease, unlease), ("renew", cgi_renew, None))
+    res = {name: [] for name, _, _ in jobs}
+    for _, job, after in jobs:   # warm the page cache, pyc
+        measured_child(*job, after=after)
     for _ in range(rounds):
-        for name, job in (("bare", bare), ("offer", cgi_offer),
-                          ("renew", cgi_renew)):
-            res[name].append((measured_child(*job),
-                              measured_child(*job, hwm=True)))
+        for name, job, after in jobs:
+            wall, cpu = measured_child(*job, after=after, cpu=True)
+            res[name].append((wall, measured_child(*job, hwm=True,
+                                                   after=after), cpu))
     # Where a CGI request's time goes: the import of each part alone.
     parts = [
         ("front door (cgi, web, config, broker)",
          "import microbroker.cgi, microbroker.web"),
-        ("lease store (microbroker.leases)", "import microbroker.leases"),
+        ("lease store (microbroker.leases.store)",
+         "import microbroker.leases.store"),
         ("  json (only for listings of many leases)", "import json"),
-        ("  hmac, hashlib (renew's secret check)", "import hmac"),
+        ("  hashlib (OpenSSL here; leases/secret.py does without)",
+         "import hashlib"),
         ("kernel data plane (dataplane 'kernel')",
          "import microbroker.dataplane"),
     ]
@@ -301,20 +344,23 @@ def main():
          bare_resident("import http.server")),
         ("RSS: import of the server's front door",
          bare_resident("import microbroker.server")),
-        ("RSS: + lease store, dbm, hmac",
-         bare_resident("import microbroker.server, microbroker.leases, "
-                       "hmac, dbm.%s" % backend.split(".")[1])),
+        ("RSS: + lease store and its dbm",
+         bare_resident("import microbroker.server, microbroker.leases.store; "
+                       "from microbroker.leases import dbfile; "
+                       "dbfile._module(%r)" % backend)),
     ]
 
-    bw, bm = med("bare", 0) * 1000, med("bare", 1)
+    bw, bm, bc = med("bare", 0) * 1000, med("bare", 1), med("bare", 2) * 1000
     print()
     print("%-44s %12s %12s %8s" % ("measure", "value", "baseline", "ratio"))
     print("-" * 79)
-    for name in ("offer", "renew"):
-        w, m = med(name, 0) * 1000, med(name, 1)
+    for name in ("offer", "lease", "renew"):
+        w, m, c = med(name, 0) * 1000, med(name, 1), med(name, 2) * 1000
         print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
             "CGI %s: wall time (median of %d)" % (name, rounds), w, bw,
             w / bw))
+        print("%-44s %9.1f ms %9.1f ms %7.2fx" % (
+            "CGI %s: CPU time, user + system" % name, c, bc, c / bc))
         print("%-44s %8.1f MiB %8.1f MiB %7.2fx" % (
             "CGI %s: peak memory" % name, m / 1024, bm / 1024, m / bm))
     for label, wall in imports.items():

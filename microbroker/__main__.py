@@ -266,8 +266,8 @@ def main(argv=None):
             sys.stderr.write("microbroker: cgi takes its settings from the "
                              "config file only\n")
             return 2
-        from microbroker.cgi import main as cgi_main
-        return cgi_main()
+        from microbroker.cgi import run
+        run()       # answers, then ends the process
     if command == "check-config":
         return cmd_check_config(path, overrides, rest)
 

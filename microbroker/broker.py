@@ -94,8 +94,10 @@ def open_store(config):
         raise _store_error(e) or e
 
 
-def make_broker(config, store=None, dataplane=None):
-    if store is None:
+def make_broker(config, store=None, dataplane=None, lazy=False):
+    """lazy: open the lease store when a request first needs it (a CGI: an
+    offer reads only the counts file); else now, so errors show at once."""
+    if store is None and not lazy:
         store = open_store(config)
     if dataplane is None:
         dataplane = make_dataplane(config)
@@ -169,7 +171,7 @@ class Broker:
 
     def __init__(self, config, store, dataplane, clock=time.time):
         self.config = config
-        self.store = store
+        self._store = store         # None: open_store(config) on first use
         self.dataplane = dataplane
         self.clock = clock
         # Kernel (tunnel_id, session_id) pairs no lease of ours holds: a
@@ -179,6 +181,12 @@ class Broker:
         # None: ready. A server's start-up sets an Event (a CGI never
         # waits, and importing threading is a sixth of its start).
         self.ready = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.config)
+        return self._store
 
     def hold_leases(self):
         """Lease requests wait (briefly, then 503 busy) until leases_ready():
@@ -204,7 +212,7 @@ class Broker:
         cfg = self.config
         ok, reason, kernel = self.kernel_status()
         try:
-            total, counts = self.store.counts()
+            total, counts = self._counts()
         except Exception as e:
             raise _store_error(e) or e
         services = {}
@@ -238,6 +246,16 @@ class Broker:
                        "max_per_client": cfg.max_per_client},
             "services": services,
         }
+
+    def _counts(self):
+        """(total, {service: leases}): the counts file alone while the store
+        is not open (a CGI offer does not load it), else the store's."""
+        if self._store is None:
+            from microbroker.leases import counts
+            got = counts.read(counts.path_of(self.config.lease_path))
+            if got is not None:
+                return got
+        return self.store.counts()
 
     def _free(self, svc, total, counts):
         """What a new lease of svc still finds: the least of the service's,

@@ -9,6 +9,9 @@ Paths follow PATH_INFO: /cgi-bin/microbroker/lease -> /lease. The config
 is $MICROBROKER_CONFIG or /etc/config/microbroker. The exit's endpoint for
 services without `endpoint` is SERVER_ADDR, the address the request
 arrived on.
+
+The CGI script calls run(); main() is the same answer without ending the
+process (tests, or a caller that goes on).
 """
 
 import os
@@ -63,6 +66,23 @@ def _read(stdin, n):
     return b"".join(parts)
 
 
+def run():
+    """The CGI script's entry: answer this process's request, then end it.
+
+    The interpreter's orderly shutdown frees every module and object one by
+    one: ~4 ms after a CGI request's imports, over a quarter of a bare
+    interpreter's start, for a process that is about to end anyway. Of it
+    the answer needs only stdout and stderr flushed, done here; the lease
+    store and the counters files are written to survive a kill at any
+    instruction, and this is less than that."""
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
 def main(environ=None, stdin=None, stdout=None):
     """Answer the one request this process was started for; 0."""
     env = os.environ if environ is None else environ
@@ -103,7 +123,7 @@ def _main(env, stdin, stdout):
         max_body = 4096
     else:
         log.configure(cfg.log, cfg.log_level, cfg.log_client_addresses)
-        app = web.App(cfg, sweep_on_request=True)
+        app = web.App(cfg, sweep_on_request=True, lazy_store=True)
         max_body = cfg.max_body
     method, path, query, headers, body, n, remote, local = \
         request_from_env(env, max_body, stdin)

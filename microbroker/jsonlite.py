@@ -86,7 +86,8 @@ class _Other(Exception):
 
 
 _WS = " \t\n\r"
-_NUMBER = frozenset("0123456789+-.eE")
+_NUMBER = "0123456789+-.eE"
+_WORDS = {"n": ("null", None), "t": ("true", True), "f": ("false", False)}
 
 
 def _skip(s, i):
@@ -109,6 +110,43 @@ def _number(tok):
     return float(tok) if dot or e else int(tok)
 
 
+def _number_at(s, i):
+    """(number, index after it) of the number at s[i]."""
+    # Its end by str.lstrip on a window, not a loop over characters: the
+    # meta record every lease file transaction reads is ~130 numbers.
+    t = s[i:i + 32]
+    j = i + len(t) - len(t.lstrip(_NUMBER))
+    if j == i + 32:
+        while j < len(s) and s[j] in _NUMBER:
+            j += 1
+    tok = s[i:j]
+    if tok.isdigit() and (tok[0] != "0" or j == i + 1):
+        return int(tok), j
+    return _number(tok), j
+
+
+def _flat(s, i):
+    """(dict, index after it) when s[i:] starts with a compact object of
+    plain keys and whole numbers, like the layout in the lease file's meta
+    record (~130 of them, read by every process's first transaction), split
+    apart by str methods; None for anything else, which _value reads."""
+    j = s.find("}", i)
+    body = s[i + 1:j]
+    if j < 0 or not body or "{" in body or "[" in body:
+        return None
+    out = {}
+    for item in body.split(","):
+        key, _, num = item.rpartition(":")
+        if not (len(key) >= 2 and key[0] == '"' == key[-1] and num.isdigit()
+                and num.isascii() and (num[0] != "0" or num == "0")):
+            return None
+        key = key[1:-1]
+        if '"' in key or not key.isprintable():
+            return None
+        out[key] = int(num)
+    return out, j + 1
+
+
 def _value(s, i):
     """(value, index after it) of the value at s[i]."""
     c = s[i]
@@ -118,7 +156,12 @@ def _value(s, i):
         if not text.isprintable():          # control characters: json refuses them
             raise _Other
         return text, j + 1
+    if c in "-0123456789":
+        return _number_at(s, i)
     if c == "{":
+        flat = _flat(s, i)
+        if flat is not None:
+            return flat
         out = {}
         i = _skip(s, i + 1)
         if s[i] == "}":
@@ -126,17 +169,28 @@ def _value(s, i):
         while True:
             if s[i] != '"':
                 raise _Other
-            key, i = _value(s, i)
-            i = _skip(s, i)
-            if s[i] != ":":
+            j = s.index('"', i + 1)
+            key = s[i + 1:j]
+            if not key.isprintable():
                 raise _Other
-            out[key], i = _value(s, _skip(s, i + 1))
-            i = _skip(s, i)
+            i = j + 1
+            if s[i] != ":":
+                i = _skip(s, i)
+                if s[i] != ":":
+                    raise _Other
+            i += 1
+            if s[i] in _WS:
+                i = _skip(s, i)
+            out[key], i = _value(s, i)
+            if s[i] in _WS:
+                i = _skip(s, i)
             if s[i] == "}":
                 return out, i + 1
             if s[i] != ",":
                 raise _Other
-            i = _skip(s, i + 1)
+            i += 1
+            if s[i] in _WS:
+                i = _skip(s, i)
     if c == "[":
         out = []
         i = _skip(s, i + 1)
@@ -145,21 +199,17 @@ def _value(s, i):
         while True:
             v, i = _value(s, i)
             out.append(v)
-            i = _skip(s, i)
+            if s[i] in _WS:
+                i = _skip(s, i)
             if s[i] == "]":
                 return out, i + 1
             if s[i] != ",":
                 raise _Other
             i = _skip(s, i + 1)
-    for word, v in (("null", None), ("true", True), ("false", False)):
-        if s.startswith(word, i):
-            return v, i + len(word)
-    j = i
-    while j < len(s) and s[j] in _NUMBER:
-        j += 1
-    if j == i:
-        raise _Other
-    return _number(s[i:j]), j
+    word, v = _WORDS.get(c, ("", None))
+    if word and s.startswith(word, i):
+        return v, i + len(word)
+    raise _Other
 
 
 def loads(text):

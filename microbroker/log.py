@@ -14,18 +14,15 @@ class Log:
     def __init__(self):
         self.level = LEVELS["info"]
         self.syslog = None
-        self.mask = None
+        self.hide_addresses = False
 
     def configure(self, target="stderr", level="info",
                   client_addresses=False):
-        """client_addresses False: logmask.py keeps them out of lines."""
+        """client_addresses False: logmask.py keeps them out of lines (loaded
+        by the first line that has arguments: most CGI requests log none)."""
         self.level = LEVELS[level]
         self.syslog = None
-        if client_addresses:
-            self.mask = None
-        else:
-            from microbroker.logmask import mask
-            self.mask = mask
+        self.hide_addresses = not client_addresses
         if target == "syslog":
             try:
                 import syslog
@@ -40,7 +37,10 @@ class Log:
         if n < self.level:
             return
         if args:
-            message = message % (self.mask(args) if self.mask else args)
+            if self.hide_addresses:
+                from microbroker.logmask import mask
+                args = mask(args)
+            message = message % args
         if self.syslog is not None:
             prio = {10: self.syslog.LOG_DEBUG, 20: self.syslog.LOG_INFO,
                     30: self.syslog.LOG_WARNING}.get(n, self.syslog.LOG_ERR)

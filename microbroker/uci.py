@@ -15,11 +15,35 @@ first error refuses the file: the one problem names its line.
 """
 
 _SPACE = frozenset(b" \t\n\v\f\r")       # C isspace()
-# Where a run of plain bytes ends (copied at once rather than byte by
-# byte: a CGI reads the file on every request).
-_WORD_STOPS = tuple(b"'\"#;\\\0 \t\n\v\f\r")
-_DQ_STOPS = tuple(b'"\\\0')
-_CMD_STOPS = tuple(b" \t\0")
+
+
+def _runs(stops):
+    """A bytes.translate table for _span: 0 for NUL and the stop bytes, 1
+    for the bytes a run is made of."""
+    t = bytearray(b"\1" * 256)
+    t[0] = 0
+    for c in stops:
+        t[c] = 0
+    return bytes(t)
+
+
+# Runs of plain bytes are found by translate and find, not byte by byte:
+# a CGI reads the file on every request.
+_WORD = _runs(b"'\"#;\\ \t\n\v\f\r")
+_RUN_IN = {34: _runs(b'"\\'), 39: _runs(b"'")}    # inside "..." and '...'
+_CMD = _runs(b" \t")
+_BLANKS = bytearray(256)
+for _c in _SPACE:
+    _BLANKS[_c] = 1
+_BLANKS = bytes(_BLANKS)
+
+
+def _span(buf, pos, table):
+    """How many bytes from buf[pos] on the table maps to 1."""
+    n = buf[pos:].translate(table).find(0)
+    return max(0, len(buf) - pos) if n < 0 else n
+
+
 _ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                    b"0123456789_")
 
@@ -86,7 +110,8 @@ class _Parser:
         return self.buf[i] if i < len(self.buf) else 0
 
     def cur(self):
-        return self.ch(self.pos)
+        pos = self.pos
+        return self.buf[pos] if pos < len(self.buf) else 0
 
     def cstr(self, i):
         j = self.buf.index(0, i)
@@ -107,19 +132,18 @@ class _Parser:
         return True
 
     def skip_space(self):
-        while self.cur() and self.cur() in _SPACE:
-            self.pos += 1
+        self.pos += _span(self.buf, self.pos, _BLANKS)
 
     def addc(self, target):
         self.buf[target] = self.buf[self.pos]
         self.pos += 1
         return target + 1
 
-    def run(self, target, stops):
-        """addc for every byte up to the first of stops (NUL is one)."""
+    def run(self, target, table):
+        """addc for every byte of the run at pos (see _runs)."""
         buf, pos = self.buf, self.pos
-        end = min(i for i in (buf.find(c, pos) for c in stops) if i >= 0)
-        n = end - pos
+        n = _span(buf, pos, table)
+        end = pos + n
         if target != pos:
             buf[target:target + n] = buf[pos:end]
         self.pos = end
@@ -142,7 +166,7 @@ class _Parser:
                     continue
                 target = self.addc(target)
                 continue
-            target = self.run(target, _DQ_STOPS if q == 34 else (q, 0))
+            target = self.run(target, _RUN_IN[q])
 
     def word(self, target):
         """parse_str: one argument, quotes resolved, written at target."""
@@ -164,7 +188,7 @@ class _Parser:
                     target = self.addc(target)
                 # else continued on the next line
             else:
-                target = self.run(target, _WORD_STOPS)
+                target = self.run(target, _WORD)
             c = self.cur()
             if not c or c in _SPACE:
                 break
@@ -219,8 +243,7 @@ class _Parser:
                 i += 1
             if not self.buf[i]:
                 return
-            j = min(k for k in (self.buf.find(c, i) for c in _CMD_STOPS)
-                    if k >= 0)
+            j = i + _span(self.buf, i, _CMD)
             word = bytes(self.buf[i:j])
             self.buf[j] = 0
             c, rest = word[:1], word[1:]

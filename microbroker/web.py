@@ -266,12 +266,15 @@ class App:
     store, data plane) is made on first use, so a bad path or method never
     touches the disk."""
 
-    def __init__(self, config, broker=None, sweep_on_request=False):
+    def __init__(self, config, broker=None, sweep_on_request=False,
+                 lazy_store=False):
         import _thread
         self.config = config
         self._broker = broker
         self._making = _thread.allocate_lock()
         self.sweep_on_request = sweep_on_request
+        # a CGI: the store opens when the request needs it (an offer never)
+        self.lazy_store = lazy_store
         # serve's limits.WorkGate; a CGI is one request and needs none
         self.gate = None
 
@@ -280,7 +283,8 @@ class App:
         if self._broker is None:
             with self._making:   # server threads: make exactly one
                 if self._broker is None:
-                    self._broker = _broker.make_broker(self.config)
+                    self._broker = _broker.make_broker(
+                        self.config, lazy=self.lazy_store)
         return self._broker
 
     def handle(self, method, path, query="", headers=None, body=b"",
@@ -431,6 +435,9 @@ class App:
         except OSError as e:
             log("warning", "sweep stamp %s: %s", stamp, e)
             return
+        # Opening the store makes the state directory the stamp lives in
+        # (a CGI opens it lazily: this may be the first request).
+        b.store  # noqa: B018
         try:
             with open(stamp, "a"):
                 pass

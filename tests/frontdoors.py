@@ -134,7 +134,7 @@ def cgi_script(path, config_path, python=sys.executable):
     reads through config.load, is set by the script, as an operator's
     wrapper would on a router."""
     boot = ("import sys; sys.path.insert(0, %r); "
-            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+            "from microbroker.cgi import run; run()" % ROOT)
     with open(path, "w") as f:
         f.write("#!/bin/sh\nMICROBROKER_CONFIG='%s' exec '%s' -I -S -c "
                 "\"%s\"\n" % (config_path, python, boot))

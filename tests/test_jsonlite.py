@@ -129,3 +129,21 @@ def test_dict_keys_as_json_writes_them():
             json.dumps(bad)
         with pytest.raises(TypeError):
             jsonlite.dumps(bad)
+
+
+@pytest.mark.parametrize("text", [
+    '{"a":1}', '{"a:1":2}', '{"fc00::1":3,"b":0}', '{"a":"1:2"}', '{"x":1,"y}":2}',
+    '{"x,":1}', '{"":1}', '{"a":01}', '{"a":-1}', '{"a":1,"a":2}', '{"a" :1}',
+    '{"a":1,}', '{,}', '{"a":1}}', '[{"a":1},{"b":2}]', '{"a":"b":1}', '{"a":1 }',
+    '{"a":1.5}', '{"a":\u00b2}', '{"\u00e9t\u00e9":7}', '{"l":{"b00":2560,"ids":3584},"s":1}'])
+def test_flat_objects_read_as_json_reads_them(text):
+    """The fast path for objects of plain keys and whole numbers (_flat)."""
+    try:
+        want = ("ok", json.loads(text))
+    except ValueError:
+        want = ("error",)
+    try:
+        got = ("ok", jsonlite.loads(text))
+    except ValueError:
+        got = ("error",)
+    assert got[0] == want[0] and (got[0] == "error" or same(got[1], want[1])), text

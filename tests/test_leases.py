@@ -516,6 +516,28 @@ def test_instances_made_before_the_file_exists_never_start_a_second_file(path):
     assert L.LeaseStore(path).count() == 1
 
 
+def test_secret_digest_is_sha256_and_matches_only_its_secret():
+    from microbroker.leases import secret
+    for s in ("", "0" * 32, "45dc3a04a1ca9f6738b8a89f0a02105a", "\xe9t\xe9"):
+        assert secret.digest(s) == hashlib.sha256(s.encode()).hexdigest()
+    d = secret.digest("ab" * 16)
+    assert secret.matches("ab" * 16, d)
+    for wrong, stored in (("ab" * 15 + "ac", d), ("ab" * 16, d[:-1]),
+                          ("ab" * 16, d + "0"), ("ab" * 16, ""),
+                          (None, d), (b"ab" * 16, d), ("ab" * 16, None)):
+        assert not secret.matches(wrong, stored), (wrong, stored)
+
+
+def test_the_gnu_backend_is_dbm_gnu_itself():
+    """dbfile takes _gdbm without the dbm package (which loads dbm.ndbm)."""
+    if not have("dbm.gnu"):
+        pytest.skip("needs dbm.gnu")
+    import dbm.gnu
+    from microbroker.leases import dbfile
+    assert dbfile._module("dbm.gnu").open is dbm.gnu.open
+    assert dbfile._module("dbm.gnu").error is dbm.gnu.error
+
+
 def test_a_file_this_python_cannot_read_is_reported(tmp_path, monkeypatch):
     if not have("dbm.gnu"):
         pytest.skip("needs dbm.gnu to write the file")

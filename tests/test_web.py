@@ -23,7 +23,7 @@ from microbroker import web
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
-            "from microbroker.cgi import main; sys.exit(main())" % ROOT)
+            "from microbroker.cgi import run; run()" % ROOT)
 TOKEN = "open-sesame-42"
 
 CONFIG = """
@@ -633,12 +633,14 @@ def test_cgi_bad_content_length(tmp_path):
 def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
     or anything kernel-related (with dataplane none), and an offer, a lease
-    and a renew never json, re, enum (jsonlite.py) or threading (one
-    process, one request)."""
+    and a renew never json, re, enum (jsonlite.py), threading (one
+    process, one request), OpenSSL (hashlib) or dbm.ndbm; an offer not even
+    the lease store."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
-        "sys.exit(main())",
-        "main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
+        "import run; run()",
+        "import main; main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
+    assert boot != CGI_BOOT
 
     def cgi(method, where, body=b""):
         env = {"REQUEST_METHOD": method, "PATH_INFO": where,
@@ -656,14 +658,32 @@ def test_cgi_imports_stay_small(tmp_path):
     _, renew_mods = cgi("POST", "/renew",
                         ("lease_id=%s&secret=%s" % (lease_id, secret)).encode())
     _, offer_mods = cgi("GET", "/offer")
+    # Where this Python has them: the built-in SHA-256 (leases/secret.py)
+    # instead of hashlib and hmac, which load OpenSSL; _gdbm without the
+    # dbm package, which loads dbm.ndbm and its library too.
+    builtin = subprocess.run([sys.executable, "-I", "-S", "-c",
+                              "import _sha2" if sys.version_info >= (3, 12)
+                              else "import _sha256"]).returncode == 0
+    gdbm = subprocess.run([sys.executable, "-I", "-S", "-c",
+                           "import _gdbm"]).returncode == 0
     for what, mods in (("lease", lease_mods), ("renew", renew_mods),
                        ("offer", offer_mods)):
         for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
                     "cgi", "logging", "argparse", "socketserver",
                     "microbroker.netlink", "microbroker.dataplane",
                     "microbroker.server", "ipaddress", "json", "re", "enum",
-                    "threading"):
+                    "threading") + \
+                (("hashlib", "_hashlib", "hmac") if builtin else ()) + \
+                (("dbm", "dbm.ndbm", "_dbm") if gdbm else ()):
             assert bad not in mods, (what, bad)
+    # A lease and a renew open the store; an offer reads the counts file only.
+    for what, mods in (("lease", lease_mods), ("renew", renew_mods)):
+        assert "microbroker.leases.store" in mods, what
+        assert "microbroker.leases.secret" in mods, what
+    assert "microbroker.leases.counts" in offer_mods
+    for bad in ("microbroker.leases.store", "microbroker.leases.dbfile",
+                "microbroker.leases.record", "_gdbm", "dbm.gnu"):
+        assert bad not in offer_mods, ("offer", bad)
 
 
 def test_server_rejects_what_cgi_servers_would(tmp_path):
@@ -1086,6 +1106,22 @@ def test_cgi_answers_even_when_everything_breaks(tmp_path):
     status, headers, body = door.request("GET", "/offer", "format=sh", b"",
                                          None, [], V4)
     assert status == 200 and b"STATUS='500'\nERROR='store'" in body
+
+
+def test_cgi_first_offer_on_a_new_state_dir_sweeps(tmp_path):
+    """A CGI opens the lease store only when the request needs it (an offer
+    reads the counts file); a sweep that is due opens it first, so the
+    state directory its stamp goes in exists."""
+    cfg, path = make_config(tmp_path)
+    assert not os.path.exists(cfg.state_dir)
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/offer", "QUERY_STRING": "",
+           "REMOTE_ADDR": V4, "SERVER_ADDR": V4, "MICROBROKER_CONFIG": path}
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-I", "-S", "-c", CGI_BOOT],
+                           env=env, capture_output=True, timeout=60)
+        assert r.stdout.startswith(b"Status: 200 OK\r\n"), r.stdout
+        assert r.stderr == b"", r.stderr
+        assert os.path.exists(os.path.join(cfg.state_dir, "sweep.stamp"))
 
 
 def test_cgi_last_resort_answer(monkeypatch):

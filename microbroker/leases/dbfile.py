@@ -26,6 +26,7 @@ releases, so CGI processes and server threads interleave safely.
 """
 
 import os
+import sys
 import time
 import _thread
 
@@ -125,7 +126,7 @@ def available_backends():
     out = []
     for name in BACKENDS:
         try:
-            __import__(name)
+            _module(name)
         except ImportError:
             continue
         out.append(name)
@@ -133,6 +134,16 @@ def available_backends():
 
 
 def _module(name):
+    """The backend's module; ImportError if this Python lacks it."""
+    if name == "dbm.gnu" and name not in sys.modules:
+        # Lib/dbm/gnu.py is `from _gdbm import *`, but importing it runs the
+        # dbm package, which loads dbm.ndbm and its C library: ~2 ms of a CGI
+        # request.  The package is the fallback, should _gdbm ever be renamed.
+        try:
+            import _gdbm
+            return _gdbm
+        except ImportError:
+            pass
     return __import__(name, fromlist=["open"])
 
 
@@ -424,9 +435,8 @@ class LeaseFile:
                                  f"asked for; drop the backend setting or move the file away",
                                  self.path)
             try:
-                __import__(have)
+                _module(have)
             except ImportError:
-                import sys
                 raise StoreError(f"{self.path}: the lease file was written with {have}, which "
                                  f"this Python ({sys.executable}) lacks; run the broker with a "
                                  f"Python that has it, or move the file away to start anew",
@@ -434,14 +444,14 @@ class LeaseFile:
             return have
         if wanted:
             try:
-                __import__(wanted)
+                _module(wanted)
             except ImportError:
                 raise StoreError(f"backend {wanted} is not available in this Python", self.path)
             return wanted
         # The first that imports: importing dbm.dumb loads ast and enum.
         for name in BACKENDS:
             try:
-                __import__(name)
+                _module(name)
             except ImportError:
                 continue
             return name

@@ -27,6 +27,7 @@ import time
 from bisect import bisect_left
 
 from microbroker import jsonlite
+from microbroker.leases import counts
 from microbroker.leases.dbfile import LeaseFile
 from microbroker.leases.errors import (
     BadRequest, Conflict, Exhausted, Forbidden, Full, NotFound, PoolExhausted,
@@ -35,6 +36,7 @@ from microbroker.leases.record import (
     _CLIENT, _EXPIRES, _F, _ID, _PEER_SESSION, _PEER_TUNNEL, _RENEWED, _SECRET,
     _SERVICE, _SESSION, _STATE, _TUNNEL, FIELDS, U32, _lease, _rows, has,
     held_items, home, udp_item)
+from microbroker.leases.secret import digest, matches
 
 STATES = ("pending", "up", "closing")
 ENCAPS = ("ip", "udp")
@@ -60,7 +62,7 @@ class LeaseStore(LeaseFile):
         from microbroker.names import check_prefix
         check_prefix(ifname_prefix, self.tunnel_ids[1])
         self.ifname_prefix = ifname_prefix
-        self.counts_path = os.fspath(path) + ".counts"
+        self.counts_path = counts.path_of(path)
         LeaseFile.__init__(self, path, backend, lock_timeout, fsync, mode)
 
     @staticmethod
@@ -121,7 +123,7 @@ class LeaseStore(LeaseFile):
 
             for row in mine:
                 if row[_SERVICE] == service and row[_STATE] != "closing":
-                    row[_SECRET] = _hash(secret)
+                    row[_SECRET] = digest(secret)
                     row[_RENEWED] = now
                     row[_EXPIRES] = max(row[_EXPIRES], now + lifetime)
                     i, _ = bucket.find(row[_ID])
@@ -166,7 +168,7 @@ class LeaseStore(LeaseFile):
             lease_id = self._new_id(hb, bucket)
             row = [None] * len(FIELDS)
             values = dict(
-                lease_id=lease_id, secret_hash=_hash(secret), client=client,
+                lease_id=lease_id, secret_hash=digest(secret), client=client,
                 service=service, kind=kind, encap=encap, local=local, remote=client,
                 tunnel_id=t, peer_tunnel_id=pt, session_id=s, peer_session_id=ps,
                 ifname=f"{self.ifname_prefix}{t}", mtu=mtu, mac=mac,
@@ -239,28 +241,15 @@ class LeaseStore(LeaseFile):
         ids.tokens, ids.stamp = tokens - 1, now
 
     def _publish(self, ids):
-        """Write <path>.counts for offers that take no lock; best effort."""
-        data = jsonlite.dumps({"total": len(ids.tunnels), "services": ids.services})
-        tmp = "%s.%d.tmp" % (self.counts_path, os.getpid())
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.mode)
-            with open(fd, "w") as f:
-                f.write(data)
-            os.replace(tmp, self.counts_path)
-        except OSError:
-            pass
+        """Write <path>.counts for offers that take no lock (counts.py)."""
+        counts.write(self.counts_path, len(ids.tunnels), ids.services, self.mode)
 
     def counts(self):
         """(total, {service: leases}) without taking the lock: from <path>.counts
         when it reads, else from the ids record (locked, then published)."""
-        try:
-            with open(self.counts_path, "rb") as f:
-                d = jsonlite.loads(f.read(65536))
-            total, services = d["total"], d["services"]
-            if isinstance(total, int) and isinstance(services, dict):
-                return total, services
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        got = counts.read(self.counts_path)
+        if got is not None:
+            return got
         with self._open(False) as tx:
             ids = tx.ids()
             self._publish(ids)
@@ -283,9 +272,7 @@ class LeaseStore(LeaseFile):
 
     @staticmethod
     def _check(row, secret, client):
-        import hmac
-        ok = isinstance(secret, str) and hmac.compare_digest(_hash(secret), row[_SECRET])
-        if not ok or _client(client) != row[_CLIENT]:
+        if not matches(secret, row[_SECRET]) or _client(client) != row[_CLIENT]:
             raise Forbidden("wrong secret or address for this lease")
 
     def authorize(self, lease_id, secret, client):
@@ -452,11 +439,6 @@ class LeaseStore(LeaseFile):
         """Keep every lease whose record verifies, in a fresh file (check.py)."""
         from microbroker.leases.check import repair
         return repair(self)
-
-
-def _hash(secret):
-    import hashlib
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _free_peer(start, used):
