@@ -549,9 +549,12 @@ def test_package_installs(tmp_path):
     ver = "%d.%d" % sys.version_info[:2]
     site = "/usr/lib/python%s/site-packages/microbroker" % ver
     exit_ = tree(ipkg / "microbroker")
-    modules = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT,
-                                                             "microbroker"))
-                     if f.endswith(".py"))
+    # Every module, the subpackages' too (microbroker/leases).
+    pkg = os.path.join(ROOT, "microbroker")
+    modules = sorted(os.path.relpath(os.path.join(d, f), pkg)[:-3]
+                     for d, _dirs, files in os.walk(pkg) if "__pycache__" not in d
+                     for f in files if f.endswith(".py"))
+    assert "leases/store" in modules
     assert {"%s/%s.pyc" % (site, m) for m in modules} <= set(exit_)
     assert not [f for f in exit_ if f.endswith(".py")]
     assert exit_["/usr/bin/microbroker"] == 0o755
@@ -586,6 +589,17 @@ def test_package_installs(tmp_path):
     assert p.returncode == 0, p.stderr
     import microbroker
     assert p.stdout.strip() == "microbroker %s" % microbroker.__version__
+    # ...and so do the CGI's lease store and the server, from the package
+    # alone (-I: not from this checkout).
+    p = subprocess.run([sys.executable, "-I", "-c",
+                        "import sys; sys.path.insert(0, %r); "
+                        "import microbroker.leases.store, microbroker.cgi, "
+                        "microbroker.server; print(microbroker.leases.store.__file__)"
+                        % (str(ipkg / "microbroker") + os.path.dirname(site))],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(str(ipkg / "microbroker")), p.stdout
     post = (ipkg / "microbroker-client.postinst").read_text()
     p = subprocess.run([BUSYBOX, "sh", "-c", post], stdout=subprocess.PIPE,
                        text=True, env={"PATH": "/usr/bin:/bin"})
