@@ -280,6 +280,12 @@ def main(argv=None):
     from microbroker.broker import BrokerError, log
     try:
         if command == "serve":
+            # http.client (imported by http.server) loads ssl when it can:
+            # libssl and libcrypto, ~4 MiB resident in a process that never
+            # speaks TLS (OpenWrt's python3-light has no ssl at all). None
+            # in sys.modules makes `import ssl` fail for the whole process,
+            # so http.client and anything after it (urllib.request) agree.
+            sys.modules.setdefault("ssl", None)
             from microbroker.server import serve
             serve(app, lambda: _load(path, overrides))
             return 0

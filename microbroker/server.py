@@ -22,6 +22,8 @@ normalised by web.py) unless an IPv4 listener shares its port.
 """
 
 import errno
+import http.client
+import http.server
 import io
 import os
 import signal
@@ -30,21 +32,6 @@ import socketserver
 import sys
 import threading
 import time
-
-
-# http.client (imported by http.server) loads ssl when it can: libssl and
-# libcrypto, ~4 MiB of resident memory in a process that never speaks TLS.
-# OpenWrt's python3-light has no ssl at all, so there http.client is like
-# this anyway. Only when nothing here has loaded http.client or ssl yet;
-# `import ssl` works as usual afterwards (http.client just has no HTTPS).
-if "http.client" not in sys.modules and "ssl" not in sys.modules:
-    sys.modules["ssl"] = None    # makes `import ssl` an ImportError
-    try:
-        import http.server
-    finally:
-        del sys.modules["ssl"]
-import http.client  # noqa: E402
-import http.server  # noqa: E402
 
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_listen

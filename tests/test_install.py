@@ -137,6 +137,9 @@ def test_installed_serve_answers_an_offer(installed, tmp_path):
                     dict(installed["env"], HOME=str(tmp_path)))
     try:
         assert wait_log(tmp_path, p, "listening on"), read_log(tmp_path)
+        # A server that never speaks TLS does not load OpenSSL (__main__).
+        with open("/proc/%d/maps" % p.pid) as f:
+            assert "libssl" not in f.read()
         status, body = fetch(port)
         offer = json.loads(body)
         assert status == 200 and offer["broker"]["software"] == "microbroker"
