@@ -566,6 +566,9 @@ class Dataplane:
                         report["rebuilt"].append(lease.lease_id)
                     except (OSError, ValueError, KernelUnavailable, IdInUse) as e:
                         report["failed"].append("%s: %s" % (lease.lease_id, e))
+                # Open vSwitch ports before the tunnels that no lease owns:
+                # vswitchd must let go of a port before its device goes.
+                self._reconcile_ovs(rt, live, services, ready, report, links)
                 for tid in sorted(tunnels):
                     if lo <= tid <= hi and tid not in owned:
                         try:
@@ -575,7 +578,6 @@ class Dataplane:
                         report["removed"].append(tid)
                 self.foreign_ids = self._foreign(live, tunnels, sessions, report["removed"])
                 self._remove_links(rt, links, owned, report)
-                self._reconcile_ovs(rt, live, services, ready, report, links)
                 if report["rebuilt"] or report["links_removed"]:
                     links = self._links(rt, ovs)    # indexes changed
                 self._reconcile_routes(rt, live, by_name, services, report, links)

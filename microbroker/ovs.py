@@ -25,6 +25,7 @@ BEACON_ETHERTYPE = 0xFC00
 DNS = 53
 OFCTL_TIMEOUT = 60
 BRIDGE_TIMEOUT = 30.0     # seconds
+LEAVE_WAIT = 10.0         # seconds for vswitchd to drop a leaving port
 
 
 class OfctlError(RuntimeError):
@@ -175,13 +176,21 @@ class Backend:
                                  ["add " + f for f in profile_flows(ofport, service.ports)])
 
     def leave(self, lease, service, bridge):
-        """Rules first, then the port: flows that name an ofport outlive it."""
+        """Rules first (flows that name an ofport outlive it), then the
+        port, and vswitchd's letting go of it before the caller deletes the
+        device: a port whose device is gone before its row is queried
+        (ethtool, stats) at every reconfiguration, and 400 such kept
+        vswitchd's main loop from the rest for over eight minutes."""
         with self.db() as db:
             ports = db.ports(bridge) if _restricted(service) else {}
             p = ports.get(lease.ifname)
             if p is not None and p.ofport and p.ofport > 0:
                 self.flows(bridge).apply(["delete cookie=%#x/-1" % lease_cookie(p.ofport)])
-            db.delete_port(lease.ifname)
+            if db.delete_port(lease.ifname):
+                try:
+                    db.wait_applied(LEAVE_WAIT)
+                except ovsdb.PortError:
+                    pass    # vswitchd stopped or far behind: the device goes anyway
 
     def reconcile(self, service, bridge, leases, links, report):
         """Ports of the live leases whose devices exist on the bridge, other
@@ -205,7 +214,9 @@ class Backend:
                     report.setdefault("ports_added", []).append(name)
                 except ovsdb.OvsdbError as e:
                     report["failed"].append("%s: port %s: %s" % (lease.lease_id, name, e))
-            if report.get("ports_added"):
+            if stale or report.get("ports_added"):
+                # Added ones have their ofports for the rules; removed ones
+                # are let go before the caller deletes their devices.
                 db.wait_applied()
             ports = db.ports(bridge)
             for name in sorted(want):
