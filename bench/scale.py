@@ -114,7 +114,11 @@ class Exit:
 
 def at_live(ex, live, rows):
     ex.fill(live)
-    sample = [ex.lease() for _ in range(SAMPLE)]
+    if PROFILE:
+        print("\nbroker.lease x %d at %d live:" % (SAMPLE, live))
+        sample = profiled(lambda: [ex.lease() for _ in range(SAMPLE)], "tottime")
+    else:
+        sample = [ex.lease() for _ in range(SAMPLE)]
     rows.append(("lease through the broker at %d live (median of %d)" % (live, SAMPLE),
                  median_ms([t for t, _c, _v in sample]), "ms"))
     ex.release(sample)
@@ -212,7 +216,7 @@ def reboot(ex, rows):
                  % (live, len(report["rebuilt"]), len(report["failed"])), took, "s"))
 
 
-def profiled(fn):
+def profiled(fn, order="cumulative"):
     import cProfile
     import pstats
     prof = cProfile.Profile()
@@ -221,7 +225,8 @@ def profiled(fn):
         return fn()
     finally:
         prof.disable()
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(prof, stream=sys.stdout).sort_stats(order).print_stats(30)
+        sys.stdout.flush()
 
 
 PROFILE = "-p" in sys.argv
