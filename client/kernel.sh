@@ -324,19 +324,18 @@ filters_del() {
 	return 0
 }
 
-# bridge_join: a netifd bridge (@NET) takes our link through ubus; a
-# bridge by name is a line for ether_up's `ip`.
+# bridge_join: a netifd bridge (@NET) takes our link through ubus (a
+# bridge by name is a line of ether_lines).
 bridge_join() {
 	case "$S_BRIDGE" in
-	'') return 0 ;;
 	@*)
 		ubus call "network.interface.${S_BRIDGE#@}" add_device \
 			"{ \"name\": \"$IF\" }" >/dev/null || {
 			LAST_ERR="netifd did not add $IF to interface ${S_BRIDGE#@}"
 			return 1
 		} ;;
-	*) CMDS="link set dev $IF master $S_BRIDGE$NL" ;;
 	esac
+	return 0
 }
 
 bridge_leave() {
@@ -361,15 +360,21 @@ line_of() {
 
 # batch_run: the `ip` commands in CMDS (one a line, no empty lines) in one
 # process; if one fails, LAST_ERR says which and why, FAILED is its line
-# and IP_LINE its number.
+# and IP_LINE its number (none when `ip` gave up on a bad argument:
+# invarg() exits at once).
 batch_run() {
+	FAILED=
 	ip_batch <<EOF && return 0
 $CMDS
 EOF
-	line_of "${IP_LINE:-1}" "$CMDS"
-	FAILED=$LINE
+	[ -z "$IP_LINE" ] || ! line_of "$IP_LINE" "$CMDS" || FAILED=$LINE
 	cleaned "$IP_ERR"
-	LAST_ERR="ip $FAILED failed${CLEAN:+: $CLEAN}"
+	LAST_ERR="ip ${FAILED:-"-batch"} failed${CLEAN:+: $CLEAN}"
+	# iplink.c: 'argument "BRIDGE" is wrong: Device does not exist'
+	case "$S_BRIDGE:$IP_ERR" in
+	@*) ;;
+	?*:*"\"$S_BRIDGE\""*"not exist"*) LAST_ERR="no bridge $S_BRIDGE here" ;;
+	esac
 	return 1
 }
 
@@ -383,14 +388,15 @@ build() {
 	esac
 }
 
-# build_l2tp: tunnel, session, MTU and MAC in one `ip`, then the other
-# Ethernet steps (ether_up).
+# build_l2tp: the beacon filter, then tunnel, session and the Ethernet
+# steps in one `ip` (ether_lines, ether_up).
 build_l2tp() {
 	local udp=
 	can_build l2tpv3 || {
 		LAST_ERR=$(cannot_build l2tpv3)
 		return 1
 	}
+	filters_add || return 1
 	# two keywords and two checked port numbers
 	[ "$S_ENCAP" != udp ] || udp=" udp_sport $S_UDP_SPORT udp_dport $S_UDP_DPORT"
 	CMDS="l2tp add tunnel tunnel_id $S_TUNNEL_ID peer_tunnel_id $S_PEER_TUNNEL_ID encap $S_ENCAP local $S_LOCAL remote $S_REMOTE$udp
@@ -412,6 +418,11 @@ l2tp add session name $IF tunnel_id $S_TUNNEL_ID session_id $S_SESSION_ID peer_s
 
 # build_gre: Ethernet over GRE over IPv6, keyed both ways.
 build_gre() {
+	can_build ip6gretap || {
+		LAST_ERR=$(cannot_build ip6gretap)
+		return 1
+	}
+	filters_add || return 1
 	CMDS="link add $IF type ip6gretap local $S_LOCAL remote $S_REMOTE ikey $S_IKEY okey $S_OKEY encaplimit none"
 	ether_lines
 	link_add ip6gretap kmod-gre6 || return 1
@@ -456,26 +467,27 @@ link_add() {
 	return 1
 }
 
-# ether_lines: a new layer 2 link's MTU and MAC, as lines of CMDS.
+# ether_lines: lines of CMDS for a new layer 2 link: MTU, MAC, bridge, up
+# and addresses.  The beacon filter names the interface, so it is in
+# place before (filters_add); a bridge of netifd's (@NET) takes the link
+# before it goes up (ether_up).
 ether_lines() {
 	CMDS="$CMDS${NL}link set dev $IF mtu $S_MTU"
 	[ -z "$S_MAC" ] || CMDS="$CMDS${NL}link set dev $IF address $S_MAC"
+	case "$S_BRIDGE" in
+	@*) return 0 ;;
+	?*) CMDS="$CMDS${NL}link set dev $IF master $S_BRIDGE" ;;
+	esac
+	CMDS="$CMDS${NL}link set dev $IF up"
+	address_lines
 }
 
-# ether_up: the steps of a layer 2 link once it exists with its MTU and
-# MAC: beacon filter, then in one `ip` bridge, up and addresses.
+# ether_up: into a bridge of netifd's (@NET) through ubus, then up.
 ether_up() {
-	filters_add || return 1
-	CMDS=
+	case "$S_BRIDGE" in @*) ;; *) return 0 ;; esac
 	bridge_join || return 1
-	CMDS="${CMDS}link set dev $IF up"
-	address_lines
-	batch_run && return 0
-	case "$FAILED:$IP_ERR" in
-	*" master "*:*"does not exist"*|*" master "*:*"Cannot find"*)
-		LAST_ERR="no bridge $S_BRIDGE here" ;;
-	esac
-	return 1
+	CMDS="link set dev $IF up"
+	batch_run
 }
 
 # address_lines: lines of CMDS for our addresses; not when bridged (the

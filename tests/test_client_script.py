@@ -153,6 +153,10 @@ def test_up_builds_the_tunnel_from_the_lease(box, broker):
         ("ip", "link", "set", "dev", "mb0", "master", "br-lan"),
         ("ip", "link", "set", "dev", "mb0", "up"),
     ]
+    # the beacon filter (by the interface's name) is there before the
+    # link, let alone before it is up
+    log = box.calls()
+    assert log.index(("nft", "-f", "-")) < log.index(changes[0])
     k = box.kernel()
     assert k["tunnel." + tid].split() == [tid, "7", "ip", "fc00::2",
                                           "fc00::1"]
