@@ -54,9 +54,9 @@ def strace_problem():
     return ""
 
 
+STRACE_PROBLEM = strace_problem()
 pytestmark = [owrt.need("uclient-fetch"),
-              pytest.mark.skipif(bool(strace_problem()),
-                                 reason=strace_problem() or "-")]
+              pytest.mark.skipif(bool(STRACE_PROBLEM), reason=STRACE_PROBLEM)]
 
 
 def is_nap(trace, ev):
