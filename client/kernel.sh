@@ -132,7 +132,7 @@ choose_ids() {
 	case "$1" in
 	ip6gretap|ip6tnl) ;;
 	*)
-		ip_find && "$IP" -force -batch - >"$WORK/ip" 2>/dev/null <<EOF
+		ip_show -force -batch - <<EOF
 l2tp show tunnel
 l2tp show session
 EOF
@@ -208,7 +208,7 @@ link_kind() {	# link_kind IFNAME: LINK_KIND, '' if none or not a tunnel
 tunnel_up() {
 	case "$S_KIND" in
 	l2tpv3)
-		ip_find && "$IP" -force -batch - >"$WORK/ip" 2>/dev/null <<EOF
+		ip_show -force -batch - <<EOF
 link show dev $IF
 l2tp show session
 EOF
