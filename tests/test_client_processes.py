@@ -1,0 +1,145 @@
+"""The processes microbroker-client starts for one lease and one renew.
+
+On a router's slow CPU a process start costs about as much as the exit's
+answer, so a client storm is bounded by them: this counts, under strace,
+every fork and exec of `run` against `serve` (`dataplane none`) with
+OpenWrt's real uclient-fetch and BusyBox, bridged, with the beacon filter,
+and holds them to a budget. The stand-ins' own processes (tests/standins
+scripts for ip and nft) are not counted, their exec is: one per `ip` the
+client runs. A change that adds a process to either path fails here;
+one that saves some lowers the budget.
+"""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+import owrt
+import proccount
+from frontdoors import ServeDoor
+from standins.clientutil import STANDINS, Sandbox, wait_for
+
+# Start-up and one lease up to its first nap: mkdir (the state directory)
+# and mktemp; the `ip l2tp help` probe; `wget --help` (uclient-fetch
+# under the name wget: its kind); the offer and the lease; ip for our ids
+# (tunnels and sessions), ip for what has our interface's name (nothing),
+# nft, one ip for the tunnel, session, MTU, MAC, bridge and up; mv of the
+# state file; the nap's sleep. mkdir, mktemp and mv are forks only here
+# (this BusyBox runs them without an exec; OpenWrt's execs them).
+LEASE = {"forks": 12, "execs": 9}
+# One renew: the fetch, one ip (link and session still there), mv of the
+# state file (a fork only here), the nap's sleep.
+RENEW = {"forks": 4, "execs": 3}
+
+CONFIG = """
+config broker
+	option dataplane 'none'
+	option state_dir '%s'
+	option sweep_interval '3600'
+
+config service 'exit'
+	option lifetime '600'
+"""
+
+
+def strace_problem():
+    if not proccount.STRACE:
+        return "strace is not installed (tests/setup installs it)"
+    p = subprocess.run(proccount.traced(["true"], os.devnull),
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return "strace cannot trace here: %s" % p.stderr.strip()[:200]
+    return ""
+
+
+STRACE_PROBLEM = strace_problem()
+pytestmark = [owrt.need("uclient-fetch"),
+              pytest.mark.skipif(bool(STRACE_PROBLEM), reason=STRACE_PROBLEM)]
+
+
+def is_nap(trace, ev):
+    """The `sleep` a run loop naps in between its requests: the loop's
+    own child (a watchdog's sleep is its subshell's)."""
+    return ev.kind == "exec" and ev.argv[:1] == ["sleep"] and \
+        trace.parent.get(ev.pid) == trace.list[0].pid
+
+
+def segments(trace, events):
+    """The events up to and including each nap's sleep, in order."""
+    out, cur = [], []
+    for ev in events:
+        cur.append(ev)
+        if is_nap(trace, ev):
+            out.append(cur)
+            cur = []
+    return out
+
+
+def fetches(events):
+    """The paths the fetches asked for."""
+    return ["/" + ev.argv[-1].split("/", 3)[-1].split("?")[0]
+            for ev in events if ev.kind == "exec" and "-O" in ev.argv]
+
+
+def show(events):
+    forks, execs, progs = proccount.tally(events)
+    return "%d forks, %d execs: %s" % (forks, execs, ", ".join(
+        "%s %d" % kv for kv in sorted(progs.items())))
+
+
+def test_one_lease_and_one_renew_within_their_process_budget(tmp_path):
+    cfg = tmp_path / "microbroker"
+    cfg.write_text(CONFIG % (tmp_path / "exit"))
+    door = ServeDoor(str(cfg))
+    box = Sandbox(tmp_path / "client", fetch="owrt")
+    box.add_link("br-lan")
+    host, port = door.port_for(6)
+    trace = str(tmp_path / "trace")
+    argv = proccount.traced(box.argv("-s", "http://[%s]:%d" % (host, port),
+                                     "-b", "br-lan", "run"), trace)
+    proc = subprocess.Popen(argv, env=box.env, cwd=box.tmp,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stop_at = {os.path.realpath(os.path.join(STANDINS, "bin", f))
+               for f in os.listdir(os.path.join(STANDINS, "bin"))}
+
+    def naps():
+        if not os.path.exists(trace):
+            return 0
+        t = proccount.Trace(trace)
+        return sum(1 for ev in t.events(stop_at) if is_nap(t, ev))
+    try:
+        assert wait_for(lambda: naps() >= 1 or proc.poll() is not None)
+        pidfile = os.path.join(box.state, "mb0.pid")
+        with open(pidfile) as f:
+            loop = int(f.read())
+        for n in (2, 3):
+            os.kill(loop, signal.SIGUSR1)   # netifd's renew: at once
+            assert wait_for(lambda: naps() >= n or proc.poll() is not None)
+        os.kill(loop, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        door.close()
+    assert "renewing every" in err, err
+    t = proccount.Trace(trace)
+    first, *renews = segments(t, t.events(stop_at))
+    # the client itself is the trace's first exec, not one of its processes
+    assert first[0].kind == "exec" and "microbroker-client" in \
+        " ".join(first[0].argv)
+    lease = first[1:]
+    assert len(renews) == 2, [show(r) for r in renews]
+    assert [fetches(lease), proccount.tally(lease)[2]["nft"]] == [
+        ["/offer", "/lease"], 1], show(lease)
+    for r in renews:
+        forks, execs, _ = proccount.tally(r)
+        assert fetches(r) == ["/renew"], show(r)
+        assert forks <= RENEW["forks"] and execs <= RENEW["execs"], \
+            "renew: " + show(r)
+    forks, execs, _ = proccount.tally(lease)
+    assert forks <= LEASE["forks"] and execs <= LEASE["execs"], \
+        "lease: " + show(lease)
