@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from urllib.parse import urlencode
 
@@ -40,14 +41,22 @@ def net(netns, tmp_path):
     cfg.write_text(CONFIG % {"state": tmp_path / "state", "exit": EXIT6})
     procs = []
 
-    def start():
+    def start(reconciled=False):
+        """The server, answering offers; with `reconciled`, also past its
+        start-up reconcile (offers are answered while it runs)."""
         p = subprocess.Popen(["ip", "netns", "exec", ex, sys.executable, "-m", "microbroker",
                               "-c", str(cfg), "serve"], cwd=ROOT, stderr=subprocess.PIPE,
                              text=True)
+        p.said = []
+        threading.Thread(target=lambda: p.said.extend(p.stderr), daemon=True).start()
         procs.append(p)
-        if not wait_for(lambda: _up(cl), 20):
+        if not wait_for(lambda: _up(cl), 60):
             p.terminate()
-            raise AssertionError("broker did not start: %s" % p.communicate(timeout=10)[1])
+            p.wait(10)
+            raise AssertionError("broker did not start: %s" % "".join(p.said))
+        if reconciled:
+            assert wait_for(lambda: any("reconcile" in line for line in p.said), 60), \
+                "".join(p.said)
         return p
     yield ex, cl, start, str(cfg)
     for p in procs:
@@ -140,7 +149,7 @@ def test_http_lease_builds_kernel_side_and_release_removes_it(net):
 
 def test_kernel_failure_rolls_the_lease_back(net):
     ex, cl, start, _cfg = net
-    start()
+    start(reconciled=True)      # which would remove a tunnel in its id range
     # Take the exit's tunnel id the store will hand out first: the kernel refuses.
     run("ip", "l2tp", "add", "tunnel", "tunnel_id", 100, "peer_tunnel_id", 9, "encap", "ip",
         "local", EXIT6, "remote", "fc00:1::99", ns=ex)
