@@ -6,6 +6,7 @@ and iproute2's ip/ipl2tp.c.
 
 import errno
 import ipaddress
+import os
 import struct
 from collections import namedtuple
 
@@ -122,7 +123,8 @@ def _error(e, what):
         text = "%s: local address not configured here (or still tentative)" % what
     else:
         cls = L2TPError
-        text = "%s: %s" % (what, e.strerror)
+        # e.strerror already names `what` and the extended ack.
+        text = "%s: %s" % (what, os.strerror(code))
     if e.ext_msg:
         text += " (%s)" % e.ext_msg
     return cls(code, text)

@@ -6,6 +6,7 @@ if_tunnel.h and if_bridge.h.
 
 import errno
 import ipaddress
+import os
 import socket
 import struct
 from collections import namedtuple
@@ -125,7 +126,8 @@ def _error(e, what):
     elif code == errno.EPERM:
         cls, text = LinkError, "%s: permission denied (needs CAP_NET_ADMIN)" % what
     else:
-        cls, text = LinkError, "%s: %s" % (what, e.strerror)
+        # e.strerror already names `what` and the extended ack.
+        cls, text = LinkError, "%s: %s" % (what, os.strerror(code))
     if e.ext_msg:
         text += " (%s)" % e.ext_msg
     return cls(code, text)

@@ -311,3 +311,12 @@ def test_nft_commit_waits_for_every_message_and_raises_the_first_error():
     assert e.value.errno == errno.ERESTART
     n = _nft_with([[(2, 0), (1, 0)]])
     n.commit([(nft.NFT_MSG_DELSETELEM, 0, b""), (nft.NFT_MSG_NEWSETELEM, 0, b"")])
+
+
+def test_a_refusal_names_its_object_and_reason_once():
+    e = nl.NetlinkError(errno.EXFULL, "", "mb1024 port of br-x")
+    assert str(rtnl._error(e, "mb1024 port of br-x")) == \
+        "[Errno 54] mb1024 port of br-x: Exchange full"
+    e = nl.NetlinkError(errno.EINVAL, "bad attr", "l2tp tunnel 5")
+    assert str(l2tp._error(e, "l2tp tunnel 5")) == \
+        "[Errno 22] l2tp tunnel 5: Invalid argument (bad attr)"
