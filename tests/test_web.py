@@ -634,8 +634,7 @@ def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
     or anything kernel-related (with dataplane none), and an offer, a lease
     and a renew never json, re, enum (jsonlite.py), threading (one
-    process, one request), OpenSSL (hashlib) or dbm.ndbm; an offer not even
-    the lease store."""
+    process, one request) or dbm.ndbm; an offer not even the lease store."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
         "import run; run()",
@@ -658,12 +657,8 @@ def test_cgi_imports_stay_small(tmp_path):
     _, renew_mods = cgi("POST", "/renew",
                         ("lease_id=%s&secret=%s" % (lease_id, secret)).encode())
     _, offer_mods = cgi("GET", "/offer")
-    # Where this Python has them: the built-in SHA-256 (leases/secret.py)
-    # instead of hashlib and hmac, which load OpenSSL; _gdbm without the
-    # dbm package, which loads dbm.ndbm and its library too.
-    builtin = subprocess.run([sys.executable, "-I", "-S", "-c",
-                              "import _sha2" if sys.version_info >= (3, 12)
-                              else "import _sha256"]).returncode == 0
+    # Where this Python has it: _gdbm without the dbm package, which loads
+    # dbm.ndbm and its library too.
     gdbm = subprocess.run([sys.executable, "-I", "-S", "-c",
                            "import _gdbm"]).returncode == 0
     for what, mods in (("lease", lease_mods), ("renew", renew_mods),
@@ -673,7 +668,6 @@ def test_cgi_imports_stay_small(tmp_path):
                     "microbroker.netlink", "microbroker.dataplane",
                     "microbroker.server", "ipaddress", "json", "re", "enum",
                     "threading") + \
-                (("hashlib", "_hashlib", "hmac") if builtin else ()) + \
                 (("dbm", "dbm.ndbm", "_dbm") if gdbm else ()):
             assert bad not in mods, (what, bad)
     # A lease and a renew open the store; an offer reads the counts file only.

@@ -1,40 +1,23 @@
 """A lease's secret: kept as its SHA-256 (lowercase hex), checked against it.
 
-SHA-256 is Python's built-in implementation where the interpreter has one.
-hashlib (and hmac, which imports it) loads OpenSSL's libcrypto whenever
-the Python has _hashlib: about 5 ms, a third of a bare interpreter's start,
-on every CGI lease and renew on Debian. OpenWrt's python3-light has no
-_hashlib, so hashlib uses the built-in module there anyway. That module
-is _sha256 up to Python 3.11 and _sha2 from 3.12 (chosen by version: a
-failed import costs a search of sys.path); a Python without it gets
-hashlib's, so a renamed module costs time, never a failure. The digest
-is the same either way (tests compare it with hashlib's).
+hashlib and hmac load OpenSSL's libcrypto where the Python has _hashlib
+(about 5 ms of a CGI lease or renew on Debian); OpenWrt's python3-light has
+no _hashlib, and hashlib uses its built-in SHA-256 there. Imported only by
+the requests that need a secret: an offer never does.
 """
 
-import sys
-
-try:
-    if sys.version_info >= (3, 12):
-        from _sha2 import sha256
-    else:
-        from _sha256 import sha256
-except ImportError:
-    from hashlib import sha256
+import hashlib
+import hmac
 
 
 def digest(secret):
     """The stored form of a secret (a str)."""
-    return sha256(secret.encode()).hexdigest()
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def matches(secret, stored):
     """Whether `secret` is the one whose digest is `stored`, in a time that
-    does not depend on where the digests differ (hmac.compare_digest would
-    load libcrypto; see above)."""
+    does not depend on where the digests differ."""
     if not isinstance(secret, str) or not isinstance(stored, str):
         return False
-    a, b = digest(secret).encode(), stored.encode()
-    diff = len(a) ^ len(b)
-    for x, y in zip(a, b if len(a) == len(b) else a):
-        diff |= x ^ y
-    return diff == 0
+    return hmac.compare_digest(digest(secret).encode(), stored.encode())
