@@ -296,8 +296,8 @@ def main():
         ("lease store (microbroker.leases.store)",
          "import microbroker.leases.store"),
         ("  json (only for listings of many leases)", "import json"),
-        ("  hashlib (OpenSSL here; leases/secret.py does without)",
-         "import hashlib"),
+        ("  hashlib, hmac (a secret's check: OpenSSL where Python has _hashlib)",
+         "import hashlib, hmac"),
         ("kernel data plane (dataplane 'kernel')",
          "import microbroker.dataplane"),
     ]
