@@ -535,9 +535,8 @@ class Dataplane:
             l2 = None      # an exit of GRE and ip6tnl only, without L2TP modules
         try:
             with rtnl.Rtnl() as rt:
-                tunnels = {t.tunnel_id: t for t in l2.tunnels(stats=False)} if l2 else {}
-                sessions = {(s.tunnel_id, s.session_id): s
-                            for s in l2.sessions(stats=False)} if l2 else {}
+                tunnels = l2.tunnel_remotes() if l2 else {}     # {id: remote}
+                sessions = l2.session_ids() if l2 else set()
                 # Bridges and filter rules first: a restart after `nft flush
                 # ruleset` or a reboot must not leave beacons or isolation open.
                 ready = set()
@@ -556,11 +555,11 @@ class Dataplane:
                     if svc is None:
                         continue
                     link = links.get(lease.ifname)
-                    t = tunnels.get(lease.tunnel_id)
-                    if self._intact(lease, link, t, sessions):
+                    if self._intact(lease, link, tunnels.get(lease.tunnel_id), sessions):
                         continue
                     try:
-                        if t is not None and t.remote != lease.remote:
+                        if lease.tunnel_id in tunnels and \
+                                tunnels[lease.tunnel_id] != lease.remote:
                             l2.delete_tunnel(lease.tunnel_id)
                         self.up(lease, svc)
                         report["rebuilt"].append(lease.lease_id)
@@ -671,12 +670,13 @@ class Dataplane:
         return out | {(t, 0) for t in tunnels if t not in skip}
 
     @staticmethod
-    def _intact(lease, link, tunnel, sessions):
-        """Is the lease's interface in the kernel as up() would build it?"""
+    def _intact(lease, link, remote, sessions):
+        """Is the lease's interface in the kernel as up() would build it?
+        `remote`: its tunnel's, None without a tunnel."""
         if link is None or link.mtu != lease.mtu or not link.flags & rtnl.IFF_UP:
             return False
         if lease.kind == "l2tpv3":
-            return tunnel is not None and tunnel.remote == lease.remote and \
+            return remote is not None and remote == lease.remote and \
                 (lease.tunnel_id, lease.session_id) in sessions and bool(link.master)
         return link.kind == lease.kind and link.remote == lease.remote and \
             link.local == lease.local and \

@@ -81,6 +81,8 @@ Session = namedtuple("Session", "tunnel_id session_id peer_tunnel_id peer_sessio
 ZERO_STATS = Stats(0, 0, 0, 0, 0, 0)
 # Every attribute a dump reply may carry that we read, counters aside.
 _NO_STATS = frozenset(range(1, 35)) - {L2TP_ATTR_STATS}
+_REMOTE_ATTRS = frozenset((L2TP_ATTR_CONN_ID, L2TP_ATTR_IP_DADDR, L2TP_ATTR_IP6_DADDR))
+_ID_ATTRS = frozenset((L2TP_ATTR_CONN_ID, L2TP_ATTR_SESSION_ID))
 
 
 class L2TPError(OSError):
@@ -298,6 +300,20 @@ class L2TP(nl.Closing):
         except nl.NetlinkError as e:
             raise _error(e, "l2tp tunnel dump") from None
 
+    def tunnel_remotes(self):
+        """{tunnel_id: remote address} of every tunnel: what reconcile
+        compares, from a dump that reads three attributes of each (a third
+        of tunnels()' time at a thousand tunnels)."""
+        out = {}
+        try:
+            for a in self.sock.dump_cmd(L2TP_CMD_TUNNEL_GET, b"", "l2tp tunnel dump",
+                                        _REMOTE_ATTRS):
+                raw = a.get(L2TP_ATTR_IP6_DADDR) or a.get(L2TP_ATTR_IP_DADDR)
+                out[nl.get_u32(a, L2TP_ATTR_CONN_ID)] = nl.addr_text(raw) if raw else None
+        except nl.NetlinkError as e:
+            raise _error(e, "l2tp tunnel dump") from None
+        return out
+
     # -- sessions --
     def create_session(self, tunnel_id, session_id, peer_session_id, ifname=None, cookie=None,
                        peer_cookie=None, l2spec=L2TP_L2SPECTYPE_DEFAULT):
@@ -336,6 +352,16 @@ class L2TP(nl.Closing):
         try:
             return [_session(a) for a in self.sock.dump_cmd(L2TP_CMD_SESSION_GET, b"",
                                                              "l2tp session dump", wanted)]
+        except nl.NetlinkError as e:
+            raise _error(e, "l2tp session dump") from None
+
+
+    def session_ids(self):
+        """{(tunnel_id, session_id)} of every session."""
+        try:
+            return {(nl.get_u32(a, L2TP_ATTR_CONN_ID), nl.get_u32(a, L2TP_ATTR_SESSION_ID))
+                    for a in self.sock.dump_cmd(L2TP_CMD_SESSION_GET, b"",
+                                                "l2tp session dump", _ID_ATTRS)}
         except nl.NetlinkError as e:
             raise _error(e, "l2tp session dump") from None
 

@@ -114,23 +114,37 @@ def attr_nest(atype, *children):
 
 
 def parse_attrs(data, offset=0, end=None, wanted=None):
-    """Attributes in data[offset:end] as {type: payload bytes}; last one wins.
+    """Attributes in data[offset:end] as {type: payload bytes}; the last of
+    a type wins, or with `wanted` the first.
 
     Types are masked: the kernel sends some nests without NLA_F_NESTED.
-    wanted, a set of types, skips copying the rest: a link dump carries
-    dozens of attributes per link and reconcile needs three.
+    wanted, a set of types, skips copying the rest and stops once each of
+    them is found (the kernel sends a top-level type once): a link dump
+    carries dozens of attributes per link and reconcile needs three.
     """
     out = {}
     if end is None:
         end = len(data)
     unpack = NLATTR.unpack_from
+    if wanted is None:
+        while offset + 4 <= end:
+            n, atype = unpack(data, offset)
+            if n < 4 or offset + n > end:
+                break
+            out[atype & NLA_TYPE_MASK] = bytes(data[offset + 4:offset + n])
+            offset += (n + 3) & ~3
+        return out
+    left = len(wanted)
     while offset + 4 <= end:
         n, atype = unpack(data, offset)
         if n < 4 or offset + n > end:
             break
         atype &= NLA_TYPE_MASK
-        if wanted is None or atype in wanted:
+        if atype in wanted and atype not in out:
             out[atype] = bytes(data[offset + 4:offset + n])
+            left -= 1
+            if not left:
+                break
         offset += (n + 3) & ~3
     return out
 

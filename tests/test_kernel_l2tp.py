@@ -55,6 +55,9 @@ def test_tunnel_created_by_iproute2_is_read_by_us(pair):
         assert (s.tunnel_id, s.session_id, s.peer_tunnel_id, s.peer_session_id, s.ifname,
                 s.pw_type) == (7, 70, 8, 80, "mbs7", l2tp.L2TP_PWTYPE_ETH)
         assert l2.get_session(7, 70).ifname == "mbs7"
+        # Reconcile's reads of the same dumps.
+        assert l2.tunnel_remotes() == {7: B6}
+        assert l2.session_ids() == {(7, 70)}
 
 
 def test_delete_by_us_is_gone_for_iproute2(pair):

@@ -207,6 +207,63 @@ def test_wanted_skips_other_attributes_and_stats_can_be_left_out():
     assert t.tunnel_id == 3 and t.stats == l2tp.ZERO_STATS
 
 
+def _dump_of(cmd, messages):
+    """A fake genl socket answering one dump with these attribute blobs."""
+    class Sock:
+        def send(self, data):
+            seq = nl.NLMSGHDR.unpack_from(data)[3]
+            parts = [nl.message(0x20, nl.NLM_F_MULTI, seq, nl.genl_header(cmd, 1) + m)
+                     for m in messages]
+            self.out = [b"".join(parts), nl.message(nl.NLMSG_DONE, nl.NLM_F_MULTI, seq,
+                                                     struct.pack("=i", 0))]
+            return len(data)
+
+        def recv(self, n):
+            return self.out.pop(0)
+    s = nl.GenlSocket.__new__(nl.GenlSocket)
+    s.family_id, s.version, s.seq, s.sock = 0x20, 1, 1, Sock()
+    l2 = l2tp.L2TP.__new__(l2tp.L2TP)
+    l2.sock = s
+    return l2
+
+
+def _stats_nest():
+    return nl.attr(l2tp.L2TP_ATTR_STATS, b"".join(nl.attr_u64(i, 99) for i in range(1, 11)))
+
+
+def test_reconcile_reads_of_tunnels_and_sessions_agree_with_the_full_dumps():
+    # Attribute order as l2tp_nl_tunnel_send / l2tp_nl_session_send write them.
+    a6, b6 = (socket.inet_pton(socket.AF_INET6, "fc00::%d" % i) for i in (1, 2))
+    tunnels = [nl.attr_u32(l2tp.L2TP_ATTR_CONN_ID, 7) + nl.attr_u32(l2tp.L2TP_ATTR_PEER_CONN_ID, 8) +
+               nl.attr_u8(l2tp.L2TP_ATTR_PROTO_VERSION, 3) +
+               nl.attr_u16(l2tp.L2TP_ATTR_ENCAP_TYPE, l2tp.L2TP_ENCAPTYPE_IP) + _stats_nest() +
+               nl.attr(l2tp.L2TP_ATTR_IP6_SADDR, a6) + nl.attr(l2tp.L2TP_ATTR_IP6_DADDR, b6),
+               nl.attr_u32(l2tp.L2TP_ATTR_CONN_ID, 9) + nl.attr_u32(l2tp.L2TP_ATTR_PEER_CONN_ID, 1) +
+               nl.attr_u16(l2tp.L2TP_ATTR_ENCAP_TYPE, l2tp.L2TP_ENCAPTYPE_UDP) + _stats_nest() +
+               nl.attr(l2tp.L2TP_ATTR_IP_SADDR, socket.inet_aton("10.0.0.1")) +
+               nl.attr(l2tp.L2TP_ATTR_IP_DADDR, socket.inet_aton("10.0.0.2"))]
+    full = _dump_of(l2tp.L2TP_CMD_TUNNEL_GET, tunnels).tunnels(stats=False)
+    assert _dump_of(l2tp.L2TP_CMD_TUNNEL_GET, tunnels).tunnel_remotes() == \
+        {t.tunnel_id: t.remote for t in full} == {7: "fc00::2", 9: "10.0.0.2"}
+    sessions = [nl.attr_u32(l2tp.L2TP_ATTR_CONN_ID, t) + nl.attr_u32(l2tp.L2TP_ATTR_SESSION_ID, s) +
+                nl.attr_u32(l2tp.L2TP_ATTR_PEER_CONN_ID, 1) +
+                nl.attr_u32(l2tp.L2TP_ATTR_PEER_SESSION_ID, 2) +
+                nl.attr_u16(l2tp.L2TP_ATTR_PW_TYPE, l2tp.L2TP_PWTYPE_ETH) +
+                nl.attr_str(l2tp.L2TP_ATTR_IFNAME, "mb%d" % t) + _stats_nest()
+                for t, s in ((7, 70), (7, 71), (9, 90))]
+    full = _dump_of(l2tp.L2TP_CMD_SESSION_GET, sessions).sessions(stats=False)
+    assert _dump_of(l2tp.L2TP_CMD_SESSION_GET, sessions).session_ids() == \
+        {(s.tunnel_id, s.session_id) for s in full} == {(7, 70), (7, 71), (9, 90)}
+
+
+def test_wanted_stops_once_each_is_found():
+    # What follows the wanted attributes is not read: here a truncated one.
+    data = nl.attr_u32(3, 1) + nl.attr_u32(4, 2) + nl.attr_u32(3, 5) + b"\xff\x00\x05"
+    assert nl.parse_attrs(data, wanted={3, 4}) == {3: struct.pack("=I", 1),
+                                                   4: struct.pack("=I", 2)}
+    assert nl.parse_attrs(data)[3] == struct.pack("=I", 5)
+
+
 # ---- nf_tables (reference: /work/shared/reference/nftables-netlink.md, section 10,
 # a batch nft 1.0.6 and the 6.1 kernel agreed on) ----------------------------
 
