@@ -62,8 +62,9 @@ def client_addr(i):
 
 def populate(cfg, n):
     """n leases through the broker itself, one per client address."""
-    from microbroker import broker
-    b = broker.make_broker(cfg, dataplane=broker.NullDataplane())
+    from microbroker.nulldataplane import NullDataplane
+    from microbroker.wiring import make_broker
+    b = make_broker(cfg, dataplane=NullDataplane())
     out = []
     for i in range(n):
         c = client_addr(i)

@@ -27,7 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from microbroker import broker as mb, config as mbconfig, dataplane, l2tp  # noqa: E402
+from microbroker import broker as mb, config as mbconfig, dataplane, l2tp, reconcile, wiring  # noqa: E402
 from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
 
 EXIT6 = "fc00:1::1"
@@ -71,7 +71,7 @@ class Exit:
 
     def open(self):
         self.cfg = mbconfig.load(self.path)
-        self.store = mb.open_store(self.cfg)
+        self.store = wiring.open_store(self.cfg)
         self.dp = dataplane.Dataplane(self.cfg)
         self.broker = mb.Broker(self.cfg, self.store, self.dp)
 
@@ -145,7 +145,7 @@ def kernel_part(ex, rows):
             for what, fn in (("l2tp tunnel dump", lambda: l2.tunnels(stats=False)),
                              ("l2tp session dump", lambda: l2.sessions(stats=False)),
                              ("link dumps (bridge ports, kinds)",
-                              lambda: ex.dp._links(rt)),
+                              lambda: reconcile.link_dump(rt)),
                              ("full link dump (before)", rt.links)):
                 t0 = time.perf_counter()
                 fn()

@@ -3,23 +3,19 @@ the exit's data plane are touched.
 
 The broker never parses HTTP and never talks netlink: web.py hands it
 checked values, and a dataplane object (microbroker.dataplane.Dataplane, or
-NullDataplane here for `dataplane 'none'`) builds the kernel side. A lease
-is only answered once the data plane has built it; if that fails the lease
-is removed again.
+nulldataplane.NullDataplane for `dataplane 'none'`; wiring.py picks it)
+builds the kernel side. A lease is only answered once the data plane has
+built it; if that fails the lease is removed again. What the client is
+told is offer.py's and clientview.py's.
 
 Imports stay cheap (no leases, no dataplane at module level) because a CGI
 request loads this module every time.
 """
 
-import os
 import time
 
-from microbroker import __version__
 from microbroker.log import LEVELS, Log, log  # noqa: F401 (broker.log for the front doors)
-from microbroker.nulldataplane import BrokenDataplane, NullDataplane  # noqa: F401
-from microbroker.addresses import lease_mac, routed_address  # noqa: F401
-
-API_VERSION = 1
+from microbroker.addresses import lease_mac
 
 # Retry-After for 429/503 when nothing better is known.
 DEFAULT_RETRY = 60
@@ -46,62 +42,6 @@ class BrokerError(Exception):
         if retry_after is None and code in RETRY_CODES:
             retry_after = DEFAULT_RETRY
         self.retry_after = retry_after
-
-
-def make_dataplane(config):
-    if config.dataplane == "none":
-        return NullDataplane(config)
-    try:
-        from microbroker import dataplane
-        return dataplane.Dataplane(config)
-    except Exception as e:  # a missing module or its set-up failing
-        reason = "kernel dataplane unavailable: %s: %s" % (
-            type(e).__name__, e)
-        return BrokenDataplane(reason)
-
-
-class _Never(Exception):
-    """Stands for a data plane error class whose module is not loaded:
-    nothing raises it then."""
-
-
-def _dataplane_errors():
-    """(IdInUse, KernelUnavailable) of microbroker.dataplane when it is
-    loaded (a NullDataplane never loads it)."""
-    import sys
-    dp = sys.modules.get("microbroker.dataplane")
-    if dp is None:
-        return _Never, _Never
-    return dp.IdInUse, dp.KernelUnavailable
-
-
-def open_store(config):
-    """The LeaseStore for this config, creating the state directory."""
-    from microbroker.leases import LeaseStore
-    for d in (config.state_dir, os.path.dirname(config.lease_path)):
-        try:
-            os.makedirs(d or ".", 0o700, exist_ok=True)
-        except OSError as e:
-            raise BrokerError("store", "cannot create %s: %s"
-                              % (d, e.strerror))
-    try:
-        return LeaseStore(config.lease_path, tunnel_ids=config.tunnel_ids,
-                          session_ids=config.session_ids,
-                          max_leases=config.max_leases,
-                          max_per_client=config.max_per_client,
-                          ifname_prefix=config.ifname_prefix)
-    except Exception as e:   # wrong backend, newer schema, ...
-        raise _store_error(e) or e
-
-
-def make_broker(config, store=None, dataplane=None, lazy=False):
-    """lazy: open the lease store when a request first needs it (a CGI: an
-    offer reads only the counts file); else now, so errors show at once."""
-    if store is None and not lazy:
-        store = open_store(config)
-    if dataplane is None:
-        dataplane = make_dataplane(config)
-    return Broker(config, store, dataplane)
 
 
 def _store_error(e):
@@ -171,7 +111,7 @@ class Broker:
 
     def __init__(self, config, store, dataplane, clock=time.time):
         self.config = config
-        self._store = store         # None: open_store(config) on first use
+        self._store = store         # None: wiring.open_store(config) on first use
         self.dataplane = dataplane
         self.clock = clock
         # Kernel (tunnel_id, session_id) pairs no lease of ours holds: a
@@ -185,6 +125,7 @@ class Broker:
     @property
     def store(self):
         if self._store is None:
+            from microbroker.wiring import open_store
             self._store = open_store(self.config)
         return self._store
 
@@ -206,69 +147,26 @@ class Broker:
     # -- the offer
 
     def offer(self, local=None):
-        """Everything a client needs to choose. `local` is the address the
-        request arrived on (the endpoint of services that configure none)."""
-        from microbroker.kinds import KINDS
-        cfg = self.config
-        ok, reason, kernel = self.kernel_status()
-        try:
-            total, counts = self._counts()
-        except Exception as e:
-            raise _store_error(e) or e
-        services = {}
-        for svc in cfg.enabled_services():
-            used = counts.get(svc.name, 0)
-            services[svc.name] = {
-                "kind": svc.kind, "layer": KINDS[svc.kind].layer,
-                "encap": svc.encap, "family": svc.family,
-                "endpoint": self._endpoint(svc, local),
-                "provides": list(svc.provides), "restrict": svc.restrict,
-                "ports": list(svc.ports), "mtu": svc.mtu,
-                "lifetime": svc.lifetime,
-                "renew_interval": svc.renew_interval,
-                "capacity": svc.capacity, "used": used,
-                "free": self._free(svc, total, counts),
-                "token": bool(svc.token or cfg.token),
-                "kernel": bool(kernel[svc.kind][0]),
-                "text": svc.text,
-            }
-        loc = cfg.location
-        return {
-            "broker": {"name": cfg.name, "software": "microbroker",
-                       "version": __version__, "api": API_VERSION},
-            "location": {"country": loc.country, "city": loc.city,
-                         "latitude": loc.latitude,
-                         "longitude": loc.longitude, "text": loc.text},
-            "dataplane": cfg.dataplane,
-            "kernel": bool(ok),
-            "kernel_reason": "" if ok else reason,
-            "leases": {"used": total, "max": cfg.max_leases,
-                       "max_per_client": cfg.max_per_client},
-            "services": services,
-        }
+        """Everything a client needs to choose (offer.py). `local` is the
+        address the request arrived on (the endpoint of services that
+        configure none)."""
+        from microbroker.offer import offer
+        return offer(self, local)
 
-    def _counts(self):
+    def counts(self):
         """(total, {service: leases}): the counts file alone while the store
         is not open (a CGI offer does not load it), else the store's."""
-        if self._store is None:
-            from microbroker.leases import counts
-            got = counts.read(counts.path_of(self.config.lease_path))
-            if got is not None:
-                return got
-        return self.store.counts()
+        try:
+            if self._store is None:
+                from microbroker.leases import counts
+                got = counts.read(counts.path_of(self.config.lease_path))
+                if got is not None:
+                    return got
+            return self.store.counts()
+        except Exception as e:
+            raise _store_error(e) or e
 
-    def _free(self, svc, total, counts):
-        """What a new lease of svc still finds: the least of the service's,
-        the broker's (max_leases) and its Linux bridge's (BR_MAX_PORTS - 1)
-        room."""
-        cfg = self.config
-        free = min(svc.capacity - counts.get(svc.name, 0),
-                   cfg.max_leases - total)
-        for names, most, _why in self._limits(svc):
-            free = min(free, most - sum(counts.get(n, 0) for n in names))
-        return max(0, free)
-
-    def _limits(self, svc):
+    def limits(self, svc):
         """(services, most, message) a new lease of svc must stay within,
         besides max_leases: the service's capacity, its bridge's ports."""
         out = [((svc.name,), svc.capacity, "service %s is full (%d leases)"
@@ -291,7 +189,9 @@ class Broker:
         return ok, reason, kernel
 
     @staticmethod
-    def _endpoint(svc, local):
+    def endpoint(svc, local):
+        """The service's own endpoint, else the address the request
+        arrived on when its family is the service's."""
         if svc.endpoint:
             return svc.endpoint
         if local and (":" in local) == (svc.family == 6):
@@ -318,7 +218,7 @@ class Broker:
             raise BrokerError("bad_request", "service %s carries tunnels "
                               "over IPv%d but you came from IPv%d address %s"
                               % (svc.name, svc.family, family, client))
-        endpoint = self._endpoint(svc, local)
+        endpoint = self.endpoint(svc, local)
         if not endpoint:
             raise BrokerError("unavailable", "service %s has no IPv%d "
                               "endpoint configured and this request did "
@@ -379,6 +279,7 @@ class Broker:
         if svc.kind == "ip6tnl":
             self._one_ip6tnl(svc, client, endpoint)
         exclude = set(self.foreign_ids or ())
+        from microbroker.wiring import dataplane_errors
         for attempt in range(ID_RETRIES + 1):
             lease, secret, reused = self._allocate(svc, client, endpoint,
                                                    tunnel_id, session_id,
@@ -387,7 +288,7 @@ class Broker:
                 return self._reissue(lease, svc, client, secret)
             try:
                 return self._build(lease, svc, client, secret)
-            except _dataplane_errors()[0] as e:
+            except dataplane_errors()[0] as e:
                 # The kernel has these ids (another tool's, a leftover): the
                 # build removed what it made; the lease goes, new ids follow.
                 pair = (e.tunnel_id or lease.tunnel_id,
@@ -432,7 +333,7 @@ class Broker:
                     udp_ports=(svc.udp_port, svc.udp_port + svc.capacity - 1)
                     if svc.encap == "udp" else None,
                     peer_udp_port=udp_sport or 0, pools=pools,
-                    limits=self._limits(svc), rate=rate)
+                    limits=self.limits(svc), rate=rate)
             except Exception as e:
                 from microbroker.leases import Full
                 if isinstance(e, Full) and attempt == 0 and \
@@ -492,7 +393,8 @@ class Broker:
     def _build(self, lease, svc, client, secret):
         """The kernel side of an allocated lease, then state "up"; undone
         on any failure (IdInUse passes through for other ids)."""
-        IdInUse, KernelUnavailable = _dataplane_errors()
+        from microbroker.wiring import dataplane_errors
+        IdInUse, KernelUnavailable = dataplane_errors()
         from microbroker.leases.store import _test_pause
         _test_pause("build")
         hooked = False
@@ -755,46 +657,6 @@ class Broker:
     # -- what the client sees
 
     def view(self, lease, svc, secret=None):
-        """The lease from the client's side: ids and endpoints turned
-        round (the store keeps the exit's side)."""
-        v = {"lease_id": lease.lease_id}
-        if secret is not None:
-            v["secret"] = secret
-        v.update({
-            "service": lease.service, "kind": lease.kind,
-            "encap": lease.encap, "local": lease.remote,
-            "remote": lease.local,
-        })
-        if lease.kind == "l2tpv3":
-            v.update({
-                "tunnel_id": lease.peer_tunnel_id,
-                "peer_tunnel_id": lease.tunnel_id,
-                "session_id": lease.peer_session_id,
-                "peer_session_id": lease.session_id,
-            })
-        elif lease.kind == "ip6gretap":
-            # The exit receives with key tunnel_id and sends peer_tunnel_id.
-            v.update({"ikey": lease.peer_tunnel_id, "okey": lease.tunnel_id})
-        if lease.encap == "udp":
-            v["udp_sport"] = lease.peer_udp_port
-            v["udp_dport"] = lease.udp_port
-        extra = lease.extra or {}
-        lifetime = svc.lifetime if svc else int(lease.expires -
-                                                lease.renewed)
-        prefix = extra.get("prefix", "")
-        v.update({
-            "mtu": lease.mtu, "ifname": ("mb-" + lease.service)[:15],
-            "mac": lease.mac or "",
-            "prefix": prefix, "ipv4": extra.get("ipv4", ""),
-            "ipv4_gateway": svc.ipv4_gateway if svc and extra.get("ipv4")
-            else "",
-            "lifetime": lifetime,
-            "renew_interval": svc.renew_interval if svc else lifetime // 5,
-            "expires": int(lease.expires), "state": lease.state,
-        })
-        if lease.kind == "ip6tnl":
-            # Routed: our own address is the prefix's first, or the /128.
-            v["ipv6"] = routed_address(prefix)
-            if prefix.endswith("/128"):
-                v["prefix"] = ""
-        return v
+        """The lease from the client's side (clientview.py)."""
+        from microbroker.clientview import view
+        return view(lease, svc, secret)

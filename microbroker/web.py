@@ -283,8 +283,8 @@ class App:
         if self._broker is None:
             with self._making:   # server threads: make exactly one
                 if self._broker is None:
-                    self._broker = _broker.make_broker(
-                        self.config, lazy=self.lazy_store)
+                    from microbroker.wiring import make_broker
+                    self._broker = make_broker(self.config, lazy=self.lazy_store)
         return self._broker
 
     def handle(self, method, path, query="", headers=None, body=b"",

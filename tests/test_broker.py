@@ -7,6 +7,7 @@ import stat
 
 import pytest
 
+from microbroker import addresses, nulldataplane, wiring
 from microbroker import broker as mb
 from microbroker import config as mbconfig
 from microbroker import web
@@ -75,7 +76,7 @@ def setup(tmp_path):
         cfg = mbconfig.load(str(path))
         assert cfg.problems == []
         dp = dp or FakeDataplane()
-        b = mb.make_broker(cfg, dataplane=dp)
+        b = wiring.make_broker(cfg, dataplane=dp)
         assert isinstance(b.store, LeaseStore)
         return b, dp
     return make
@@ -134,8 +135,8 @@ def test_missing_dataplane_module_is_reported_not_fatal(setup, monkeypatch):
         return real(name, globals, locals, fromlist, level)
     monkeypatch.setattr(builtins, "__import__", fake)
     b, _ = setup()
-    dp = mb.make_dataplane(b.config)
-    assert isinstance(dp, mb.BrokenDataplane)
+    dp = wiring.make_dataplane(b.config)
+    assert isinstance(dp, nulldataplane.BrokenDataplane)
     ok, why = dp.status()
     assert not ok and "no dataplane here" in why
 
@@ -323,7 +324,7 @@ def test_hook_runs_and_failing_up_hook_rolls_back(setup, tmp_path):
 
 
 def test_null_dataplane_grants_and_says_so(setup):
-    b, _ = setup(mb.NullDataplane())
+    b, _ = setup(nulldataplane.NullDataplane())
     assert b.lease("fc00::1:1", "v6")["state"] == "up"
     o = b.offer()
     assert o["kernel"] is False and "dry run" in o["kernel_reason"]
@@ -431,7 +432,7 @@ def test_sweep_and_reconcile_commands(setup, tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    b, _ = setup(mb.NullDataplane())
+    b, _ = setup(nulldataplane.NullDataplane())
     b.clock = lambda: 1000.0
     old = b.lease("fc00::1:1", "v6")
     b.clock = __import__("time").time
@@ -486,7 +487,7 @@ def test_every_lease_gets_a_mac_from_its_tunnel_id(setup):
     assert v["mac"] == "02:6d:62:%02x:%02x:%02x" % (t >> 16, (t >> 8) & 255, t & 255)
     assert b.store.get(v["lease_id"]).mac == v["mac"]
     assert (v["prefix"], v["ipv4"], v["ipv4_gateway"]) == ("", "", "")
-    assert mb.lease_mac(0x1234567) == "02:6d:62:23:45:67"
+    assert addresses.lease_mac(0x1234567) == "02:6d:62:23:45:67"
 
 
 def test_pools_hand_out_the_first_free_item_and_run_dry(setup):
@@ -591,7 +592,7 @@ def test_new_leases_are_rate_limited_broker_wide(setup):
     assert e.value.code == "too_many" and web.STATUS["too_many"] == 429
     assert 1 <= e.value.retry_after <= 61
     # Another process (a CGI) shares the bucket: it lives in the store.
-    other = mb.make_broker(b.config, dataplane=FakeDataplane())
+    other = wiring.make_broker(b.config, dataplane=FakeDataplane())
     other.clock = b.clock
     with pytest.raises(mb.BrokerError):
         other.lease("fc00::1:4", "v6")

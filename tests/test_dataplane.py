@@ -4,7 +4,7 @@ What they do in a kernel is tested in the VM (test_kernel_*)."""
 
 from types import SimpleNamespace
 
-from microbroker import dataplane
+from microbroker import dataplane, reconcile
 from microbroker.leases import Lease
 
 
@@ -95,5 +95,5 @@ def test_reconcile_keeps_as_foreign_what_no_lease_holds_and_it_did_not_remove():
     tunnels = {100: None, 7: None, 8: None, 9: None}
     sessions = {(100, 100): None, (100, 3): None, (7, 1): None, (9, 2): None}
     # 8 is a bare tunnel of someone else's; 9 was removed (in our range, no lease).
-    foreign = dataplane.Dataplane._foreign(live, tunnels, sessions, removed=[9])
+    foreign = reconcile.foreign(live, tunnels, sessions, removed=[9])
     assert foreign == {(100, 3), (7, 1), (8, 0)}

@@ -4,7 +4,7 @@ environment, counters on down, and the broker running it."""
 import os
 import stat
 
-from microbroker import broker as mb
+from microbroker import nulldataplane, wiring
 from microbroker import config as mbconfig
 from microbroker import hooks
 
@@ -24,7 +24,7 @@ config service 'exit'
 """
 
 
-class CountingDataplane(mb.NullDataplane):
+class CountingDataplane(nulldataplane.NullDataplane):
     """Builds nothing; the link's counters are whatever the test sets."""
 
     dry_run = False
@@ -60,7 +60,7 @@ def make(tmp_path):
     cfg = mbconfig.load(str(path))
     assert cfg.problems == []
     dp = CountingDataplane()
-    return mb.make_broker(cfg, dataplane=dp), dp, out
+    return wiring.make_broker(cfg, dataplane=dp), dp, out
 
 
 def read_env(tmp_path, event):

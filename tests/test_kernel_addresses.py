@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from microbroker import broker as mb, config as mbconfig, dataplane, l2tp, rtnl
+from microbroker import config as mbconfig, dataplane, l2tp, rtnl, wiring
 from nsutil import inside, ping, run, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -52,7 +52,7 @@ def net(netns, tmp_path):
     config = mbconfig.load(str(cfg))
     assert config.problems == []
     with inside(ex):
-        b = mb.make_broker(config)
+        b = wiring.make_broker(config)
     return ex, cl, far, b
 
 

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from microbroker import broker as mb, config as mbconfig, l2tp, rtnl
+from microbroker import config as mbconfig, l2tp, rtnl, wiring
 from nsutil import inside, ping, run, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -168,7 +168,7 @@ def test_expired_lease_is_swept_from_kernel_and_file(net):
     config = mbconfig.load(cfg)
     assert config.problems == []
     with inside(ex):
-        b = mb.make_broker(config)
+        b = wiring.make_broker(config)
         v = b.lease(CLIENT6, "exit")
         assert "Tunnel %d," % v["peer_tunnel_id"] in run("ip", "l2tp", "show", "tunnel")
         assert len(b.store.leases()) == 1

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from microbroker import addresses, wiring
 from microbroker import broker as mb
 from microbroker import config as mbconfig
 from microbroker import web
@@ -54,7 +55,7 @@ def broker(tmp_path):
     cfg = mbconfig.load(str(path))
     assert cfg.problems == []
     dp = FakeDataplane()
-    return mb.make_broker(cfg, dataplane=dp), dp
+    return wiring.make_broker(cfg, dataplane=dp), dp
 
 
 # -- check-config
@@ -126,7 +127,7 @@ def test_ip6gretap_lease_carries_keys_not_l2tp_ids(broker):
     assert v["kind"] == "ip6gretap" and v["ikey"] == 777 and v["okey"] == lease.tunnel_id
     assert lease.peer_tunnel_id == 777
     assert not {"tunnel_id", "session_id", "peer_tunnel_id", "peer_session_id"} & set(v)
-    assert v["mac"] == mb.lease_mac(lease.tunnel_id)     # a bridge port like L2TP
+    assert v["mac"] == addresses.lease_mac(lease.tunnel_id)     # a bridge port like L2TP
     assert v["prefix"] == "fd00:6:0:1::/64" and "ipv6" not in v
     with pytest.raises(mb.BrokerError) as e:
         b.lease("fc00::98", "gre", session_id=5)

@@ -531,13 +531,13 @@ config service 'l3'
 
 
 def _race_broker(tmp_path):
-    from microbroker import broker as mb, config as mbconfig
+    from microbroker import config as mbconfig, wiring
     path = tmp_path / "microbroker"
     if not path.exists():
         path.write_text(RACE_CONFIG % {"state": tmp_path / "state"})
     cfg = mbconfig.load(str(path))
     assert cfg.problems == []
-    return mb.make_broker(cfg)
+    return wiring.make_broker(cfg)
 
 
 def _lease_many(tmp_path, worker, n, backend_name):

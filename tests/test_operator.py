@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from microbroker import __main__ as cli
-from microbroker import broker as mb
+from microbroker import broker as mb, wiring
 from microbroker import config as mbconfig
 from microbroker import listing, logmask
 
@@ -58,7 +58,7 @@ def exit_(tmp_path):
     path.write_text(CONFIG % (tmp_path / "state"))
     cfg = mbconfig.load(str(path))
     assert cfg.problems == []
-    b = mb.make_broker(cfg)
+    b = wiring.make_broker(cfg)
     return path, b
 
 
