@@ -142,8 +142,9 @@ def kernel_part(ex, rows):
         rows.append(("  of which: dataplane.reconcile, leases read (median of 3)",
                      statistics.median(times), "s"))
         with l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
-            for what, fn in (("l2tp tunnel dump", lambda: l2.tunnels(stats=False)),
-                             ("l2tp session dump", lambda: l2.sessions(stats=False)),
+            for what, fn in (("l2tp tunnel dump (ids, remotes)", l2.tunnel_remotes),
+                             ("l2tp session dump (ids)", l2.session_ids),
+                             ("l2tp tunnel dump, whole tunnels", lambda: l2.tunnels(stats=False)),
                              ("link dumps (bridge ports, kinds)",
                               lambda: reconcile.link_dump(rt)),
                              ("full link dump (before)", rt.links)):
@@ -163,11 +164,14 @@ def restart(ex, rows):
                          stderr=subprocess.PIPE, stdout=None if PROFILE else subprocess.DEVNULL,
                          text=True)
     done = []
+    listening = []
     said = []
 
     def watch():
         for line in p.stderr:
             said.append(line)
+            if "listening on" in line:
+                listening.append(time.monotonic() - t0)
             if "reconciled" in line or "reconcile at start failed" in line:
                 done.append(time.monotonic() - t0)
     threading.Thread(target=watch, daemon=True).start()
@@ -191,7 +195,9 @@ def restart(ex, rows):
     if not answered or not done:
         print("restart: serve said:\n" + "".join(said[-20:]))
     dropped = len(before - ex.tunnels())
-    rows.append(("restart with %d live: first offer answered" % len(before),
+    rows.append(("restart with %d live: listening" % len(before),
+                 listening[0] if listening else float("nan"), "s"))
+    rows.append(("restart: first offer answered",
                  answered or float("nan"), "s"))
     rows.append(("restart: start-up reconcile done", done[0] if done else float("nan"), "s"))
     rows.append(("restart: tunnels dropped", dropped, ""))
