@@ -271,11 +271,6 @@ class Broker:
 
     def _lease(self, svc, client, endpoint, tunnel_id, session_id,
                udp_sport):
-        try:
-            mine = self.store.leases(client=client)
-        except Exception as e:
-            raise _store_error(e) or e
-        self._drop_reshaped([svc], mine)
         if svc.kind == "ip6tnl":
             self._one_ip6tnl(svc, client, endpoint)
         exclude = set(self.foreign_ids or ())
@@ -284,6 +279,12 @@ class Broker:
             lease, secret, reused = self._allocate(svc, client, endpoint,
                                                    tunnel_id, session_id,
                                                    udp_sport, exclude)
+            if reused and not self._drop_reshaped([svc], [lease]):
+                # The client's lease of svc from before the operator changed
+                # its kind or encap: it ended, a new one takes its place.
+                lease, secret, reused = self._allocate(svc, client, endpoint,
+                                                       tunnel_id, session_id,
+                                                       udp_sport, exclude)
             if reused:
                 return self._reissue(lease, svc, client, secret)
             try:
