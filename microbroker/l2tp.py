@@ -5,7 +5,6 @@ and iproute2's ip/ipl2tp.c.
 """
 
 import errno
-import ipaddress
 import os
 import struct
 from collections import namedtuple
@@ -185,10 +184,10 @@ def tunnel_attrs(tunnel_id, peer_tunnel_id, local, remote, encap="ip", udp_sport
     _check_id("peer_tunnel_id", peer_tunnel_id)
     if encap not in ENCAPS:
         raise ValueError("encap must be 'ip' or 'udp', not %r" % (encap,))
-    la = ipaddress.ip_address(local)
-    ra = ipaddress.ip_address(remote)
-    if la.version != ra.version:
-        raise ValueError("local %s and remote %s differ in family" % (la, ra))
+    version, la = nl.addr_packed(local)
+    if nl.addr_packed(remote)[0] != version:
+        raise ValueError("local %s and remote %s differ in family" % (local, remote))
+    ra = nl.addr_packed(remote)[1]
     a = [nl.attr_u32(L2TP_ATTR_CONN_ID, tunnel_id),
          nl.attr_u32(L2TP_ATTR_PEER_CONN_ID, peer_tunnel_id),
          nl.attr_u8(L2TP_ATTR_PROTO_VERSION, 3),
@@ -198,18 +197,18 @@ def tunnel_attrs(tunnel_id, peer_tunnel_id, local, remote, encap="ip", udp_sport
             raise ValueError("encap udp needs both ports")
         a.append(nl.attr_u16(L2TP_ATTR_UDP_SPORT, udp_sport))
         a.append(nl.attr_u16(L2TP_ATTR_UDP_DPORT, udp_dport))
-        if la.version == 4:
+        if version == 4:
             if udp_csum:
                 a.append(nl.attr_u8(L2TP_ATTR_UDP_CSUM, 1))
         elif not udp_csum:
             a.append(nl.attr_flag(L2TP_ATTR_UDP_ZERO_CSUM6_TX))
             a.append(nl.attr_flag(L2TP_ATTR_UDP_ZERO_CSUM6_RX))
-    if la.version == 6:
-        a.append(nl.attr(L2TP_ATTR_IP6_SADDR, la.packed))
-        a.append(nl.attr(L2TP_ATTR_IP6_DADDR, ra.packed))
+    if version == 6:
+        a.append(nl.attr(L2TP_ATTR_IP6_SADDR, la))
+        a.append(nl.attr(L2TP_ATTR_IP6_DADDR, ra))
     else:
-        a.append(nl.attr(L2TP_ATTR_IP_SADDR, la.packed))
-        a.append(nl.attr(L2TP_ATTR_IP_DADDR, ra.packed))
+        a.append(nl.attr(L2TP_ATTR_IP_SADDR, la))
+        a.append(nl.attr(L2TP_ATTR_IP_DADDR, ra))
     return b"".join(a)
 
 

@@ -5,7 +5,6 @@ if_tunnel.h and if_bridge.h.
 """
 
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -184,6 +183,13 @@ def _link(body):
                 remote, local)
 
 
+def _packed6(text):
+    version, packed = nl.addr_packed(text)
+    if version != 6:
+        raise ValueError("%s is not an IPv6 address" % text)
+    return packed
+
+
 def _ip6(raw):
     return nl.addr_text(raw) if raw and len(raw) == 16 else None
 
@@ -354,8 +360,8 @@ class Rtnl(nl.Closing):
 
     def add_ip6gretap(self, name, local, remote, ikey, okey, ttl=64):
         """An Ethernet-over-GRE-over-IPv6 link with keys both ways."""
-        la, ra = ipaddress.IPv6Address(local), ipaddress.IPv6Address(remote)
-        data = (nl.attr(IFLA_GRE_LOCAL, la.packed) + nl.attr(IFLA_GRE_REMOTE, ra.packed) +
+        data = (nl.attr(IFLA_GRE_LOCAL, _packed6(local)) +
+                nl.attr(IFLA_GRE_REMOTE, _packed6(remote)) +
                 nl.attr(IFLA_GRE_IFLAGS, struct.pack("!H", GRE_KEY)) +
                 nl.attr(IFLA_GRE_OFLAGS, struct.pack("!H", GRE_KEY)) +
                 nl.attr(IFLA_GRE_IKEY, struct.pack("!I", ikey)) +
@@ -366,8 +372,8 @@ class Rtnl(nl.Closing):
 
     def add_ip6tnl(self, name, local, remote, proto=0, ttl=64):
         """An IP-in-IPv6 tunnel; proto 0 carries IPv4 and IPv6 (ip6tnl 'any')."""
-        la, ra = ipaddress.IPv6Address(local), ipaddress.IPv6Address(remote)
-        data = (nl.attr(IFLA_IPTUN_LOCAL, la.packed) + nl.attr(IFLA_IPTUN_REMOTE, ra.packed) +
+        data = (nl.attr(IFLA_IPTUN_LOCAL, _packed6(local)) +
+                nl.attr(IFLA_IPTUN_REMOTE, _packed6(remote)) +
                 nl.attr_u8(IFLA_IPTUN_TTL, ttl) + nl.attr_u8(IFLA_IPTUN_PROTO, proto) +
                 nl.attr_u32(IFLA_IPTUN_FLAGS, IP6_TNL_F_IGN_ENCAP_LIMIT))
         self._new(name, "ip6tnl", data)
@@ -379,6 +385,7 @@ class Rtnl(nl.Closing):
 
     # -- addresses and routes --
     def add_address(self, name, cidr, nodad=True):
+        import ipaddress
         iface = ipaddress.ip_interface(cidr)
         index = self.ifindex(name)
         family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
@@ -389,6 +396,7 @@ class Rtnl(nl.Closing):
                  (name, cidr))
 
     def _route(self, mtype, flags, prefix, dev=None, via=None, table=RT_TABLE_MAIN):
+        import ipaddress
         net = ipaddress.ip_network(prefix, strict=True)
         family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
         if mtype == RTM_DELROUTE:

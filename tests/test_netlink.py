@@ -1,6 +1,7 @@
 """Netlink framing against byte-exact vectors worked out from the uapi headers."""
 
 import errno
+import os
 import socket
 import struct
 
@@ -61,6 +62,33 @@ def test_udp_ipv6_turns_zero_checksums_on_as_flags():
 def test_tunnel_attrs_reject_what_the_kernel_would(args):
     with pytest.raises(ValueError):
         l2tp.tunnel_attrs(*args)
+
+
+@pytest.mark.parametrize("text", ["fc00::1", "::", "::ffff:192.0.2.1", "2001:db8::1:0:0:1",
+                                  "192.0.2.1", "0.0.0.0"])
+def test_addresses_packed_as_ipaddress_packs_them(text):
+    import ipaddress
+    a = ipaddress.ip_address(text)
+    assert nl.addr_packed(text) == (a.version, a.packed)
+
+
+@pytest.mark.parametrize("text", ["", "nonsense", "fc00::1::2", "192.0.2", "192.0.2.256",
+                                  "fe80::1%eth0", " fc00::1", "fc00::1/64"])
+def test_addresses_that_are_not_are_refused(text):
+    with pytest.raises(ValueError):
+        nl.addr_packed(text)
+
+
+def test_the_kernel_layer_loads_no_ipaddress():
+    """A CGI lease of an L2TPv3 or GRE service imports the kernel layer:
+    ipaddress (with functools and its tables) would be a fifth of its start."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, %r); "
+                          "import microbroker.dataplane; print('ipaddress' in sys.modules)"
+                          % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "a/b", "a b", "x:y", "..", "a\nb"])
