@@ -481,20 +481,17 @@ class Broker:
 
     def renew(self, client, lease_id, secret):
         """The heartbeat: push `expires` out by the service's lifetime."""
+        lifetimes = {s.name: s.lifetime for s in self.config.enabled_services()}
         try:
-            lease = self.store.get(lease_id)
-            svc = self.config.services.get(lease.service)
-            if svc is None or not svc.enabled:
-                self.store.authorize(lease_id, secret, client)
-                raise BrokerError("unknown_service", "service %s is no "
-                                  "longer offered; the lease ends at "
-                                  "its expiry" % lease.service)
-            lease = self.store.renew(lease_id, secret, client,
-                                     svc.lifetime, now=self.clock())
-        except BrokerError:
-            raise
+            lease = self.store.renew(lease_id, secret, client, lifetimes,
+                                     now=self.clock())
         except Exception as e:
             raise _store_error(e) or e
+        svc = self.config.services.get(lease.service)
+        if lease.service not in lifetimes:
+            raise BrokerError("unknown_service", "service %s is no longer "
+                              "offered; the lease ends at its expiry"
+                              % lease.service)
         self._heal(lease, svc)
         return self.view(lease, svc)
 

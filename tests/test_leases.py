@@ -300,6 +300,22 @@ def test_renew_pushes_expires_and_checks_secret_and_address(mk):
         st.renew(a.lease_id, s, "fc00::1", 300)
 
 
+def test_renew_by_service_lifetimes_in_one_transaction(mk):
+    # The broker passes every offered service's lifetime: the lease's own
+    # applies; a lease of a service not offered any more is only checked.
+    st = mk()
+    a, s, _ = grant(st)
+    b = st.renew(a.lease_id, s, "fc00::1", {a.service: 500, "other": 9}, now=T0 + 100)
+    assert b.expires == T0 + 600 == st.get(a.lease_id).expires
+    b = st.renew(a.lease_id, s, "fc00::1", {"other": 9}, now=T0 + 200)
+    assert (b.renewed, b.expires) == (T0 + 100, T0 + 600) == \
+        (st.get(a.lease_id).renewed, st.get(a.lease_id).expires)
+    with pytest.raises(L.Forbidden):
+        st.renew(a.lease_id, "0" * 32, "fc00::1", {"other": 9})
+    with pytest.raises(L.BadRequest):
+        st.renew(a.lease_id, s, "fc00::1", {a.service: 0})
+
+
 def test_release_ends_the_lease_and_frees_its_ids(mk):
     st = mk(tunnel_ids=(1, 1), session_ids=(1, 1))
     a, s, _ = grant(st)

@@ -283,14 +283,22 @@ class LeaseStore(LeaseFile):
             return _lease(row)
 
     def renew(self, lease_id, secret, client, lifetime, now=None):
-        """Heartbeat: expires = now + lifetime."""
-        _lifetime(lifetime)
+        """Heartbeat: expires = now + lifetime. `lifetime` may be a dict
+        {service: seconds}: a lease of a service not in it is only
+        authorized, and comes back unchanged."""
+        lifetimes = lifetime if isinstance(lifetime, dict) else None
+        for v in lifetimes.values() if lifetimes is not None else (lifetime,):
+            _lifetime(v)
         now = time.time() if now is None else now
         with self._open(True) as tx:
             b, bucket, i, row = self._locate(tx, lease_id)
             self._check(row, secret, client)
             if row[_STATE] == "closing":
                 raise NotFound(f"lease {lease_id} is closing")
+            if lifetimes is not None:
+                if row[_SERVICE] not in lifetimes:
+                    return _lease(row)
+                lifetime = lifetimes[row[_SERVICE]]
             row[_RENEWED] = now
             row[_EXPIRES] = now + lifetime
             bucket.put(i, row)
