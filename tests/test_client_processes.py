@@ -22,13 +22,14 @@ from frontdoors import ServeDoor
 from standins.clientutil import STANDINS, Sandbox, wait_for
 
 # Start-up and one lease up to its first nap: mkdir (the state directory)
-# and mktemp; the `ip l2tp help` probe; `wget --help` (uclient-fetch
-# under the name wget: its kind); the offer and the lease; ip for our ids
-# (tunnels and sessions), ip for what has our interface's name (nothing),
-# nft, one ip for the tunnel, session, MTU, MAC, bridge and up; mv of the
-# state file; the nap's sleep. mkdir, mktemp and mv are forks only here
-# (this BusyBox runs them without an exec; OpenWrt's execs them).
-LEASE = {"forks": 12, "execs": 9}
+# and mktemp; one ip for what the lease asks the kernel first (our L2TP
+# ids, tunnels and sessions, which also tells that this ip has l2tp, and
+# what has our interface's name: nothing); `wget --help` (uclient-fetch
+# under the name wget: its kind); the offer and the lease; nft; one ip
+# for the tunnel, session, MTU, MAC, bridge and up; mv of the state file;
+# the nap's sleep. mkdir, mktemp and mv are forks only here (this BusyBox
+# runs them without an exec; OpenWrt's execs them).
+LEASE = {"forks": 10, "execs": 7}
 # One renew: the fetch, one ip (link and session still there), mv of the
 # state file (a fork only here), the nap's sleep.
 RENEW = {"forks": 4, "execs": 3}
