@@ -221,6 +221,19 @@ def test_busybox_wget_without_timeout_is_stopped_by_the_watchdog(box, broker):
     assert "no answer" in p.stdout
 
 
+def test_busybox_wget_of_the_shells_own_busybox_is_timed_out_too(tmp_path,
+                                                                  broker):
+    """wget a link to the BusyBox that runs the script (as bench/storm.py
+    and a router without uclient-fetch have it): known without asking it
+    (--help), and a request that hangs ends at the timeout."""
+    box = Sandbox(tmp_path, fetch="busybox-link")
+    box.run("-s", broker.url, "-S", "exit", "up")
+    assert [r.path for r in broker.seen()] == ["/lease"]
+    broker.set("/offer", "hang")
+    p = box.run("-s", broker.url, "-T", "1", "offers", timeout=25)
+    assert "no answer" in p.stdout
+
+
 def test_status_shows_counters(box, broker):
     box.run("-s", broker.url, "-S", "exit", "up")
     p = box.run("status")
