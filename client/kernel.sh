@@ -125,23 +125,63 @@ rand16() {
 	RAND=$((n % 65535 + 1))
 }
 
+# probe_lease: one `ip` for what a new lease asks this kernel first, at
+# start-up: its L2TP tunnels and sessions (choose_ids) and what has our
+# interface's name (teardown_local), in $WORK/probe.  Without -force ip
+# stops at the first line that fails (ip.c, "Command failed -:N"): lines
+# 1 and 2 answered say this `ip` has l2tp (CAN_L2TP); line 3 failing is
+# our name being free.  Else can_build asks `ip l2tp help`, which knows
+# without the kernel (ipl2tp.c exits when the l2tp family is missing;
+# ip-tiny and BusyBox's ip have no l2tp).  The answers stand until the
+# first nap (PROBED_IDS, PROBED_NAME): another client can take an id
+# between any listing and our build, which lease_from handles.
+probe_lease() {
+	local line rc=0 gone=
+	PROBED_IDS= PROBED_NAME=
+	ip_find || return 1
+	"$IP" -d -batch - >"$WORK/probe" 2>"$WORK/probe.err" <<EOF || rc=1
+l2tp show tunnel
+l2tp show session
+link show dev $IF
+EOF
+	if [ $rc = 1 ]; then
+		while IFS= read -r line; do
+			case "$line" in
+			"Device \"$IF\" does not exist.") gone=1 ;;
+			"Command failed -:3") rc=3 ;;
+			"Command failed -:"*) rc=1 ;;
+			esac
+		done <"$WORK/probe.err"
+		[ $rc = 3 ] || return 1
+	fi
+	CAN_L2TP=yes
+	PROBED_IDS=1
+	[ $rc = 0 ] || [ -n "$gone" ] && PROBED_NAME=1
+	return 0
+}
+
 # choose_ids [KIND]: our tunnel and session id (MY_TID, MY_SID), random and
 # free here; for ip6gretap MY_TID is the key we propose to receive with.
 choose_ids() {
-	local used= n tries=0 line
+	local used= n tries=0 line out="$WORK/ip"
 	case "$1" in
 	ip6gretap|ip6tnl) ;;
 	*)
-		ip_show -force -batch - <<EOF
+		if [ -n "$PROBED_IDS" ]; then
+			out=$WORK/probe
+			PROBED_IDS=
+		else
+			ip_show -force -batch - <<EOF
 l2tp show tunnel
 l2tp show session
 EOF
+		fi
 		while read -r line; do
 			case "$line" in
 			"Tunnel "*,*) used="$used ${line%%,*} " ;;
 			"Session "*" in "*) used="$used ${line%% in *} " ;;
 			esac
-		done <"$WORK/ip" ;;
+		done <"$out" ;;
 	esac
 	while :; do
 		rand16
@@ -157,8 +197,9 @@ EOF
 	MY_SID=$n
 }
 
-# sessions_read IFNAME: from `ip l2tp show session` in $WORK/ip, the
-# tunnel whose session is IFNAME, in TUNNEL_OF ('' if none).
+# sessions_read IFNAME [FILE]: from `ip l2tp show session` in FILE
+# ($WORK/ip), the tunnel whose session is IFNAME, in TUNNEL_OF ('' if
+# none).
 sessions_read() {
 	local t= line
 	TUNNEL_OF=
@@ -167,7 +208,7 @@ sessions_read() {
 		"Session "*" in tunnel "*) t=${line##* } ;;
 		"interface name: $1") is_u32 "$t" && TUNNEL_OF=$t; return 0 ;;
 		esac
-	done <"$WORK/ip"
+	done <"${2:-$WORK/ip}"
 }
 
 tunnel_of() {	# tunnel_of IFNAME: the tunnel whose session is IFNAME, in TUNNEL_OF
@@ -180,7 +221,7 @@ has_link() {
 	ip link show dev "$1" >/dev/null 2>&1
 }
 
-# link_read IFNAME: from `ip -d link show` in $WORK/ip: LINK_KIND
+# link_read IFNAME [FILE]: from `ip -d link show` in FILE ($WORK/ip): LINK_KIND
 # (ip6gretap, ip6tnl or '', the first word of a line) and LINK_REMOTE
 # (the word after "remote"), LINK_FOUND 1 if IFNAME's line is there.
 link_read() {
@@ -194,7 +235,7 @@ link_read() {
 		case " $rest " in
 		*" remote "*) rest=${rest#*remote }; LINK_REMOTE=${rest%% *} ;;
 		esac
-	done <"$WORK/ip"
+	done <"${2:-$WORK/ip}"
 }
 
 link_kind() {	# link_kind IFNAME: LINK_KIND, '' if none or not a tunnel
@@ -532,9 +573,17 @@ teardown_local() {
 	ip6gretap|ip6tnl) has_link "$IF" && kind=$S_KIND ;;
 	*)
 		# no link of that name: nothing of ours is here
-		link_kind "$IF" || return 0
-		kind=$LINK_KIND
-		[ -n "$kind" ] || { tunnel_of "$IF"; t=$TUNNEL_OF; } ;;
+		if [ -n "$PROBED_NAME" ]; then
+			PROBED_NAME=
+			link_read "$IF" "$WORK/probe"
+			[ -n "$LINK_FOUND" ] || return 0
+			kind=$LINK_KIND
+			[ -n "$kind" ] || { sessions_read "$IF" "$WORK/probe"; t=$TUNNEL_OF; }
+		else
+			link_kind "$IF" || return 0
+			kind=$LINK_KIND
+			[ -n "$kind" ] || { tunnel_of "$IF"; t=$TUNNEL_OF; }
+		fi ;;
 	esac
 	[ -z "$t" ] || ip l2tp del tunnel tunnel_id "$t" >/dev/null 2>&1
 	[ -z "$kind" ] || ip link del "$IF" >/dev/null 2>&1

@@ -3,7 +3,10 @@
 `traced(argv)` is the argv that writes such a trace; `Trace(path)` reads
 it: every fork (fork, vfork, clone, clone3 that made a process, not a
 thread) and every execve that succeeded, in the order strace wrote them,
-with the process that made it. `Trace.events(stop_at)` leaves out what
+with the process that made it; with `traced(argv, out, naps=True)` also
+every poll or ppoll with a timeout above zero, as a "nap" event when it
+began (a shell's `read -t`: BusyBox ash polls before each byte it reads,
+with no timeout unless -t). `Trace.events(stop_at)` leaves out what
 the processes of programs in stop_at did after their exec (a stand-in
 script's own subshells are not the client's); `tally()` counts forks and
 execs, the execs by program name; `Trace.parent` maps a pid to its
@@ -25,12 +28,30 @@ _EXEC = re.compile(r'^"((?:[^"\\]|\\.)*)", \[((?:"(?:[^"\\]|\\.)*"(?:, )?)*)')
 _ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
 FORKS = ("fork", "vfork", "clone", "clone3")
 CLONE_THREAD = "CLONE_THREAD"
+POLLS = ("poll", "ppoll")
+# the timeout: poll's third argument in ms, ppoll's a timespec
+_POLL_MS = re.compile(r"^\[.*\], \d+, (-?\d+)")
+_PPOLL_TS = re.compile(r"^\[.*\], \d+, \{tv_sec=(\d+), tv_nsec=(\d+)\}")
 
 
-def traced(argv, out):
-    """argv run under strace, its process calls written to OUT."""
-    return [STRACE, "-f", "-qq", "-s", "256", "-e", "trace=process",
+def traced(argv, out, naps=False):
+    """argv run under strace, its process calls (and with naps, its polls)
+    written to OUT."""
+    calls = "process,poll,ppoll" if naps else "process"
+    return [STRACE, "-f", "-qq", "-s", "256", "-e", "trace=" + calls,
             "-e", "signal=none", "-o", out] + list(argv)
+
+
+def poll_timeout(rest):
+    """A poll's or ppoll's timeout in ms from its arguments as strace
+    prints them at entry; None if it has none (-1, NULL)."""
+    m = _POLL_MS.match(rest)
+    if m:
+        return int(m.group(1)) if int(m.group(1)) >= 0 else None
+    m = _PPOLL_TS.match(rest)
+    if m:
+        return int(m.group(1)) * 1000 + int(m.group(2)) // 1000000
+    return None
 
 
 Event = collections.namedtuple("Event", "kind pid child path argv")
@@ -48,6 +69,15 @@ class Trace:
                     continue
                 pid, resumed, call, rest = m.groups()
                 pid = int(pid)
+                if call in POLLS:
+                    # at its entry: a nap is seen while it lasts (strace
+                    # writes the call before it returns)
+                    t = poll_timeout(rest)
+                    if t:
+                        self.list.append(Event("nap", pid, None, None, [t]))
+                    continue
+                if resumed in POLLS:
+                    continue
                 if rest.endswith("<unfinished ...>"):
                     pending[pid] = (call, rest)
                     continue
@@ -95,7 +125,7 @@ def program(ev):
 
 
 def tally(events):
-    """(forks, execs, Counter of exec'd programs)."""
+    """(forks, execs, Counter of exec'd programs); naps are neither."""
     forks = sum(1 for e in events if e.kind == "fork")
     execs = collections.Counter(program(e) for e in events if e.kind == "exec")
     return forks, sum(execs.values()), execs

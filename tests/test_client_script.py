@@ -221,6 +221,19 @@ def test_busybox_wget_without_timeout_is_stopped_by_the_watchdog(box, broker):
     assert "no answer" in p.stdout
 
 
+def test_busybox_wget_of_the_shells_own_busybox_is_timed_out_too(tmp_path,
+                                                                  broker):
+    """wget a link to the BusyBox that runs the script (as bench/storm.py
+    and a router without uclient-fetch have it): known without asking it
+    (--help), and a request that hangs ends at the timeout."""
+    box = Sandbox(tmp_path, fetch="busybox-link")
+    box.run("-s", broker.url, "-S", "exit", "up")
+    assert [r.path for r in broker.seen()] == ["/lease"]
+    broker.set("/offer", "hang")
+    p = box.run("-s", broker.url, "-T", "1", "offers", timeout=25)
+    assert "no answer" in p.stdout
+
+
 def test_status_shows_counters(box, broker):
     box.run("-s", broker.url, "-S", "exit", "up")
     p = box.run("status")
@@ -727,6 +740,62 @@ def test_run_renews_releases_again_and_stops_cleanly(box, broker):
     log = box.calls()
     assert ("proto_init_update", "mb0", "1") in log
     assert ("proto_send_update", "exitvpn") in log
+
+
+def test_sigusr1_renews_at_once_from_a_nap_and_after_a_request(box, broker):
+    """netifd's renew (SIGUSR1) ends a nap of two minutes at once; one that
+    comes while a request waits for its answer neither fails that request
+    nor is lost: the next renew follows it."""
+    import threading
+    standard_answers(broker)    # RENEW_INTERVAL 120
+    renew = broker.answers["/renew"][0]
+    asked, signalled = threading.Event(), threading.Event()
+
+    def slow_renew(fields):
+        asked.set()
+        signalled.wait(30)
+        return renew(fields)
+    proc = box.start("-s", broker.url, "-S", "exit", "run")
+    try:
+        assert wait_for(lambda: "mb0.state" in box.state_files() or
+                        proc.poll() is not None)
+        assert wait_for(lambda: nap_of(proc.pid))
+        proc.send_signal(signal.SIGUSR1)
+        assert wait_for(lambda: len(broker.seen("/renew")) == 1)
+        broker.set("/renew", slow_renew, renew)
+        assert wait_for(lambda: nap_of(proc.pid))
+        proc.send_signal(signal.SIGUSR1)
+        assert asked.wait(60)
+        proc.send_signal(signal.SIGUSR1)    # during the request
+        signalled.set()
+        assert wait_for(lambda: len(broker.seen("/renew")) == 3)
+    finally:
+        signalled.set()
+        rc, out, err = stop(proc)
+    assert rc == 0, err
+    assert "renew failed" not in err and "stopping" in err, err
+    assert broker.seen()[-1].path == "/release"
+
+
+def nap_of(pid):
+    """Is the client's run loop (PID) in its nap: a `read -t` (a poll the
+    kernel put to sleep) or a `sleep` of its own?"""
+    try:
+        with open("/proc/%d/wchan" % pid) as f:
+            if "poll" in f.read():
+                return True
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            kids = f.read().split()
+    except OSError:
+        return False
+    for k in kids:
+        try:
+            with open("/proc/%s/cmdline" % k) as f:
+                if f.read().split("\0")[:1] == ["sleep"]:
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def test_netifd_hears_of_the_link_once_not_at_every_renew(box, broker):

@@ -300,6 +300,9 @@ class Sandbox:
             os.makedirs(first)
             os.symlink(os.path.join(owrt.PREFIX, "bin", "wget"),
                        os.path.join(first, "wget"))
+        elif fetch == "busybox-link":
+            # BusyBox's own wget applet, unlogged (bench/storm.py's)
+            os.symlink(BUSYBOX, os.path.join(self.bin, "wget"))
         elif fetch in ("busybox", "gnu"):
             real = "busybox wget" if fetch == "busybox" else GNU_WGET
             self.write_bin("wget", '#!%s sh\nline=wget\nfor a in "$@"; do '
