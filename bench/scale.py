@@ -170,7 +170,7 @@ def restart(ex, rows):
     def watch():
         for line in p.stderr:
             said.append(line)
-            if "listening on" in line:
+            if "microbroker listening on" in line:
                 listening.append(time.monotonic() - t0)
             if "reconciled" in line or "reconcile at start failed" in line:
                 done.append(time.monotonic() - t0)

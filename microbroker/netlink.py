@@ -193,6 +193,8 @@ def addr_packed(text):
     """(4 or 6, packed bytes) of an IPv4 or IPv6 address written as text,
     by inet_pton (ipaddress costs a CGI a fifth of its start); ValueError
     for anything else."""
+    if not isinstance(text, str):
+        raise ValueError("%r is not an IPv4 or IPv6 address" % (text,))
     family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
         return (6 if family == socket.AF_INET6 else 4), socket.inet_pton(family, text)

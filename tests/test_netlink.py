@@ -73,7 +73,7 @@ def test_addresses_packed_as_ipaddress_packs_them(text):
 
 
 @pytest.mark.parametrize("text", ["", "nonsense", "fc00::1::2", "192.0.2", "192.0.2.256",
-                                  "fe80::1%eth0", " fc00::1", "fc00::1/64"])
+                                  "fe80::1%eth0", " fc00::1", "fc00::1/64", None, b"fc00::1"])
 def test_addresses_that_are_not_are_refused(text):
     with pytest.raises(ValueError):
         nl.addr_packed(text)
@@ -284,8 +284,7 @@ def test_reconcile_reads_of_tunnels_and_sessions_agree_with_the_full_dumps():
         {(s.tunnel_id, s.session_id) for s in full} == {(7, 70), (7, 71), (9, 90)}
 
 
-def test_wanted_stops_once_each_is_found():
-    # What follows the wanted attributes is not read: here a truncated one.
+def test_wanted_keeps_the_first_of_a_type():
     data = nl.attr_u32(3, 1) + nl.attr_u32(4, 2) + nl.attr_u32(3, 5) + b"\xff\x00\x05"
     assert nl.parse_attrs(data, wanted={3, 4}) == {3: struct.pack("=I", 1),
                                                    4: struct.pack("=I", 2)}
