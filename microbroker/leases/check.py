@@ -12,9 +12,9 @@ open at all and where dbm.dumb's index (.dir, or .bak) points wrong.
 import os
 import time
 
-from microbroker.leases.dbfile import (
-    _BUCKETS, SCHEMA, Records, StoreError, _FileLock)
+from microbroker.leases.dbfile import _BUCKETS, SCHEMA, Records, StoreError
 from microbroker.leases.errors import Corrupt
+from microbroker.leases.lock import _FileLock
 from microbroker.leases.record import (
     _CLIENT, _EXPIRES, _HEAD, _ID, _IFNAME, _MAGIC, _PEER_SESSION, _PEER_TUNNEL,
     _SERVICE, _SESSION, _TUNNEL, U32, Bucket, Holdings, _row, _unpack, has,
