@@ -185,9 +185,9 @@ def tunnel_attrs(tunnel_id, peer_tunnel_id, local, remote, encap="ip", udp_sport
     if encap not in ENCAPS:
         raise ValueError("encap must be 'ip' or 'udp', not %r" % (encap,))
     version, la = nl.addr_packed(local)
-    if nl.addr_packed(remote)[0] != version:
+    remote_version, ra = nl.addr_packed(remote)
+    if remote_version != version:
         raise ValueError("local %s and remote %s differ in family" % (local, remote))
-    ra = nl.addr_packed(remote)[1]
     a = [nl.attr_u32(L2TP_ATTR_CONN_ID, tunnel_id),
          nl.attr_u32(L2TP_ATTR_PEER_CONN_ID, peer_tunnel_id),
          nl.attr_u8(L2TP_ATTR_PROTO_VERSION, 3),
