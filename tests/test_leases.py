@@ -544,6 +544,21 @@ def test_secret_digest_is_sha256_and_matches_only_its_secret():
         assert not secret.matches(wrong, stored), (wrong, stored)
 
 
+def test_secret_digest_without_cpythons_own_sha256_is_hashlibs():
+    """Where neither _sha2 nor _sha256 can be imported, hashlib's is used,
+    with the same digests."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "sys.modules['_sha2'] = sys.modules['_sha256'] = None\n"
+            "from microbroker.leases import secret\n"
+            "print('hashlib' in sys.modules, secret.digest('ab' * 16),"
+            " secret.matches('ab' * 16, secret.digest('ab' * 16)))" % ROOT)
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [
+        "True", hashlib.sha256(b"ab" * 16).hexdigest(), "True"]
+
+
 def test_the_gnu_backend_is_dbm_gnu_itself():
     """dbfile takes _gdbm without the dbm package (which loads dbm.ndbm)."""
     if not have("dbm.gnu"):

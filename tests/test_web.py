@@ -634,7 +634,8 @@ def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
     or anything kernel-related (with dataplane none), and an offer, a lease
     and a renew never json, re, enum (jsonlite.py), threading (one
-    process, one request) or dbm.ndbm; an offer not even the lease store."""
+    process, one request), collections, dbm.ndbm or OpenSSL's hashlib; an
+    offer not even the lease store."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
         "import run; run()",
@@ -661,14 +662,19 @@ def test_cgi_imports_stay_small(tmp_path):
     # dbm.ndbm and its library too.
     gdbm = subprocess.run([sys.executable, "-I", "-S", "-c",
                            "import _gdbm"]).returncode == 0
+    # Where this Python has CPython's own SHA-256: not OpenSSL's (_hashlib).
+    own_sha = any(subprocess.run([sys.executable, "-I", "-S", "-c",
+                                  "import " + m]).returncode == 0
+                  for m in ("_sha2", "_sha256"))
     for what, mods in (("lease", lease_mods), ("renew", renew_mods),
                        ("offer", offer_mods)):
         for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
                     "cgi", "logging", "argparse", "socketserver",
                     "microbroker.netlink", "microbroker.dataplane",
                     "microbroker.server", "ipaddress", "json", "re", "enum",
-                    "threading") + \
-                (("dbm", "dbm.ndbm", "_dbm") if gdbm else ()):
+                    "threading", "collections", "array", "hmac") + \
+                (("dbm", "dbm.ndbm", "_dbm") if gdbm else ()) + \
+                (("hashlib", "_hashlib") if own_sha else ()):
             assert bad not in mods, (what, bad)
     # A lease and a renew open the store; an offer reads the counts file only.
     for what, mods in (("lease", lease_mods), ("renew", renew_mods)):

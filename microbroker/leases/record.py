@@ -268,7 +268,7 @@ def _put_slot(db, key, raw, chunk, need):
 
 class Holdings:
     """The ids record: what all leases hold together.  The exit's tunnel and
-    session ids (sorted u32 arrays), the number of leases per service, the
+    session ids (sorted lists, stored as little-endian u32), the number of leases per service, the
     allocation cursor, the UDP ports and pool items held (held_items), and
     the new-lease rate bucket (tokens, when last filled).  May also count
     what a crash left behind, until the next sweep.
@@ -281,9 +281,7 @@ class Holdings:
     _TAIL = struct.Struct("<Idd")       # held length, rate tokens, rate stamp
 
     def __init__(self, payload=b"", next_expiry=0.0):
-        from array import array
-        self.tunnels, self.sessions = array("I"), array("I")
-        assert self.tunnels.itemsize == 4
+        self.tunnels, self.sessions = [], []
         self.cursor, self.next_expiry, self.services = 0, next_expiry, {}
         self.held = set()
         self.tokens, self.stamp = -1.0, 0.0        # -1: a full bucket
@@ -292,13 +290,10 @@ class Holdings:
         if payload:
             self.cursor, nt, ns, nsvc = self._FIX.unpack_from(payload)
             at = self._FIX.size
-            self.tunnels.frombytes(payload[at:at + 4 * nt])
+            self.tunnels = list(struct.unpack_from("<%dI" % nt, payload, at))
             at += 4 * nt
-            self.sessions.frombytes(payload[at:at + 4 * ns])
+            self.sessions = list(struct.unpack_from("<%dI" % ns, payload, at))
             at += 4 * ns
-            if _BIG:
-                self.tunnels.byteswap()
-                self.sessions.byteswap()
             if nsvc:
                 self.services = jsonlite.loads(payload[at:at + nsvc])
             at += nsvc
@@ -312,16 +307,13 @@ class Holdings:
 
     def payload(self):
         t, s = self.tunnels, self.sessions
-        if _BIG:
-            t, s = t[:], s[:]
-            t.byteswap()
-            s.byteswap()
         svc = b""
         if self.services:
             svc = jsonlite.dumps(self.services).encode()
         held = b"\n".join(sorted(self.held))
         head = self._FIX.pack(self.cursor, len(t), len(s), len(svc))
-        return (head + t.tobytes() + s.tobytes() + svc
+        return (head + struct.pack("<%dI" % len(t), *t)
+                + struct.pack("<%dI" % len(s), *s) + svc
                 + self._TAIL.pack(len(held), self.tokens, self.stamp) + held)
 
     def add(self, row):
@@ -336,7 +328,7 @@ class Holdings:
             if len(rows) > 8:
                 # one pass instead of many deletions from the middle
                 xs = {r[col] for r in rows}
-                setattr(self, name, type(arr)(arr.typecode, [x for x in arr if x not in xs]))
+                setattr(self, name, [x for x in arr if x not in xs])
                 continue
             for r in rows:
                 i = bisect_left(arr, r[col])
@@ -355,12 +347,10 @@ _Ids = Holdings
 
 
 def has(arr, x):
-    """Is x in the sorted array arr?"""
+    """Is x in the sorted list arr?"""
     i = bisect_left(arr, x)
     return i < len(arr) and arr[i] == x
 
-
-_BIG = struct.pack("=I", 1) != struct.pack("<I", 1)
 
 
 

@@ -1,18 +1,29 @@
 """A lease's secret: kept as its SHA-256 (lowercase hex), checked against it.
 
 hashlib and hmac load OpenSSL's libcrypto where the Python has _hashlib
-(about 5 ms of a CGI lease or renew on Debian); OpenWrt's python3-light has
-no _hashlib, and hashlib uses its built-in SHA-256 there. Imported only by
-the requests that need a secret: an offer never does.
+(about 5 ms of a CGI lease or renew on Debian). CPython's own SHA-256 is
+the module hashlib falls back to (_sha256 up to 3.11, _sha2 from 3.12), and
+hmac.compare_digest is _operator's; both are taken directly where they
+exist, and hashlib and hmac only where they do not. Imported only by the
+requests that need a secret: an offer never does.
 """
 
-import hashlib
-import hmac
+try:
+    from _sha2 import sha256
+except ImportError:
+    try:
+        from _sha256 import sha256
+    except ImportError:
+        from hashlib import sha256
+try:
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
 
 
 def digest(secret):
     """The stored form of a secret (a str)."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    return sha256(secret.encode()).hexdigest()
 
 
 def matches(secret, stored):
@@ -20,4 +31,4 @@ def matches(secret, stored):
     does not depend on where the digests differ."""
     if not isinstance(secret, str) or not isinstance(stored, str):
         return False
-    return hmac.compare_digest(digest(secret).encode(), stored.encode())
+    return compare_digest(digest(secret).encode(), stored.encode())

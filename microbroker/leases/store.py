@@ -516,7 +516,7 @@ def _json_copy(v, depth):
 
 
 def _free_ids(used, lo, hi, start):
-    """Yield the ids in [lo, hi] missing from the sorted array `used`, from start round."""
+    """Yield the ids in [lo, hi] missing from the sorted list `used`, from start round."""
     c = start if lo <= start <= hi else lo
     i = bisect_left(used, c)
     n = len(used)
