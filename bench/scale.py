@@ -158,9 +158,13 @@ def restart(ex, rows):
     answers an offer, when its start-up reconcile is done, what it dropped."""
     before = ex.tunnels()
     t0 = time.monotonic()
-    prof = ["-m", "cProfile", "-s", "cumulative"] if PROFILE else []
-    p = subprocess.Popen(["ip", "netns", "exec", ex.ns, sys.executable] + prof +
-                         ["-m", "microbroker", "-c", ex.path, "serve"], cwd=ROOT,
+    if PROFILE:
+        cmd = ["-m", "cProfile", "-s", "cumulative", "-m", "microbroker"]
+    else:   # as init.d/microbroker starts it: no runpy, no site
+        cmd = ["-u", "-I", "-S", "-c", "import sys; sys.path.insert(0, %r); "
+               "from microbroker.__main__ import main; sys.exit(main())" % ROOT]
+    p = subprocess.Popen(["ip", "netns", "exec", ex.ns, sys.executable] + cmd +
+                         ["-c", ex.path, "serve"], cwd=ROOT,
                          stderr=subprocess.PIPE, stdout=None if PROFILE else subprocess.DEVNULL,
                          text=True)
     done = []
@@ -201,6 +205,14 @@ def restart(ex, rows):
                  answered or float("nan"), "s"))
     rows.append(("restart: start-up reconcile done", done[0] if done else float("nan"), "s"))
     rows.append(("restart: tunnels dropped", dropped, ""))
+    # The floor under those: the interpreter alone, and with the module
+    # an http.server service cannot do without (it imports http.client
+    # and email).
+    for what, code in (("bare python3 -I -S", "pass"),
+                       ("python3 -I -S, import http.server", "import http.server")):
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True)
+        rows.append(("  baseline: %s" % what, time.monotonic() - t0, "s"))
 
 
 def reboot(ex, rows):

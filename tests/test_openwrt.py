@@ -17,6 +17,7 @@ from standins.clientutil import (BUSYBOX, CLIENT, ROOT, STANDINS,
 HANDLER = os.path.join(ROOT, "client", "netifd", "microbroker.sh")
 INIT_EXIT = os.path.join(ROOT, "init.d", "microbroker")
 INIT_CLIENT = os.path.join(ROOT, "init.d", "microbroker-client")
+PROG = os.path.join(ROOT, "openwrt", "files", "microbroker")
 MAKEFILE = os.path.join(ROOT, "openwrt", "Makefile")
 SDK = os.path.join(STANDINS, "sdk")
 
@@ -280,13 +281,24 @@ def test_init_scripts_are_procd_scripts(path):
 
 
 def exit_init_copy(tmp_path):
-    """init.d/microbroker with this machine's python for /usr/bin/python3."""
+    """init.d/microbroker with this machine's python for /usr/bin/python3
+    and, for /usr/bin/microbroker, openwrt/files/microbroker finding this
+    checkout's package instead of site-packages."""
     with open(INIT_EXIT) as f:
         text = f.read()
-    assert text.count("\nPYTHON=/usr/bin/python3\n") == 1
+    with open(PROG) as f:
+        prog = f.read()
+    assert prog.count("sys.path.append(") == 1
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "microbroker").write_text(
+        prog.replace("sys.path.append(", "sys.path.insert(0, %r); (" % ROOT))
+    for old, new in (("PYTHON=/usr/bin/python3", "PYTHON=%s" % sys.executable),
+                     ("PROG=/usr/bin/microbroker",
+                      "PROG=%s" % (tmp_path / "bin" / "microbroker"))):
+        assert text.count("\n%s\n" % old) == 1
+        text = text.replace("\n%s\n" % old, "\n%s\n" % new)
     path = tmp_path / "microbroker"
-    path.write_text(text.replace("\nPYTHON=/usr/bin/python3\n",
-                                 "\nPYTHON=%s\n" % sys.executable))
+    path.write_text(text)
     return str(path)
 
 
@@ -302,8 +314,8 @@ def test_exit_init_starts_the_server_from_the_default_config(tmp_path):
         ("procd_open_service", "microbroker", script),
         ("config_load", "microbroker"),
         ("procd_open_instance", "broker"),
-        ("procd_set_param", "command", sys.executable, "-u", "-m",
-         "microbroker", "serve"),
+        ("procd_set_param", "command", sys.executable, "-u", "-I", "-S",
+         str(tmp_path / "bin" / "microbroker"), "serve"),
         ("procd_set_param", "file", "/etc/config/microbroker"),
         ("procd_set_param", "netdev", "br-exit"),
         ("procd_set_param", "respawn"),
@@ -558,6 +570,8 @@ def test_package_installs(tmp_path):
     assert {"%s/%s.pyc" % (site, m) for m in modules} <= set(exit_)
     assert not [f for f in exit_ if f.endswith(".py")]
     assert exit_["/usr/bin/microbroker"] == 0o755
+    with open(str(ipkg / "microbroker") + "/usr/bin/microbroker") as a, open(PROG) as b:
+        assert a.read() == b.read()
     assert exit_["/www/cgi-bin/microbroker"] == 0o755
     assert exit_["/etc/init.d/microbroker"] == 0o755
     assert exit_["/etc/config/microbroker"] == 0o600
