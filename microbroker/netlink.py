@@ -315,24 +315,41 @@ class Socket(Closing):
                 continue
             replies.append((rtype, bytes(body)))
 
+    def dump_parts(self, mtype, payload, what=""):
+        """Yield (type, datagram, start, end) of each part of a multi-part
+        dump until NLMSG_DONE; the part is datagram[start:end]. One loop
+        over each datagram, nothing copied: a dump of a thousand tunnels
+        spends as long here as the kernel takes to write it otherwise."""
+        seq = self.send(mtype, NLM_F_REQUEST | NLM_F_DUMP, payload)
+        head = NLMSGHDR.unpack_from
+        hsize = NLMSGHDR.size
+        while True:
+            data = self.sock.recv(RECV_SIZE)
+            offset, size = 0, len(data)
+            while offset + hsize <= size:
+                n, rtype, rflags, mseq, _pid = head(data, offset)
+                if n < hsize or offset + n > size:
+                    break
+                if mseq == seq:             # stale ones dropped
+                    if rtype == NLMSG_DONE:
+                        if n >= hsize + 4:
+                            (err,) = struct.unpack_from("=i", data, offset + hsize)
+                            if err < 0:
+                                raise NetlinkError(-err, "", what)
+                        return
+                    if rtype == NLMSG_ERROR:
+                        err, ext = parse_error(rflags, data[offset + hsize:offset + n])
+                        if err:
+                            raise NetlinkError(err, ext, what)
+                        return
+                    if rtype != NLMSG_NOOP:
+                        yield rtype, data, offset + hsize, offset + n
+                offset += (n + 3) & ~3
+
     def dump(self, mtype, payload, what=""):
         """Yield (type, payload) of each part of a multi-part dump until NLMSG_DONE."""
-        seq = self.send(mtype, NLM_F_REQUEST | NLM_F_DUMP, payload)
-        for rtype, rflags, body in self._replies(seq):
-            if rtype == NLMSG_DONE:
-                if len(body) >= 4:
-                    (err,) = struct.unpack_from("=i", body)
-                    if err < 0:
-                        raise NetlinkError(-err, "", what)
-                return
-            if rtype == NLMSG_ERROR:
-                err, ext = parse_error(rflags, body)
-                if err:
-                    raise NetlinkError(err, ext, what)
-                return
-            if rtype == NLMSG_NOOP:
-                continue
-            yield rtype, bytes(body)
+        for rtype, data, start, end in self.dump_parts(mtype, payload, what):
+            yield rtype, data[start:end]
 
 
 # ---- generic netlink -------------------------------------------------------
@@ -371,8 +388,8 @@ class GenlSocket(Socket):
 
     def dump_cmd(self, cmd, attrs=b"", what="", wanted=None):
         payload = genl_header(cmd, self.version) + attrs
-        for _t, body in self.dump(self.family_id, payload, what):
-            yield parse_attrs(body, GENLMSGHDR.size, wanted=wanted)
+        for _t, data, start, end in self.dump_parts(self.family_id, payload, what):
+            yield parse_attrs(data, start + GENLMSGHDR.size, end, wanted)
 
 
 def resolve_family(sock, name):

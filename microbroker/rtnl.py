@@ -245,10 +245,10 @@ class Rtnl(nl.Closing):
         Links without kind, local or remote."""
         out = []
         try:
-            for _t, body in self.sock.dump(RTM_GETLINK, ifinfomsg(family=AF_BRIDGE),
-                                           "bridge ports"):
-                _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
-                a = nl.parse_attrs(body, IFINFOMSG.size, wanted=_PORT_ATTRS)
+            for _t, data, start, end in self.sock.dump_parts(
+                    RTM_GETLINK, ifinfomsg(family=AF_BRIDGE), "bridge ports"):
+                _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
+                a = nl.parse_attrs(data, start + IFINFOMSG.size, end, _PORT_ATTRS)
                 out.append(Link(index, nl.get_str(a, IFLA_IFNAME), flags,
                                 nl.get_u32(a, IFLA_MTU), nl.get_u32(a, IFLA_MASTER, 0), None,
                                 None, None, None))
