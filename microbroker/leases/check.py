@@ -72,14 +72,22 @@ def check(store):
 def repair(store):
     """Keep every lease whose record verifies and start a fresh file with them.
 
-    The old files are moved aside to <path>.corrupt-<time>*.  Of two leases
-    holding the same id, UDP port or pool item the first kept wins.  Ids of
-    lost leases are not reserved: the broker's exclude set and the
-    dataplane's reconcile deal with tunnels the kernel still holds."""
+    The old files are moved aside to <path>.corrupt-<time>*.  A bucket the
+    dbm still reads is kept as read: copies the raw scan finds elsewhere in
+    the file (earlier values, or what a backend left in space it reused) can
+    be older than it whatever their generation says, so they only stand in
+    for buckets the dbm cannot read, newest copy first, and only with leases
+    whose ids the ids record still holds (when it reads).  Leases from
+    records the dbm read are kept first; of two leases holding the same id,
+    UDP port or pool item the first kept wins.  Ids of lost leases are not
+    reserved: the broker's exclude set and the dataplane's reconcile deal with
+    tunnels the kernel still holds."""
     lost, moved, kept = [], [], []
     with _FileLock(store.lock_path, store.lock_timeout, store.mode):
         buckets = _BUCKETS[store.backend]
-        found = {}                      # bucket -> (gen, payload)
+        current = {}                    # bucket -> payload read through the dbm
+        live = None                     # (tunnels, sessions) of the ids record
+        top = 0                         # the highest generation seen
         try:
             if store.backend == "dbm.dumb":
                 store._fix_dumb_index()
@@ -93,31 +101,36 @@ def repair(store):
                     buckets = store.buckets
                 except StoreError:
                     pass
-                for b in range(buckets):
+                for name in [b"b%02x" % b for b in range(buckets)] + [b"ids"]:
                     try:
-                        rec = old.read(b"b%02x" % b)
+                        rec = old.read(name)
                     except Exception:   # a damaged dbm may fail any fetch
-                        rec = None
-                    if rec is not None:
-                        found[b] = (old.slots[b"b%02x" % b][1], rec[2])
+                        continue
+                    if rec is None:
+                        continue
+                    top = max(top, old.slots[name][1])
+                    if name != b"ids":
+                        current[int(name[1:], 16)] = rec[2]
+                        continue
+                    try:
+                        ids = Holdings(rec[2])
+                        live = (ids.tunnels, ids.sessions)
+                    except Exception:
+                        pass
             finally:
                 try:
                     old.close()
                 except Exception:
                     pass
+        copies = {}                     # bucket -> [(gen, rows)] for buckets the dbm lost
         for gen, payload in _scan(store):
-            if payload.startswith(b"{"):
-                continue                # meta
-            lines = Bucket(payload, store.path).lines
-            try:
-                b = int(lines[0][:2], 16) % buckets
-            except (ValueError, IndexError):
-                continue                # ids, or not a bucket
-            if b not in found or gen > found[b][0]:
-                found[b] = (gen, payload)
-        rows = []
-        for b in sorted(found):
-            for line in Bucket(found[b][1], store.path).lines:
+            top = max(top, gen)
+            got = _bucket_rows(payload, buckets, store.path)
+            if got is not None and got[0] not in current:
+                copies.setdefault(got[0], []).append((gen, got[1]))
+        rows, stale = [], set()
+        for b in sorted(current):
+            for line in Bucket(current[b], store.path).lines:
                 try:
                     row = _row(line, store.path)
                 except Corrupt:
@@ -126,8 +139,19 @@ def repair(store):
                     rows.append(row)
                 else:
                     lost.append("b%02x" % b)
+        for b in sorted(copies):
+            # Newest copy first; an older one adds what the newer lacks only
+            # when the ids record can tell a live lease from a released one.
+            ordered = sorted(copies[b], key=lambda c: -c[0])
+            for gen, found in ordered if live is not None else ordered[:1]:
+                for row in found:
+                    if live is None or (has(live[0], row[_TUNNEL])
+                                        and has(live[1], row[_SESSION])):
+                        rows.append(row)
+                    else:
+                        stale.add(row[_ID])     # released (or never this file's)
         for b in range(buckets):
-            if b not in found:
+            if b not in current and b not in copies:
                 lost.append("b%02x" % b)
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -144,16 +168,23 @@ def repair(store):
             out, ids, seen = {}, Holdings(), set()
             for row in rows:
                 b = int(row[_ID][:2], 16) % store.buckets
-                if (home(row[_CLIENT]) % store.buckets != b or row[_ID] in seen
+                if row[_ID] in seen:
+                    continue            # an older copy of a lease already taken
+                seen.add(row[_ID])
+                if (home(row[_CLIENT]) % store.buckets != b
                         or has(ids.tunnels, row[_TUNNEL])
                         or has(ids.sessions, row[_SESSION])
                         or ids.held.intersection(held_items(row))):
                     continue
-                seen.add(row[_ID])
                 ids.add(row)
                 out.setdefault(b, Bucket(b"", store.path)).put(None, row)
                 kept.append(row)
             ids.next_expiry = min((r[_EXPIRES] for r in kept), default=0.0)
+            # Generations go on from the old file's: copies of it that the
+            # new file may hold in unused space stay older than its records.
+            for name in [b"ids"] + [b"b%02x" % b for b in out]:
+                tx.read(name)
+                tx.slots[name][1] = max(tx.slots[name][1], top)
             tx.reserve({b"ids": _HEAD.size + len(ids.payload()), **{
                 b"b%02x" % b: _HEAD.size + len(bucket.payload()[0])
                 for b, bucket in out.items()}})
@@ -164,8 +195,28 @@ def repair(store):
         finally:
             tx.close()
         store._publish(ids)
-    return {"kept": len(kept), "dropped": len(rows) - len(kept),
+    return {"kept": len(kept), "dropped": len(seen | stale) - len(kept),
             "lost_buckets": sorted(set(lost)), "moved_to": moved}
+
+
+def _bucket_rows(payload, buckets, where):
+    """(bucket, rows) if a scanned payload is a non-empty bucket record: every
+    line a sane lease row of one bucket (the ids record's binary start can
+    look like a lease id's hex prefix); else None."""
+    lines = Bucket(payload, where).lines
+    if not lines or payload.startswith(b"{"):
+        return None
+    try:
+        rows = [_row(line, where) for line in lines]
+    except Exception:           # (our own slot, but not a bucket's)
+        return None
+    if not all(_sane(row) for row in rows):
+        return None
+    b = int(rows[0][_ID][:2], 16) % buckets
+    if any(int(row[_ID][:2], 16) % buckets != b or home(row[_CLIENT]) % buckets != b
+           for row in rows):
+        return None
+    return b, rows
 
 
 def _scan(store):
