@@ -82,6 +82,17 @@ def _norm_backend(name):
     return full
 
 
+def _clock_gen(now=None):
+    """A slot generation from the clock: microseconds since the epoch.
+
+    A write takes the larger of this and one more than the record's newest,
+    so each record's generations only grow, and (while the clock holds)
+    generations order writes across records and files too: repair can tell
+    a copy written before the ids record from one written after, and a
+    file's own copies from an older file's."""
+    return int((time.time() if now is None else now) * 1e6)
+
+
 def _fsync(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -166,7 +177,7 @@ class Records:
             if slot is not None and (best is None or slot[0] > best[1][0]):
                 best = (i, slot)
         if best is None:
-            self.slots[name] = [1, 0, lens]       # next write: slot a, gen 1
+            self.slots[name] = [1, self.store.first_gen, lens]    # next write: slot a
             return None
         i, (gen, count, minexp, payload) = best
         self.slots[name] = [i, gen, lens]
@@ -185,10 +196,11 @@ class Records:
             cap = st.layout[name]
         else:
             cap = _capacity(need, lens[target])
+        gen = max(gen + 1, _clock_gen())
         _put_slot(self.db, name + (b".a", b".b")[target],
-                  _pack(gen + 1, payload, count, minexp, cap), st.chunk, need)
+                  _pack(gen, payload, count, minexp, cap), st.chunk, need)
         lens[target] = cap
-        self.slots[name] = [target, gen + 1, lens]
+        self.slots[name] = [target, gen, lens]
         self.wrote = True
 
     def reserve(self, needs):
@@ -329,6 +341,7 @@ class LeaseFile:
         self.chunk = _CHUNK.get(backend, 0)
         self.unit = _UNIT.get(backend, _MINCAP)
         self.layout = {}                        # record -> slot size, from meta
+        self.first_gen = 0                      # the file's lowest generation, from meta
         self._meta_raw = None
 
 
@@ -509,12 +522,20 @@ class LeaseFile:
             os.replace(f, self.path + f[len(tmp):])
         self._fsync_dir()
 
-    def _create(self):
-        """Build an empty store under a temporary name, then rename it into place."""
+    def _create(self, first_gen=0):
+        """Build an empty store under a temporary name, then rename it into place.
+
+        Its generations start at the clock (or first_gen, if higher; see
+        _clock_gen), recorded in meta: above those of any file written
+        before, whose copies a backend may leave in the new file's unused
+        space (Berkeley DB writes what its page buffers held before), so the
+        raw scan of repair can tell them from the file's own."""
         k = _BUCKETS[self.backend]
         names = self._names(k)
+        now = time.time()
+        gen = max(int(first_gen), _clock_gen(now))
         meta = {"format": FORMAT, "schema": SCHEMA, "backend": self.backend,
-                "buckets": k, "created": time.time()}
+                "buckets": k, "created": now, "first_gen": gen}
         payloads = {name: b"" for name in names}
         payloads[b"ids"] = Holdings().payload()
         if self.fixed:
@@ -525,7 +546,7 @@ class LeaseFile:
             payloads[b"meta"] = _sorted_json(meta)
             caps = {name: _capacity(_HEAD.size + len(p), 0) for name, p in payloads.items()}
         # Both slots exist from the start, so later writes keep the key set fixed.
-        slots = {name: [(1, 0, 0.0, p), (0, 0, 0.0, p)] for name, p in payloads.items()}
+        slots = {name: [(gen + 1, 0, 0.0, p), (gen, 0, 0.0, p)] for name, p in payloads.items()}
         self._build(self.path + ".new", names, slots, caps)
         self._install(self.path + ".new")
 
@@ -569,6 +590,8 @@ class LeaseFile:
                 raise Corrupt(f"{self.path}: the header record has no usable layout",
                               self.path)
             self.layout = layout
+        first = meta.get("first_gen", 0)
+        self.first_gen = first if isinstance(first, int) and first > 0 else 0
         self.buckets = k
         self._meta_raw = raw
 

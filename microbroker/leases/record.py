@@ -10,7 +10,8 @@ newest slot that verifies.  Payloads:
     ids      what all leases hold together (Holdings): the exit's tunnel and
              session ids, leases per service, the allocation cursor, the
              UDP ports and pool items held, the new-lease rate bucket
-    meta     format, schema, backend, bucket count, slot sizes (JSON)
+    meta     format, schema, backend, bucket count, slot sizes, the file's
+             first generation (JSON)
 
 Nothing here touches a file.
 """
