@@ -8,7 +8,13 @@ of a CGI request's time. What we write is plain (ASCII, compact), so:
     loads(text) json.loads(text); small texts without escapes are read
                 here, anything else (escapes, NaN, a syntax error) is left
                 to the json module, which also words the errors
+
+Where the process has imported json anyway (the server does, after it
+starts listening), both are json's own C code: several times faster than
+ours, and the same answers.
 """
+
+import sys
 
 _PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
                    "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
@@ -40,9 +46,25 @@ def _str(s):
     return "".join(out)
 
 
+_encode = None
+
+
 def dumps(obj):
     """Compact ASCII JSON; NaN and infinities become null (json would
     write NaN, which is not JSON)."""
+    global _encode
+    if _encode is None and "json" in sys.modules:
+        _encode = sys.modules["json"].JSONEncoder(separators=(",", ":"),
+                                                  allow_nan=False).encode
+    if _encode is not None:
+        try:
+            return _encode(obj)
+        except ValueError:
+            pass            # NaN or an infinity: null, below
+    return _dumps(obj)
+
+
+def _dumps(obj):
     if obj is None:
         return "null"
     if obj is True:
@@ -58,9 +80,9 @@ def dumps(obj):
             return "null"
         return float.__repr__(obj)
     if isinstance(obj, dict):
-        return "{" + ",".join(_key(k) + ":" + dumps(v) for k, v in obj.items()) + "}"
+        return "{" + ",".join(_key(k) + ":" + _dumps(v) for k, v in obj.items()) + "}"
     if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(dumps(v) for v in obj) + "]"
+        return "[" + ",".join(_dumps(v) for v in obj) + "]"
     raise TypeError("cannot encode %r" % type(obj))
 
 
@@ -69,7 +91,7 @@ def _key(k):
     if isinstance(k, str):
         return _str(str.__str__(k))
     if k is None or k is True or k is False:
-        return '"%s"' % dumps(k)
+        return '"%s"' % _dumps(k)
     if isinstance(k, int):
         return '"%s"' % int.__repr__(k)
     if isinstance(k, float):
@@ -214,6 +236,12 @@ def _value(s, i):
 
 def loads(text):
     """json.loads(text), for str or bytes."""
+    if "json" in sys.modules:
+        return sys.modules["json"].loads(text)
+    return _loads(text)
+
+
+def _loads(text):
     if len(text) <= SMALL:
         try:
             s = text.decode("ascii") if isinstance(text, (bytes, bytearray)) else text

@@ -51,10 +51,31 @@ def same(a, b):
 
 
 def test_dumps_writes_what_json_writes():
+    """Ours (_dumps), and dumps where json is loaded (json's encoder)."""
     rng = random.Random(7)
     for _ in range(3000):
         v = random_value(rng)
-        assert jsonlite.dumps(v) == json.dumps(v, separators=(",", ":")), v
+        want = json.dumps(v, separators=(",", ":"))
+        assert jsonlite._dumps(v) == want, v
+        assert jsonlite.dumps(v) == want, v
+
+
+def test_without_json_loaded_both_are_ours_and_agree_with_json():
+    """A CGI never imports json: dumps and loads are jsonlite's own there,
+    and give what json gives (checked in the same process afterwards)."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from microbroker import jsonlite\n"
+            "v = {'a': [1, 2.5, None, True, 'x\\u00e9\\n'], 'b': {'c': float('nan')}}\n"
+            "out = jsonlite.dumps(v)\n"
+            "back = jsonlite.loads('{\"a\":[1,2.5,null,true,\"plain\"],\"n\":-3}')\n"
+            "assert 'json' not in sys.modules, 'json was imported'\n"
+            "import json\n"
+            "assert out == json.dumps({'a': v['a'], 'b': {'c': None}}, separators=(',', ':')), out\n"
+            "assert back == json.loads('{\"a\":[1,2.5,null,true,\"plain\"],\"n\":-3}')\n"
+            "assert jsonlite.dumps(v) == out\n"
+            "print('ok')" % ROOT)
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
 
 
 def test_loads_reads_what_json_reads():
@@ -65,6 +86,7 @@ def test_loads_reads_what_json_reads():
         for text in (json.dumps(v), json.dumps(v, separators=(",", ":")),
                      json.dumps(v, indent=1, ensure_ascii=False)):
             assert same(jsonlite.loads(text), json.loads(text)), text
+            assert same(jsonlite._loads(text), json.loads(text)), text
             if "\\" not in text and text.replace("\n", "").isprintable():
                 # read here, not handed on to json
                 direct, end = jsonlite._value(text, jsonlite._skip(text, 0))
@@ -75,6 +97,7 @@ def test_loads_reads_what_json_reads():
             except UnicodeEncodeError:      # a lone surrogate has no UTF-8
                 continue
             assert same(jsonlite.loads(raw), json.loads(raw)), raw
+            assert same(jsonlite._loads(raw), json.loads(raw)), raw
     assert mine[0] > 3000
 
 
@@ -87,14 +110,15 @@ def test_bad_or_odd_input_is_judged_as_json_judges_it(text):
         want = ("ok", json.loads(text))
     except (ValueError, RecursionError) as e:
         want = ("error", type(e))
-    try:
-        got = ("ok", jsonlite.loads(text))
-    except (ValueError, RecursionError) as e:
-        got = ("error", type(e))
-    if want[0] == "ok" and got[0] == "ok":
-        assert same(got[1], want[1]) or (want[1] != want[1] and got[1] != got[1])
-    else:
-        assert got == want
+    for loads in (jsonlite._loads, jsonlite.loads):
+        try:
+            got = ("ok", loads(text))
+        except (ValueError, RecursionError) as e:
+            got = ("error", type(e))
+        if want[0] == "ok" and got[0] == "ok":
+            assert same(got[1], want[1]) or (want[1] != want[1] and got[1] != got[1])
+        else:
+            assert got == want
 
 
 def test_small_records_are_read_without_the_json_module():
@@ -109,7 +133,8 @@ def test_small_records_are_read_without_the_json_module():
 
 
 def test_nan_and_infinity_are_written_as_null():
-    assert jsonlite.dumps([float("nan"), float("inf"), -float("inf")]) == "[null,null,null]"
+    for dumps in (jsonlite._dumps, jsonlite.dumps):
+        assert dumps([float("nan"), float("inf"), -float("inf")]) == "[null,null,null]"
 
 
 def test_dict_keys_as_json_writes_them():
@@ -123,12 +148,14 @@ def test_dict_keys_as_json_writes_them():
 
     d = {S("s"): 1, True: 2, None: 3, 4: 4, I(5): 5, 1.5: 6, float("nan"): 7,
          float("-inf"): 8}
-    assert jsonlite.dumps(d) == json.dumps(d, separators=(",", ":"))
+    for dumps in (jsonlite._dumps, jsonlite.dumps):
+        assert dumps(d) == json.dumps(d, separators=(",", ":"))
     for bad in ({(1, 2): 0}, {b"x": 0}):
         with pytest.raises(TypeError):
             json.dumps(bad)
-        with pytest.raises(TypeError):
-            jsonlite.dumps(bad)
+        for dumps in (jsonlite._dumps, jsonlite.dumps):
+            with pytest.raises(TypeError):
+                dumps(bad)
 
 
 @pytest.mark.parametrize("text", [
@@ -142,8 +169,9 @@ def test_flat_objects_read_as_json_reads_them(text):
         want = ("ok", json.loads(text))
     except ValueError:
         want = ("error",)
-    try:
-        got = ("ok", jsonlite.loads(text))
-    except ValueError:
-        got = ("error",)
-    assert got[0] == want[0] and (got[0] == "error" or same(got[1], want[1])), text
+    for loads in (jsonlite._loads, jsonlite.loads):
+        try:
+            got = ("ok", loads(text))
+        except ValueError:
+            got = ("error",)
+        assert got[0] == want[0] and (got[0] == "error" or same(got[1], want[1])), text
