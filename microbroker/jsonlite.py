@@ -9,12 +9,10 @@ of a CGI request's time. What we write is plain (ASCII, compact), so:
                 here, anything else (escapes, NaN, a syntax error) is left
                 to the json module, which also words the errors
 
-Where the process has imported json anyway (the server does, after it
-starts listening), both are json's own C code: several times faster than
-ours, and the same answers.
+Where the process has imported json (load_json: the server does, once it
+listens), both are json's own C code: several times faster than ours, and
+the same answers.
 """
-
-import sys
 
 _PLAIN = frozenset(" !#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTU"
                    "VWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
@@ -46,16 +44,23 @@ def _str(s):
     return "".join(out)
 
 
+# json's encoder and module, once load_json() has imported it; not merely
+# json in sys.modules, which another thread may be importing right now.
 _encode = None
+_json = None
+
+
+def load_json():
+    """Import json: dumps and loads use its C code from then on (serve)."""
+    global _encode, _json
+    import json
+    _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+    _json = json
 
 
 def dumps(obj):
     """Compact ASCII JSON; NaN and infinities become null (json would
     write NaN, which is not JSON)."""
-    global _encode
-    if _encode is None and "json" in sys.modules:
-        _encode = sys.modules["json"].JSONEncoder(separators=(",", ":"),
-                                                  allow_nan=False).encode
     if _encode is not None:
         try:
             return _encode(obj)
@@ -236,8 +241,8 @@ def _value(s, i):
 
 def loads(text):
     """json.loads(text), for str or bytes."""
-    if "json" in sys.modules:
-        return sys.modules["json"].loads(text)
+    if _json is not None:
+        return _json.loads(text)
     return _loads(text)
 
 

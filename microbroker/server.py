@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+from microbroker import jsonlite
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_listen
 from microbroker.limits import ANSWER_GRACE, Refuser, SourceLimits, WorkGate
@@ -620,6 +621,9 @@ def serve(app, load=None):
         log("info", "microbroker listening on %s; services: %s; leases in "
             "%s", ", ".join("[%s]:%d" % a if ":" in a[0] else "%s:%d" % a
                             for a in bound), names, cfg.lease_path)
+        # A long-running process pays json's import once, and every lease
+        # row and answer after it is written and read by json's C code.
+        jsonlite.load_json()
         ok, reason, _kinds = b.kernel_status()
         if not ok:
             if getattr(b.dataplane, "dry_run", False):

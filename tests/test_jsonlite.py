@@ -10,6 +10,14 @@ import pytest
 
 from microbroker import jsonlite
 
+@pytest.fixture(autouse=True, scope="module")
+def both_paths():
+    """jsonlite._dumps/_loads are ours; dumps/loads, after load_json(),
+    json's (as in serve)."""
+    jsonlite.load_json()
+    yield
+    jsonlite._encode = jsonlite._json = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STRINGS = ["", "plain", "fc00::1", 'quo"te', "back\\slash", "tab\there", "nl\nx", "\x00\x1f",
@@ -60,9 +68,9 @@ def test_dumps_writes_what_json_writes():
         assert jsonlite.dumps(v) == want, v
 
 
-def test_without_json_loaded_both_are_ours_and_agree_with_json():
+def test_without_load_json_both_are_ours_and_agree_with_json():
     """A CGI never imports json: dumps and loads are jsonlite's own there,
-    and give what json gives (checked in the same process afterwards)."""
+    and give what json gives; after load_json() (serve), json's, the same."""
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from microbroker import jsonlite\n"
             "v = {'a': [1, 2.5, None, True, 'x\\u00e9\\n'], 'b': {'c': float('nan')}}\n"
@@ -70,8 +78,11 @@ def test_without_json_loaded_both_are_ours_and_agree_with_json():
             "back = jsonlite.loads('{\"a\":[1,2.5,null,true,\"plain\"],\"n\":-3}')\n"
             "assert 'json' not in sys.modules, 'json was imported'\n"
             "import json\n"
+            "assert jsonlite._encode is None and jsonlite._json is None\n"
             "assert out == json.dumps({'a': v['a'], 'b': {'c': None}}, separators=(',', ':')), out\n"
             "assert back == json.loads('{\"a\":[1,2.5,null,true,\"plain\"],\"n\":-3}')\n"
+            "jsonlite.load_json()\n"
+            "assert jsonlite._encode is not None and jsonlite._json is json\n"
             "assert jsonlite.dumps(v) == out\n"
             "print('ok')" % ROOT)
     r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
