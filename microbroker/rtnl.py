@@ -247,6 +247,8 @@ class Rtnl(nl.Closing):
         try:
             for _t, data, start, end in self.sock.dump_parts(
                     RTM_GETLINK, ifinfomsg(family=AF_BRIDGE), "bridge ports"):
+                if end - start < IFINFOMSG.size:
+                    continue
                 _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(data, start)
                 a = nl.parse_attrs(data, start + IFINFOMSG.size, end, _PORT_ATTRS)
                 out.append(Link(index, nl.get_str(a, IFLA_IFNAME), flags,

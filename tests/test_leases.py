@@ -743,6 +743,11 @@ def test_repair_does_not_take_the_ids_record_for_a_bucket(mk):
     for c in ("fc00::1", "fc00::2"):
         mine.append(grant(st, client=c)[0])
     assert mine[-1].tunnel_id == 0x3130 and bucket_of(st, mine[0]) == b
+    # The bucket unreadable, a copy of it elsewhere: only the scan can
+    # bring it back, and the ids record (newer) must not be taken for it.
+    gen, count, minexp, payload = record_of(st, b)
+    damage(st, b"b%02x" % b, which="both")
+    plant(st, slot_bytes(gen, payload, count, minexp), skip={b})
     report = st.repair()
     assert report["lost_buckets"] == [] and report["kept"] == 3
     for lease in mine:
@@ -768,6 +773,28 @@ def test_a_stale_copy_of_a_damaged_bucket_never_costs_a_current_lease(mk):
     with pytest.raises(L.NotFound):
         st.get(p.lease_id)
     assert report["kept"] == 1 and st.check()["ok"]
+
+
+def test_a_released_lease_in_a_stale_copy_is_not_brought_back(mk, backend):
+    # Bucket 0 held p and r; p was released; then bucket 0 became unreadable
+    # and only the copy from before the release is left. The ids record (read
+    # through the dbm) no longer holds p's ids: r comes back, p does not.
+    st = mk()
+    n = 1 if backend == "dbm.dumb" else 2       # what fits a padding there
+    cs = clients_in(st, 0, n)
+    p, p_secret, _ = grant(st, client=cs[0])
+    r = grant(st, client=cs[1])[0] if n == 2 else None
+    gen, count, minexp, before = record_of(st, 0)
+    st.release(p.lease_id, p_secret, cs[0])
+    damage(st, b"b00", which="both")
+    plant(st, slot_bytes(gen, before, count, minexp), skip={0})
+    report = st.repair()
+    with pytest.raises(L.NotFound):
+        st.get(p.lease_id)
+    assert report["dropped"] == 1
+    if r is not None:
+        assert st.get(r.lease_id) == r and report["kept"] == 1
+    assert st.check()["ok"]
 
 
 def foreign_row(st, lease, client, tunnel):

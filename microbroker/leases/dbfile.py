@@ -89,7 +89,9 @@ def _clock_gen(now=None):
     so each record's generations only grow, and (while the clock holds)
     generations order writes across records and files too: repair can tell
     a copy written before the ids record from one written after, and a
-    file's own copies from an older file's."""
+    file's own copies from an older file's. A clock behind the file's
+    generations (a router without an RTC, before NTP) loses that order
+    for scanned copies only; slots a and b are still told apart."""
     return int((time.time() if now is None else now) * 1e6)
 
 
