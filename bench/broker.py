@@ -297,7 +297,7 @@ def main():
         ("lease store (microbroker.leases.store)",
          "import microbroker.leases.store"),
         ("  json (only for listings of many leases)", "import json"),
-        ("  secret (CPython's own SHA-256, or hashlib's)",
+        ("  secret (CPython's own _sha256, or hashlib's)",
          "import microbroker.leases.secret"),
         ("  hashlib, hmac (OpenSSL where Python has _hashlib)",
          "import hashlib, hmac"),

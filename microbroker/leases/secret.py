@@ -1,20 +1,19 @@
 """A lease's secret: kept as its SHA-256 (lowercase hex), checked against it.
 
 hashlib and hmac load OpenSSL's libcrypto where the Python has _hashlib
-(about 5 ms of a CGI lease or renew on Debian). CPython's own SHA-256 is
-the module hashlib falls back to (_sha256 up to 3.11, _sha2 from 3.12), and
-hmac.compare_digest is _operator's; both are taken directly where they
-exist, and hashlib and hmac only where they do not. Imported only by the
-requests that need a secret: an offer never does.
+(about 5 ms of a CGI lease or renew on Debian). CPython's own SHA-256,
+_sha256 (a standard-library module up to 3.11; 3.12 renamed it _sha2, which
+3.11's list of standard modules does not name, so hashlib serves there), is
+what hashlib falls back to, and hmac.compare_digest is _operator's; both
+are taken directly where they exist, and hashlib and hmac only where they
+do not. Imported only by the requests that need a secret: an offer never
+does.
 """
 
 try:
-    from _sha2 import sha256
+    from _sha256 import sha256
 except ImportError:
-    try:
-        from _sha256 import sha256
-    except ImportError:
-        from hashlib import sha256
+    from hashlib import sha256
 try:
     from _operator import _compare_digest as compare_digest
 except ImportError:
