@@ -224,15 +224,17 @@ def message(mtype, flags, seq, payload, pid=0):
 
 
 def split_messages(data):
-    """Yield (type, flags, seq, payload memoryview) for each message in one datagram."""
-    offset = 0
-    view = memoryview(data)
-    while offset + NLMSGHDR.size <= len(data):
-        n, mtype, flags, seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if n < NLMSGHDR.size or offset + n > len(data):
+    """Yield (type, flags, seq, start, end) for each message in one
+    datagram: its payload is data[start:end], not copied (a dump's parts
+    are parsed in place)."""
+    offset, size = 0, len(data)
+    head, hsize = NLMSGHDR.unpack_from, NLMSGHDR.size
+    while offset + hsize <= size:
+        n, mtype, flags, seq, _pid = head(data, offset)
+        if n < hsize or offset + n > size:
             break
-        yield mtype, flags, seq, view[offset + NLMSGHDR.size:offset + n]
-        offset += align(n)
+        yield mtype, flags, seq, offset + hsize, offset + n
+        offset += (n + 3) & ~3
 
 
 def parse_error(flags, payload):
@@ -294,10 +296,10 @@ class Socket(Closing):
         """Messages answering seq, one datagram at a time; stale ones dropped."""
         while True:
             data = self.sock.recv(RECV_SIZE)
-            for mtype, flags, mseq, payload in split_messages(data):
+            for mtype, flags, mseq, start, end in split_messages(data):
                 if mseq != seq:
                     continue
-                yield mtype, flags, payload
+                yield mtype, flags, data[start:end]
 
     def request(self, mtype, flags, payload, what=""):
         """Send with NLM_F_ACK; return the reply payloads (often none) once ACKed."""
@@ -317,34 +319,28 @@ class Socket(Closing):
 
     def dump_parts(self, mtype, payload, what=""):
         """Yield (type, datagram, start, end) of each part of a multi-part
-        dump until NLMSG_DONE; the part is datagram[start:end]. One loop
-        over each datagram, nothing copied: a dump of a thousand tunnels
-        spends as long here as the kernel takes to write it otherwise."""
+        dump until NLMSG_DONE; the part is datagram[start:end], not copied:
+        a dump of a thousand tunnels spent as long copying and re-yielding
+        its parts as the kernel takes to write them."""
         seq = self.send(mtype, NLM_F_REQUEST | NLM_F_DUMP, payload)
-        head = NLMSGHDR.unpack_from
-        hsize = NLMSGHDR.size
         while True:
             data = self.sock.recv(RECV_SIZE)
-            offset, size = 0, len(data)
-            while offset + hsize <= size:
-                n, rtype, rflags, mseq, _pid = head(data, offset)
-                if n < hsize or offset + n > size:
-                    break
-                if mseq == seq:             # stale ones dropped
-                    if rtype == NLMSG_DONE:
-                        if n >= hsize + 4:
-                            (err,) = struct.unpack_from("=i", data, offset + hsize)
-                            if err < 0:
-                                raise NetlinkError(-err, "", what)
-                        return
-                    if rtype == NLMSG_ERROR:
-                        err, ext = parse_error(rflags, data[offset + hsize:offset + n])
-                        if err:
-                            raise NetlinkError(err, ext, what)
-                        return
-                    if rtype != NLMSG_NOOP:
-                        yield rtype, data, offset + hsize, offset + n
-                offset += (n + 3) & ~3
+            for rtype, rflags, mseq, start, end in split_messages(data):
+                if mseq != seq:             # stale ones dropped
+                    continue
+                if rtype == NLMSG_DONE:
+                    if end - start >= 4:
+                        (err,) = struct.unpack_from("=i", data, start)
+                        if err < 0:
+                            raise NetlinkError(-err, "", what)
+                    return
+                if rtype == NLMSG_ERROR:
+                    err, ext = parse_error(rflags, data[start:end])
+                    if err:
+                        raise NetlinkError(err, ext, what)
+                    return
+                if rtype != NLMSG_NOOP:
+                    yield rtype, data, start, end
 
     def dump(self, mtype, payload, what=""):
         """Yield (type, payload) of each part of a multi-part dump until NLMSG_DONE."""

@@ -144,10 +144,11 @@ class Nftables(nl.Closing):
         waiting = set(range(seq + 1, seq + len(messages) + 1))
         first = None
         while waiting:
-            for mtype, flags, mseq, payload in nl.split_messages(self._recv()):
+            data = self._recv()
+            for mtype, flags, mseq, start, end in nl.split_messages(data):
                 if mtype != nl.NLMSG_ERROR or not seq <= mseq <= seq + len(messages):
                     continue
-                err, ext = nl.parse_error(flags, payload)
+                err, ext = nl.parse_error(flags, data[start:end])
                 if mseq == seq:         # the batch as a whole: nothing follows
                     raise nl.NetlinkError(err, ext, what)
                 waiting.discard(mseq)
