@@ -447,6 +447,69 @@ def test_counts_and_listing(mk):
     assert st.count() == 0 and st.count(service="a") == 0 and st.leases() == []
 
 
+def test_counts_file_is_the_last_complete_line(mk, path):
+    from microbroker.leases import counts
+    st = mk()
+    cp = counts.path_of(path)
+    grant(st, client="fc00::1", service="a")
+    grant(st, client="fc00::2", service="b")
+    assert counts.read(cp) == (2, {"a": 1, "b": 1})
+    with open(cp, "rb") as f:
+        assert len(f.read().splitlines()) >= 2      # appended, not replaced
+    # Killed mid-line: the line without its newline does not count, the one
+    # before does; the next write ends it first and is read whole.
+    with open(cp, "ab") as f:
+        f.write(b'{"total":9,"serv')
+    assert counts.read(cp) == (2, {"a": 1, "b": 1})
+    grant(st, client="fc00::3", service="a")
+    assert counts.read(cp) == (3, {"a": 2, "b": 1})
+    # A last line that does not parse: the store is asked, and publishes.
+    with open(cp, "ab") as f:
+        f.write(b'{"total":9,"serv{"total":1}\n')
+    assert counts.read(cp) is None
+    assert st.counts() == (3, {"a": 2, "b": 1})
+    assert counts.read(cp) == (3, {"a": 2, "b": 1})
+    # The single line without a newline that an earlier version wrote.
+    with open(cp, "wb") as f:
+        f.write(b'{"total":3,"services":{"a":2,"b":1}}')
+    assert counts.read(cp) is None
+    assert st.counts() == (3, {"a": 2, "b": 1})
+    assert counts.read(cp) == (3, {"a": 2, "b": 1})
+
+
+def test_counts_file_stays_small_and_whole_for_readers(tmp_path):
+    """Past COMPACT bytes the file starts again as one line; a reader that
+    takes no lock meanwhile sees only counts that were written, whole."""
+    from microbroker.leases import counts
+    cp = str(tmp_path / "leases.counts")
+    stop, seen, bad = [], set(), []
+
+    def reader():
+        while not stop:
+            got = counts.read(cp)
+            if got is None:
+                continue
+            total, services = got
+            if services != {"s": total, "t": 2 * total}:
+                bad.append(got)
+            seen.add(total)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(3000):
+            counts.write(cp, i, {"s": i, "t": 2 * i}, 0o600)
+            assert os.path.getsize(cp) <= counts.COMPACT
+    finally:
+        stop.append(1)
+        t.join()
+    assert bad == []
+    assert counts.read(cp) == (2999, {"s": 2999, "t": 5998})
+    assert len(seen) > 1
+    with open(cp, "rb") as f:
+        assert f.read().count(b"\n") < 3000      # it was started anew
+
+
 def test_hundreds_of_leases_in_shared_buckets(mk):
     """More leases than buckets: records grow through several size classes."""
     st = mk(fsync=False)
