@@ -5,12 +5,17 @@ state, each service's capacity, the broker's max_leases, whether the
 kernel can build tunnels. Counters (grants, renews, releases, expiries,
 errors by code) must add up over every process that answers requests:
 the threaded server and any number of CGI processes at once. They live
-in a small text file beside the lease file (LEASE_FILE.stats), one
-`name{labels} value` line each, rewritten whole (temporary file, rename)
-under a lock of its own (LEASE_FILE.stats.lock), never under the lease
-store's lock. A kill at any instruction leaves the old file or the new
-one; a file that does not parse starts again from zero, which Prometheus
-reads as a counter reset. The file is not fsynced: counters are
+in a small text file beside the lease file (LEASE_FILE.stats) of
+`name{labels} value` lines, a series' value the sum of its lines: a count
+appends one line (one write, O_APPEND) under a lock of its own
+(LEASE_FILE.stats.lock), never under the lease store's lock, and past
+COMPACT bytes the file is rewritten with one line per series (temporary
+file, rename). Not a rename per count: on ext4 a rename over a file
+flushes the new file's data first (auto_da_alloc), about a millisecond of
+every lease and renew. A line shows to a reader whole or not at all (its
+newline comes last); one that a kill or a full disk cut short is ended by
+the next count's leading newline and, not parsing, is skipped: that count
+is lost, the others stay. The file is not fsynced: counters are
 monitoring, not state.
 """
 
@@ -52,24 +57,29 @@ def _key(name, value=None):
 
 
 def read(path):
-    """{series: value} from the stats file; {} if missing or torn."""
+    """{series: value} from the stats file ({} if missing): the sum of each
+    series' complete lines; a line that does not parse is skipped."""
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             text = f.read(1 << 20)
     except OSError:
         return {}
     out = {}
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if not series.startswith(PREFIX) or not value.isdigit() or \
-                not value.isascii():
-            return {}
-        out[series] = int(value)
+    for line in text.split(b"\n")[:-1]:
+        series, _, value = line.rpartition(b" ")
+        if not series.startswith(PREFIX.encode()) or not value.isdigit() \
+                or len(value) > 18 or not series.isascii():
+            continue
+        series = series.decode()
+        out[series] = out.get(series, 0) + int(value)
     return out
 
 
 # Seconds a count waits for the stats file's lock before it is dropped.
 COUNT_WAIT = 0.2
+# Bytes of lines past which the next count rewrites the file, one line a
+# series.
+COMPACT = 16384
 
 
 def _lock_within(fd, seconds):
@@ -107,6 +117,19 @@ def count(path, name, label_value=None, n=1):
         try:
             if not _lock_within(fd, COUNT_WAIT):
                 return
+            line = b"%s %d\n" % (key.encode(), n)
+            out = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT
+                          | os.O_CLOEXEC, 0o600)
+            try:
+                size = os.fstat(out).st_size
+                if size + len(line) <= COMPACT:
+                    # A line cut short before is ended, not joined to this.
+                    if size and os.pread(out, 1, size - 1) != b"\n":
+                        line = b"\n" + line
+                    os.write(out, line)
+                    return
+            finally:
+                os.close(out)
             values = read(path)
             values[key] = values.get(key, 0) + n
             tmp = "%s.%d" % (path, os.getpid())

@@ -145,16 +145,42 @@ def test_counters_add_up_over_cgi_processes_at_once(tmp_path):
     assert value(scrape(app), "microbroker_errors", code="not_found") == 2 * n
 
 
-def test_a_torn_stats_file_starts_again(tmp_path):
+def test_a_torn_stats_line_loses_only_its_own_count(tmp_path):
     _, app = make(tmp_path)
     req(app, "GET", "/x")
     p = metrics.stats_path(app.config)
-    with open(p, "w") as f:
-        f.write("microbroker_errors_total{code=\"not_found\"} 1")
-        f.write("\nmicrobroker_err")      # killed mid-write (no rename)
-    assert metrics.read(p) == {}
+    with open(p, "ab") as f:
+        f.write(b"microbroker_err")       # killed mid-write
+    assert metrics.read(p) == {'microbroker_errors_total{code="not_found"}': 1}
+    req(app, "GET", "/x")                 # ends that line, then its own
     req(app, "GET", "/x")
-    assert value(scrape(app), "microbroker_errors", code="not_found") == 1
+    with open(p, "rb") as f:
+        assert b"\nmicrobroker_err\n" in f.read()
+    assert value(scrape(app), "microbroker_errors", code="not_found") == 3
+
+
+def test_counts_append_and_the_file_stays_small(tmp_path):
+    """A count appends a line (no rename: the file stays the same inode);
+    past COMPACT bytes the file is rewritten, one line a series, and the
+    sums stay."""
+    path = str(tmp_path / "leases.stats")
+    metrics.count(path, "errors_total", "busy")
+    inode = os.stat(path).st_ino
+    metrics.count(path, "errors_total", "busy")
+    metrics.count(path, "grants_total", "a", n=3)
+    assert os.stat(path).st_ino == inode
+    with open(path, "rb") as f:
+        assert len(f.read().splitlines()) == 3
+    n = metrics.COMPACT // 20
+    for _ in range(n):
+        metrics.count(path, "renews_total", "a")
+        assert os.path.getsize(path) <= metrics.COMPACT
+    with open(path, "rb") as f:
+        assert len(f.read().splitlines()) < n     # rewritten on the way
+    assert metrics.read(path) == {
+        'microbroker_errors_total{code="busy"}': 2,
+        'microbroker_grants_total{service="a"}': 3,
+        'microbroker_renews_total{service="a"}': n}
 
 
 def test_label_values_are_never_taken_from_outside(tmp_path):
