@@ -634,8 +634,9 @@ def test_cgi_imports_stay_small(tmp_path):
     """The CGI path never loads http.server, email, urllib, the cgi module
     or anything kernel-related (with dataplane none), and an offer, a lease
     and a renew never json, re, enum (jsonlite.py), threading (one
-    process, one request), collections, dbm.ndbm or OpenSSL's hashlib; an
-    offer not even the lease store."""
+    process, one request), collections, dbm.ndbm, OpenSSL's hashlib, nor
+    struct.py and bisect.py over their C modules; an offer not even the
+    lease store, a renew not the counts file."""
     cfg, path = make_config(tmp_path)
     boot = CGI_BOOT.replace(
         "import run; run()",
@@ -672,7 +673,9 @@ def test_cgi_imports_stay_small(tmp_path):
                     "cgi", "logging", "argparse", "socketserver",
                     "microbroker.netlink", "microbroker.dataplane",
                     "microbroker.server", "ipaddress", "json", "re", "enum",
-                    "threading", "collections", "array", "hmac") + \
+                    "threading", "collections", "array", "hmac",
+                    # their C modules (_struct, _bisect) without the .py
+                    "struct", "bisect") + \
                 (("dbm", "dbm.ndbm", "_dbm") if gdbm else ()) + \
                 (("hashlib", "_hashlib") if own_sha else ()):
             assert bad not in mods, (what, bad)
@@ -681,6 +684,9 @@ def test_cgi_imports_stay_small(tmp_path):
         assert "microbroker.leases.store" in mods, what
         assert "microbroker.leases.secret" in mods, what
     assert "microbroker.leases.counts" in offer_mods
+    # a renew changes no count: the counts file is a lease's and an offer's
+    assert "microbroker.leases.counts" not in renew_mods
+    assert "microbroker.leases.counts" in lease_mods
     for bad in ("microbroker.leases.store", "microbroker.leases.dbfile",
                 "microbroker.leases.record", "_gdbm", "dbm.gnu"):
         assert bad not in offer_mods, ("offer", bad)

@@ -17,8 +17,10 @@ Nothing here touches a file.
 """
 
 import binascii
-import struct
-from bisect import bisect_left, insort
+# The C modules that struct.py and bisect.py only re-export: those two
+# files are ~0.4 ms of every CGI lease and renew to import.
+import _struct as struct
+from _bisect import bisect_left, insort_right as insort
 
 from microbroker import jsonlite
 from microbroker.leases.errors import Corrupt

@@ -24,10 +24,9 @@ ids, peer_* the client's.
 
 import os
 import time
-from bisect import bisect_left
+from _bisect import bisect_left     # (bisect.py re-exports it; see record.py)
 
 from microbroker import jsonlite
-from microbroker.leases import counts
 from microbroker.leases.dbfile import LeaseFile
 from microbroker.leases.errors import (
     BadRequest, Conflict, Exhausted, Forbidden, Full, NotFound, PoolExhausted,
@@ -62,7 +61,6 @@ class LeaseStore(LeaseFile):
         from microbroker.names import check_prefix
         check_prefix(ifname_prefix, self.tunnel_ids[1])
         self.ifname_prefix = ifname_prefix
-        self.counts_path = counts.path_of(path)
         LeaseFile.__init__(self, path, backend, lock_timeout, fsync, mode)
 
     @staticmethod
@@ -241,13 +239,17 @@ class LeaseStore(LeaseFile):
         ids.tokens, ids.stamp = tokens - 1, now
 
     def _publish(self, ids):
-        """Write <path>.counts for offers that take no lock (counts.py)."""
-        counts.write(self.counts_path, len(ids.tunnels), ids.services, self.mode)
+        """Write <path>.counts for offers that take no lock (counts.py;
+        loaded here: a renew, which changes no count, never needs it)."""
+        from microbroker.leases import counts
+        counts.write(counts.path_of(self.path), len(ids.tunnels), ids.services,
+                     self.mode)
 
     def counts(self):
         """(total, {service: leases}) without taking the lock: from <path>.counts
         when it reads, else from the ids record (locked, then published)."""
-        got = counts.read(self.counts_path)
+        from microbroker.leases import counts
+        got = counts.read(counts.path_of(self.path))
         if got is not None:
             return got
         with self._open(False) as tx:
