@@ -692,6 +692,32 @@ def test_cgi_imports_stay_small(tmp_path):
         assert bad not in offer_mods, ("offer", bad)
 
 
+def test_cgi_run_answers_without_the_cyclic_collector(tmp_path):
+    """run() (the script's entry) turns the collector off before it imports
+    the request's modules: no collection runs in a lease, and the answer is
+    whole."""
+    cfg, path = make_config(tmp_path)
+    boot = ("import gc, os, sys\n"
+            "runs = []\n"
+            "gc.callbacks.append(lambda phase, info: runs.append(phase))\n"
+            "end = os._exit\n"
+            "def report(status):\n"
+            "    os.write(2, b'collections=%%d\\n' %% len(runs))\n"
+            "    end(status)\n"
+            "os._exit = report\n"
+            "sys.path.insert(0, %r)\n"
+            "from microbroker.cgi import run\n"
+            "run()\n" % ROOT)
+    body = b"service=v4"
+    env = {"REQUEST_METHOD": "POST", "PATH_INFO": "/lease", "REMOTE_ADDR": V4,
+           "SERVER_ADDR": V4, "QUERY_STRING": "format=sh", "CONTENT_TYPE": FORM,
+           "CONTENT_LENGTH": str(len(body)), "MICROBROKER_CONFIG": path}
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", boot], input=body,
+                       env=env, capture_output=True)
+    assert b"STATUS='200'" in r.stdout, r.stdout
+    assert b"collections=0\n" in r.stderr, r.stderr
+
+
 def test_server_rejects_what_cgi_servers_would(tmp_path):
     cfg, _ = make_config(tmp_path)
     door = ServerDoor(cfg)
