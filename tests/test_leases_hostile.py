@@ -534,7 +534,11 @@ def _race_broker(tmp_path):
     from microbroker import config as mbconfig, wiring
     path = tmp_path / "microbroker"
     if not path.exists():
-        path.write_text(RACE_CONFIG % {"state": tmp_path / "state"})
+        # Forked workers race here: each writes its own file and renames
+        # it, so none reads another's half-written one (the defaults).
+        tmp = tmp_path / ("microbroker.%d" % os.getpid())
+        tmp.write_text(RACE_CONFIG % {"state": tmp_path / "state"})
+        os.replace(tmp, path)
     cfg = mbconfig.load(str(path))
     assert cfg.problems == []
     return wiring.make_broker(cfg)
