@@ -21,7 +21,9 @@ each, as on a mesh), all on one bridge to the exit. Two storms per N:
 
 Measured from the start: time until N exit ports are bridged with exactly
 N tunnels, offers' latency (a prober process asking every 0.2 s, 10 s timeout
-as the client's), leases the broker re-issued (a client asking again for what
+as the client's), the most connections seen waiting in serve's accept queue
+("queued", sock_diag, every 0.25 s: what an offer waits behind before serve
+reads it), leases the broker re-issued (a client asking again for what
 it has), CPU seconds of serve and of everything else.
 Goal (issue 17): N=100 bridged in <= 30 s, offers' p99 <= 1 s throughout.
 """
@@ -33,6 +35,8 @@ import random
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,7 +46,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from microbroker import l2tp, rtnl  # noqa: E402
+from microbroker import l2tp, netlink as nl, rtnl  # noqa: E402
 from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
 import owrt  # noqa: E402
 
@@ -87,6 +91,31 @@ while True:
     print((time.perf_counter() - t0) * 1000 if ok else timeout * 1000, flush=True)
     time.sleep(0.2)
 """
+
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+TCP_LISTEN = 10
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+
+
+def accept_queue(diag, port):
+    """Connections waiting in the accept queue of the TCP listener on
+    `port` (its idiag_rqueue, the Recv-Q of `ss -lt`), over sock_diag
+    (linux/inet_diag.h): what an offer waits behind before serve reads it."""
+    # struct inet_diag_req_v2, its inet_diag_sockid zero but for the cookie
+    req = struct.pack("=BBBBI", socket.AF_INET6, socket.IPPROTO_TCP, 0, 0,
+                      1 << TCP_LISTEN) + bytes(40) + struct.pack(
+                          "=II", INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    queued = 0
+    for _t, data, start, _end in diag.dump_parts(SOCK_DIAG_BY_FAMILY, req, "sock_diag"):
+        # struct inet_diag_msg: 4 bytes, the sockid (sport first, big-endian),
+        # expires, then rqueue
+        (sport,) = struct.unpack_from("!H", data, start + 4)
+        (rqueue,) = struct.unpack_from("=I", data, start + 56)
+        if sport == port:
+            queued += rqueue
+    return queued
 
 
 def pct(xs, p):
@@ -230,18 +259,22 @@ def measure(world, n, exit_, start):
                              stdout=subprocess.PIPE, text=True)
     first = probe.stdout.readline()
     assert first, "the prober did not start"
+    with inside(world.exit):
+        diag = nl.Socket(NETLINK_SOCK_DIAG)
     cpu0, serve0 = cpu_seconds(), cpu_seconds(exit_.p.pid)
     t0 = time.monotonic()
     start()
     done = None
-    most = 0
+    most = queued = 0
     while time.monotonic() - t0 < DEADLINE:
+        queued = max(queued, accept_queue(diag, 8053))
         ports, tunnels = world.kernel()
         most = max(most, tunnels)
         if ports == n and tunnels == n:
             done = time.monotonic() - t0
             break
         time.sleep(0.25)
+    diag.close()
     serve_cpu = cpu_seconds(exit_.p.pid) - serve0
     all_cpu = cpu_seconds() - cpu0
     probe.terminate()
@@ -251,7 +284,7 @@ def measure(world, n, exit_, start):
     return {"n": n, "done": done, "ports": ports, "tunnels": tunnels, "most": most,
             "p50": pct(offers, 50), "p99": pct(offers, 99), "offers": len(offers),
             "timeouts": sum(1 for x in offers if x >= OFFER_TIMEOUT * 1000),
-            "serve_cpu": serve_cpu, "other_cpu": all_cpu - serve_cpu}
+            "serve_cpu": serve_cpu, "other_cpu": all_cpu - serve_cpu, "queued": queued}
 
 
 def log_counts(text, row):
@@ -368,14 +401,15 @@ def main():
         print("storm: N clients started at once against serve; scripts: busybox sh with "
               "%s as wget, -f none, at nice 19; driver: N Python threads, offer + lease "
               "over HTTP" % ("uclient-fetch" if fetcher != BUSYBOX else "BusyBox wget"))
-        print("%8s %5s %12s %6s %6s %6s %8s %9s %7s %8s %8s %10s %10s" % (
+        print("%8s %5s %12s %6s %6s %6s %8s %9s %7s %8s %8s %7s %10s %10s" % (
             "storm", "N", "bridged (s)", "ports", "tuns", "max", "granted", "re-issued",
-            "offers", "p50 (ms)", "p99 (ms)", "serve CPU", "other CPU"))
+            "offers", "p50 (ms)", "p99 (ms)", "queued", "serve CPU", "other CPU"))
         for what, r in rows:
-            print("%8s %5d %12s %6d %6d %6d %8d %9d %7d %8.0f %8.0f %9.1fs %9.1fs" % (
+            print("%8s %5d %12s %6d %6d %6d %8d %9d %7d %8.0f %8.0f %7d %9.1fs %9.1fs" % (
                 what, r["n"], "%.1f" % r["done"] if r["done"] else "> %d" % DEADLINE,
                 r["ports"], r["tunnels"], r["most"], r["granted"], r["reissued"],
-                r["offers"], r["p50"], r["p99"], r["serve_cpu"], r["other_cpu"]))
+                r["offers"], r["p50"], r["p99"], r["queued"], r["serve_cpu"],
+                r["other_cpu"]))
             if r["timeouts"]:
                 print("         %d offers timed out (%.0f s)" % (r["timeouts"], OFFER_TIMEOUT))
         for what, r in rows:
