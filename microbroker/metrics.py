@@ -6,20 +6,18 @@ kernel can build tunnels. Counters (grants, renews, releases, expiries,
 errors by code) must add up over every process that answers requests:
 the threaded server and any number of CGI processes at once. They live
 in a small text file beside the lease file (LEASE_FILE.stats) of
-`name{labels} value` lines, a series' value the sum of its lines: a count
-appends one line (one write, O_APPEND) under a lock of its own
+`name{labels} value` lines (linefile.py), a series' value the sum of its
+lines: a count appends one line under a lock of its own
 (LEASE_FILE.stats.lock), never under the lease store's lock, and past
-COMPACT bytes the file is rewritten with one line per series (temporary
-file, rename). Not a rename per count: on ext4 a rename over a file
-flushes the new file's data first (auto_da_alloc), about a millisecond of
-every lease and renew. A line shows to a reader whole or not at all (its
-newline comes last); one that a kill or a full disk cut short is ended by
-the next count's leading newline and, not parsing, is skipped: that count
-is lost, the others stay. The file is not fsynced: counters are
+COMPACT bytes the file is rewritten with one line per series. A line a
+kill cut short is skipped by readers and cut off by the next count: that
+count is lost, the others stay. The file is not fsynced: counters are
 monitoring, not state.
 """
 
 import os
+
+from microbroker import linefile
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "microbroker_"
@@ -61,7 +59,7 @@ def read(path):
     series' complete lines; a line that does not parse is skipped."""
     try:
         with open(path, "rb") as f:
-            text = f.read(1 << 20)
+            text = f.read(READ_LIMIT)
     except OSError:
         return {}
     out = {}
@@ -75,6 +73,7 @@ def read(path):
     return out
 
 
+READ_LIMIT = 1 << 20    # bytes of the stats file read() reads
 # Seconds a count waits for the stats file's lock before it is dropped.
 COUNT_WAIT = 0.2
 # Bytes of lines past which the next count rewrites the file, one line a
@@ -118,25 +117,16 @@ def count(path, name, label_value=None, n=1):
             if not _lock_within(fd, COUNT_WAIT):
                 return
             line = b"%s %d\n" % (key.encode(), n)
-            out = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT
-                          | os.O_CLOEXEC, 0o600)
-            try:
-                size = os.fstat(out).st_size
-                if size + len(line) <= COMPACT:
-                    # A line cut short before is ended, not joined to this.
-                    if size and os.pread(out, 1, size - 1) != b"\n":
-                        line = b"\n" + line
-                    os.write(out, line)
-                    return
-            finally:
-                os.close(out)
+            if linefile.append(path, line, 0o600, COMPACT):
+                return
             values = read(path)
             values[key] = values.get(key, 0) + n
-            tmp = "%s.%d" % (path, os.getpid())
-            with open(tmp, "w") as f:
-                f.write("".join("%s %d\n" % kv for kv in sorted(
-                    values.items())))
-            os.replace(tmp, path)
+            try:
+                linefile.replace(path, b"".join(b"%s %d\n" % (k.encode(), v)
+                                                for k, v in sorted(values.items())), 0o600)
+            except OSError:
+                # Not rewritten: the count still goes in, up to what read() reads.
+                linefile.append(path, line, 0o600, READ_LIMIT)
         except OSError:
             pass
         finally:

@@ -477,6 +477,23 @@ def test_counts_file_is_the_last_complete_line(mk, path):
     assert counts.read(cp) == (3, {"a": 2, "b": 1})
 
 
+def test_counts_go_on_when_the_file_cannot_be_rewritten(tmp_path, monkeypatch):
+    """A rewrite past COMPACT that fails leaves no temporary file, and the
+    lines are still appended: readers do not see counts stop."""
+    from microbroker import linefile
+    from microbroker.leases import counts
+    cp = str(tmp_path / "leases.counts")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(linefile.os, "replace", refuse)
+    for i in range(1000):
+        counts.write(cp, i, {"s": i}, 0o600)
+    assert os.path.getsize(cp) > counts.COMPACT
+    assert os.listdir(tmp_path) == ["leases.counts"]
+    assert counts.read(cp) == (999, {"s": 999})
+
+
 def test_counts_file_stays_small_and_whole_for_readers(tmp_path):
     """Past COMPACT bytes the file starts again as one line; a reader that
     takes no lock meanwhile sees only counts that were written, whole."""
@@ -486,8 +503,11 @@ def test_counts_file_stays_small_and_whole_for_readers(tmp_path):
 
     def reader():
         while not stop:
+            existed = os.path.exists(cp)    # (once made, it never goes)
             got = counts.read(cp)
             if got is None:
+                if existed:
+                    bad.append(None)
                 continue
             total, services = got
             if services != {"s": total, "t": 2 * total}:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from microbroker import config as mbconfig
-from microbroker import metrics, web
+from microbroker import linefile, metrics, web
 
 parser = pytest.importorskip("prometheus_client.parser",
                              reason="tests/setup installs prometheus_client")
@@ -152,11 +152,37 @@ def test_a_torn_stats_line_loses_only_its_own_count(tmp_path):
     with open(p, "ab") as f:
         f.write(b"microbroker_err")       # killed mid-write
     assert metrics.read(p) == {'microbroker_errors_total{code="not_found"}': 1}
-    req(app, "GET", "/x")                 # ends that line, then its own
+    req(app, "GET", "/x")                 # cuts that line off, then its own
     req(app, "GET", "/x")
     with open(p, "rb") as f:
-        assert b"\nmicrobroker_err\n" in f.read()
+        assert b"microbroker_err\n" not in f.read()
     assert value(scrape(app), "microbroker_errors", code="not_found") == 3
+    # Cut inside its number: "... 25" as "... 2" counts nothing, not 2.
+    with open(p, "ab") as f:
+        f.write(b'microbroker_errors_total{code="not_found"} 2')
+    req(app, "GET", "/x")
+    assert value(scrape(app), "microbroker_errors", code="not_found") == 4
+
+
+def test_counts_go_on_when_the_file_cannot_be_rewritten(tmp_path, monkeypatch):
+    """A compaction that fails (its rename refused) leaves no temporary
+    file, and the counts are still appended; a rewrite keeps mode 0600."""
+    path = str(tmp_path / "leases.stats")
+    n = metrics.COMPACT // 20
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(linefile.os, "replace", refuse)
+    for _ in range(n):
+        metrics.count(path, "renews_total", "a")
+    assert os.path.getsize(path) > metrics.COMPACT
+    assert sorted(os.listdir(tmp_path)) == ["leases.stats", "leases.stats.lock"]
+    assert metrics.read(path) == {'microbroker_renews_total{service="a"}': n}
+    monkeypatch.undo()
+    metrics.count(path, "renews_total", "a")
+    assert os.path.getsize(path) < metrics.COMPACT          # rewritten now
+    assert metrics.read(path) == {'microbroker_renews_total{service="a"}': n + 1}
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 def test_counts_append_and_the_file_stays_small(tmp_path):

@@ -1,23 +1,20 @@
 """<path>.counts: how many leases there are, in total and per service.
 
-One JSON line per change, appended (one write, O_APPEND) by every store
-call that makes or ends a lease, under the store's lock; the last complete
-line is the counts. Offers read it without any lock: a line shows to them
-whole or not at all (its newline comes last), so they see one complete
-version; a line a kill or a full disk cut short is ended by the next one's
-leading newline and does not parse, and the caller then asks the store.
-Past COMPACT bytes the file is rewritten as one line (temporary file,
-rename). Appending, not a rename per change: on ext4 a rename over a file
-flushes the new file's data first (auto_da_alloc), about a millisecond of
-every lease. The counts may lag one crashed call behind.
+One JSON line per change (linefile.py), appended by every store call that
+makes or ends a lease, under the store's lock; the last complete line is
+the counts, read by offers without any lock. A line a kill cut short is
+never the last complete one, and the next write cuts it off; a last line
+that does not parse makes the caller ask the store. Past COMPACT bytes
+the file is rewritten as one line. The counts may lag one crashed call
+behind.
 
 A CGI offer reads nothing else of the store, so this module imports only
-jsonlite.
+jsonlite and linefile.
 """
 
 import os
 
-from microbroker import jsonlite
+from microbroker import jsonlite, linefile
 
 COMPACT = 16384     # bytes: past this the next write starts the file anew
 _TAIL = 65536       # what read() looks at, from the end
@@ -47,28 +44,16 @@ def read(path):
 
 
 def write(path, total, services, mode):
-    """Best effort: a failure leaves the previous counts, or none (offers
-    then ask the store)."""
+    """Best effort, under the store's lock: a failure leaves the previous
+    counts, or none (offers then ask the store). When the file cannot be
+    rewritten, lines are still appended: read() takes the tail."""
     line = (jsonlite.dumps({"total": total, "services": services})
             + "\n").encode()
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT
-                     | os.O_CLOEXEC, mode)
-        try:
-            size = os.fstat(fd).st_size
-            if size + len(line) <= COMPACT:
-                # A line cut short before (or a file of one line without
-                # its newline) is ended here, not joined to this one.
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = b"\n" + line
-                os.write(fd, line)
-                return
-        finally:
-            os.close(fd)
-        tmp = "%s.%d.tmp" % (path, os.getpid())
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        with open(fd, "wb") as f:
-            f.write(line)
-        os.replace(tmp, path)
+        if not linefile.append(path, line, mode, COMPACT):
+            try:
+                linefile.replace(path, line, mode)
+            except OSError:
+                linefile.append(path, line, mode, float("inf"))
     except OSError:
         pass

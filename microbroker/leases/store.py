@@ -15,7 +15,7 @@ gone); a crash in between leaves an id or item that nobody holds, which the
 next sweep finds (the lease count no longer matches) and frees.
 
 Beside the file, `<path>.counts` says how many leases there are, in total
-and per service: written (atomically, by rename) by every call that changes
+and per service: a line appended (counts.py) by every call that changes
 that, read without any lock by offers.  It may lag one crashed call behind.
 
 Records are kept from the exit's side: tunnel_id/session_id are the exit's
