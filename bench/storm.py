@@ -100,9 +100,10 @@ INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 
 
 def accept_queue(diag, port):
-    """Connections waiting in the accept queue of the TCP listener on
+    """Connections waiting in the accept queue of the IPv6 TCP listener on
     `port` (its idiag_rqueue, the Recv-Q of `ss -lt`), over sock_diag
-    (linux/inet_diag.h): what an offer waits behind before serve reads it."""
+    (linux/inet_diag.h): what an offer waits behind before serve reads it.
+    It cannot pass the listen backlog (serve's request_queue_size)."""
     # struct inet_diag_req_v2, its inet_diag_sockid zero but for the cookie
     req = struct.pack("=BBBBI", socket.AF_INET6, socket.IPPROTO_TCP, 0, 0,
                       1 << TCP_LISTEN) + bytes(40) + struct.pack(
@@ -266,15 +267,17 @@ def measure(world, n, exit_, start):
     start()
     done = None
     most = queued = 0
-    while time.monotonic() - t0 < DEADLINE:
-        queued = max(queued, accept_queue(diag, 8053))
-        ports, tunnels = world.kernel()
-        most = max(most, tunnels)
-        if ports == n and tunnels == n:
-            done = time.monotonic() - t0
-            break
-        time.sleep(0.25)
-    diag.close()
+    try:
+        while time.monotonic() - t0 < DEADLINE:
+            queued = max(queued, accept_queue(diag, 8053))
+            ports, tunnels = world.kernel()
+            most = max(most, tunnels)
+            if ports == n and tunnels == n:
+                done = time.monotonic() - t0
+                break
+            time.sleep(0.25)
+    finally:
+        diag.close()
     serve_cpu = cpu_seconds(exit_.p.pid) - serve0
     all_cpu = cpu_seconds() - cpu0
     probe.terminate()
