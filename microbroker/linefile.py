@@ -30,6 +30,18 @@ def append(path, line, mode, limit):
         os.close(fd)
 
 
+def add(path, line, mode, limit, whole, most):
+    """Append `line`; past `limit` bytes rewrite the file as whole()
+    (bytes that include this line's change), and where that fails still
+    append, up to `most` bytes (what its readers read). Raises OSError."""
+    if append(path, line, mode, limit):
+        return
+    try:
+        replace(path, whole(), mode)
+    except OSError:
+        append(path, line, mode, most)
+
+
 def _complete(fd, size):
     """The length of the file's complete lines: up to its last newline."""
     end = size

@@ -63,9 +63,10 @@ def read(path):
     except OSError:
         return {}
     out = {}
+    prefix = PREFIX.encode()
     for line in text.split(b"\n")[:-1]:
         series, _, value = line.rpartition(b" ")
-        if not series.startswith(PREFIX.encode()) or not value.isdigit() \
+        if not series.startswith(prefix) or not value.isdigit() \
                 or len(value) > 18 or not series.isascii():
             continue
         series = series.decode()
@@ -116,17 +117,13 @@ def count(path, name, label_value=None, n=1):
         try:
             if not _lock_within(fd, COUNT_WAIT):
                 return
-            line = b"%s %d\n" % (key.encode(), n)
-            if linefile.append(path, line, 0o600, COMPACT):
-                return
-            values = read(path)
-            values[key] = values.get(key, 0) + n
-            try:
-                linefile.replace(path, b"".join(b"%s %d\n" % (k.encode(), v)
-                                                for k, v in sorted(values.items())), 0o600)
-            except OSError:
-                # Not rewritten: the count still goes in, up to what read() reads.
-                linefile.append(path, line, 0o600, READ_LIMIT)
+            def whole():
+                values = read(path)
+                values[key] = values.get(key, 0) + n
+                return b"".join(b"%s %d\n" % (k.encode(), v)
+                                for k, v in sorted(values.items()))
+            linefile.add(path, b"%s %d\n" % (key.encode(), n), 0o600, COMPACT, whole,
+                         READ_LIMIT)
         except OSError:
             pass
         finally:

@@ -234,7 +234,7 @@ def split_messages(data):
         if n < hsize or offset + n > size:
             break
         yield mtype, flags, seq, offset + hsize, offset + n
-        offset += (n + 3) & ~3
+        offset += align(n)
 
 
 def parse_error(flags, payload):

@@ -50,10 +50,6 @@ def write(path, total, services, mode):
     line = (jsonlite.dumps({"total": total, "services": services})
             + "\n").encode()
     try:
-        if not linefile.append(path, line, mode, COMPACT):
-            try:
-                linefile.replace(path, line, mode)
-            except OSError:
-                linefile.append(path, line, mode, float("inf"))
+        linefile.add(path, line, mode, COMPACT, lambda: line, float("inf"))
     except OSError:
         pass
