@@ -101,18 +101,29 @@ class Trace:
 
     def events(self, stop_at=()):
         """The events in order, without those of processes that exec'd a
-        path in stop_at (after that exec) and of their descendants."""
+        path in stop_at (after that exec) and of their descendants. A
+        child's lines can come before its parent's clone returns (strace
+        writes that `resumed` later), so descent is from the whole trace's
+        parent map, not from the fork events seen so far."""
         stopped = set()
         out = []
         for ev in self.list:
-            if ev.pid in stopped:
-                if ev.kind == "fork":
-                    stopped.add(ev.child)
+            if self._below(ev.pid, stopped):
                 continue
             out.append(ev)
             if ev.kind == "exec" and os.path.realpath(ev.path) in stop_at:
                 stopped.add(ev.pid)
         return out
+
+    def _below(self, pid, stopped):
+        """Is pid, or a process it descends from, in stopped?"""
+        seen = set()
+        while pid is not None and pid not in seen:
+            if pid in stopped:
+                return True
+            seen.add(pid)
+            pid = self.parent.get(pid)
+        return False
 
 
 def program(ev):

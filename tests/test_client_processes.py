@@ -162,3 +162,19 @@ def test_one_lease_and_one_renew_within_their_process_budget(tmp_path,
     budget = LEASE[fetch]
     assert forks <= budget["forks"] and execs <= budget["execs"], \
         "lease: " + show(lease)
+
+
+def test_trace_leaves_out_a_stand_ins_child_written_before_its_clone(tmp_path):
+    """strace may write a child's exec before its parent's clone returns:
+    that child is still the stand-in's, not the client's."""
+    trace = tmp_path / "trace"
+    trace.write_text(
+        '10 clone(child_stack=NULL, flags=SIGCHLD) = 11\n'
+        '11 execve("/sb/nft", ["nft", "-f", "-"], 0x1 /* 8 vars */) = 0\n'
+        '11 clone(child_stack=NULL, flags=SIGCHLD <unfinished ...>\n'
+        '12 execve("/proc/self/exe", ["cat"], 0x1 /* 8 vars */) = 0\n'
+        '11 <... clone resumed>, child_tidptr=0x1) = 12\n'
+        '10 clone(child_stack=NULL, flags=SIGCHLD) = 13\n'
+        '13 execve("/bin/ip", ["ip", "link"], 0x1 /* 8 vars */) = 0\n')
+    events = proccount.Trace(str(trace)).events({"/sb/nft"})
+    assert proccount.tally(events)[2] == {"nft": 1, "ip": 1}
