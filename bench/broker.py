@@ -345,10 +345,11 @@ def main():
     stack_rss = [
         ("RSS: import of http.server alone (+ ssl)",
          bare_resident("import http.server")),
-        ("RSS: import of the server's front door",
-         bare_resident("import microbroker.server")),
+        ("RSS: import of the service and its http.server handler",
+         bare_resident("import microbroker.service, microbroker.server")),
         ("RSS: + lease store and its dbm",
-         bare_resident("import microbroker.server, microbroker.leases.store; "
+         bare_resident("import microbroker.service, microbroker.server, "
+                       "microbroker.leases.store; "
                        "from microbroker.leases import dbfile; "
                        "dbfile._module(%r)" % backend)),
     ]

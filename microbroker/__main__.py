@@ -286,7 +286,7 @@ def main(argv=None):
             # in sys.modules makes `import ssl` fail for the whole process,
             # so http.client and anything after it (urllib.request) agree.
             sys.modules.setdefault("ssl", None)
-            from microbroker.server import serve
+            from microbroker.service import serve
             serve(app, lambda: _load(path, overrides))
             return 0
         b = app.broker

@@ -1,4 +1,4 @@
-"""The one request handler behind both front doors (server.py, cgi.py).
+"""The one request handler behind both front doors (frontdoor.py and server.py, cgi.py).
 
     App(config).handle(method, path, query, headers, body, remote, local,
                        content_length) -> (status, [(name, value)], bytes)

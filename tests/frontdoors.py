@@ -107,7 +107,7 @@ class ServeDoor(_Door):
     def __init__(self, config_path, listen=("127.0.0.1:0", "[::1]:0"),
                  overrides=()):
         from microbroker import config as mbconfig
-        from microbroker import server as mbserver
+        from microbroker import service as mbserver
         from microbroker import web
         cfg = mbconfig.load(config_path, overrides)
         assert cfg.problems == [], cfg.problems

@@ -379,7 +379,7 @@ def test_exit_init_reload_keeps_a_broken_config_from_the_broker(tmp_path):
 
 
 def test_exit_init_term_timeout_covers_the_servers_shutdown(tmp_path):
-    # server.Server.stop waits up to timeout + 2 s for answers in flight
+    # service.Server.stop waits up to timeout + 2 s for answers in flight
     uci = "config broker\n\toption timeout '30'\nconfig service 'x'\n"
     script = exit_init_copy(tmp_path)
     env = {"MICROBROKER_CONFIG": str(tmp_path / "uci" / "microbroker")}
@@ -608,7 +608,7 @@ def test_package_installs(tmp_path):
     p = subprocess.run([sys.executable, "-I", "-c",
                         "import sys; sys.path.insert(0, %r); "
                         "import microbroker.leases.store, microbroker.cgi, "
-                        "microbroker.server; print(microbroker.leases.store.__file__)"
+                        "microbroker.service, microbroker.server; print(microbroker.leases.store.__file__)"
                         % (str(ipkg / "microbroker") + os.path.dirname(site))],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        cwd=str(tmp_path))

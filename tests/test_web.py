@@ -18,7 +18,7 @@ import pytest
 
 from frontdoors import free_port, trickle
 from microbroker import config as mbconfig
-from microbroker import server as mbserver
+from microbroker import service as mbserver
 from microbroker import web
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -672,7 +672,9 @@ def test_cgi_imports_stay_small(tmp_path):
         for bad in ("http", "http.server", "email", "urllib", "urllib.parse",
                     "cgi", "logging", "argparse", "socketserver",
                     "microbroker.netlink", "microbroker.dataplane",
-                    "microbroker.server", "ipaddress", "json", "re", "enum",
+                    "microbroker.server", "microbroker.service",
+                    "microbroker.frontdoor", "selectors",
+                    "ipaddress", "json", "re", "enum",
                     "threading", "collections", "array", "hmac",
                     # their C modules (_struct, _bisect) without the .py
                     "struct", "bisect") + \
@@ -848,7 +850,8 @@ def test_cgi_content_length_is_ascii_digits(tmp_path, value):
 
 
 def test_server_is_http_server_but_never_answers_like_it(tmp_path, capfd):
-    """The listeners are http.server's; its own refusals (too many header
+    """Requests other than a plain offer are read by http.server's
+    handler; its own refusals (too many header
     lines, a line over its limit, lines its parser would take for the
     body, HTTP/0.9 or 2.0, absolute URIs, a blank request line) come in
     the API's format, never as its HTML page, with no Server or Date
@@ -859,7 +862,8 @@ def test_server_is_http_server_but_never_answers_like_it(tmp_path, capfd):
     log.configure("stderr", "info")
     door = ServerDoor(cfg)
     try:
-        assert isinstance(door.srv.servers[0], http.server.HTTPServer)
+        from microbroker import server
+        assert issubclass(server._Handler, http.server.BaseHTTPRequestHandler)
         capfd.readouterr()
 
         def ask(data):
@@ -923,7 +927,7 @@ def test_server_listens_on_several_addresses_and_dual_stack(tmp_path):
                                    "[::1]:0"])
     try:
         assert door.bound[:2] == [("::", port), ("127.0.0.1", port)]
-        v6only = door.srv.servers[0].socket.getsockopt(
+        v6only = door.srv.door.sockets[0].getsockopt(
             socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
         assert v6only == 1
         for dest, src in ((("::1", port), V6), (("127.0.0.1", port), V4),

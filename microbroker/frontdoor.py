@@ -1,0 +1,373 @@
+"""The listeners of `microbroker serve`: sockets bound, connections
+accepted and admitted (limits.py), and every request head read by one
+thread over a selector, so a client that trickles its head holds no
+thread of its own.
+
+A plain offer (GET of /offer or /, headers and nothing else) is
+answered in that thread: no thread is started for it, and it does not
+wait behind the lease requests that arrived in the same burst. Every
+other request goes, with the bytes read so far, to a thread of its own
+and server.py's http.server handler, which reads and judges the rest.
+This module does not import http.server: offers are answered while it
+is still being imported at start-up.
+"""
+
+import _thread
+import errno
+import selectors
+import socket
+import threading
+import time
+
+from microbroker.broker import BrokerError, log
+from microbroker.config import parse_listen
+from microbroker.limits import ANSWER_GRACE
+from microbroker.web import REASONS, show
+
+HARD_HEADER_LIMIT = 65536   # beyond this we stop reading, whatever the config
+BACKLOG = 128               # a burst of SYNs is queued, not dropped and retried
+ACCEPT_PAUSE = 0.5          # seconds without accepting when out of descriptors
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                   b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_VISIBLE = frozenset(range(0x21, 0x7f))
+_VALUE = _VISIBLE | {0x20, 0x09}
+# A body, or a request about one, is http.server's to read.
+_BODY_HEADERS = (b"content-length", b"transfer-encoding", b"expect")
+
+
+def encode_answer(answer):
+    """An App answer as the bytes of one HTTP/1.1 response."""
+    status, headers, body = answer
+    head = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Error"))]
+    head += ["%s: %s" % h for h in headers]
+    head += ["Content-Length: %d" % len(body), "Connection: close", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body
+
+
+def plain_offer_line(line):
+    """(method, target) if the request line (CRLF included) asks for an
+    offer the way wget and uclient-fetch do, else None."""
+    parts = line[:-2].split(b" ")
+    if len(parts) != 3 or not line.endswith(b"\r\n"):
+        return None
+    method, target, version = parts
+    if method != b"GET" or \
+            version not in (b"HTTP/1.1", b"HTTP/1.0") or \
+            not target.startswith(b"/") or not set(target) <= _VISIBLE:
+        return None
+    if target.partition(b"?")[0] not in (b"/", b"/offer"):
+        return None
+    return method.decode("ascii"), target.decode("ascii")
+
+
+def plain_headers(lines):
+    """The header lines of a plain offer as the handler would pass them
+    to App ({lowercase name: value}, repeats joined), or None for
+    anything the fast path leaves to http.server: a body, an odd byte, a
+    line that is not `name: value`."""
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not set(name) <= _TCHAR or \
+                not set(value) <= _VALUE:
+            return None
+        name = name.lower()
+        if name in _BODY_HEADERS:
+            return None
+        name, value = name.decode("ascii"), value.decode("ascii").strip()
+        headers[name] = headers[name] + ", " + value if name in headers \
+            else value
+    return headers
+
+
+class _Conn:
+    __slots__ = ("sock", "addr", "deadline", "buf", "out", "fast")
+
+    def __init__(self, sock, addr, deadline):
+        self.sock, self.addr, self.deadline = sock, addr, deadline
+        self.buf = b""
+        self.out = None      # the rest of an answer the socket did not take
+        self.fast = None     # (method, target) once the line says so
+
+
+class FrontDoor:
+    """Every listener of one broker and the thread that reads heads.
+    `slots` (a BoundedSemaphore), `sources` (limits.SourceLimits) and
+    `refuser` (limits.Refuser) admit connections; `slow(sock, addr,
+    head, deadline, head_limit)` answers what the fast path does not, in
+    a thread of its own; the admission is released here after it."""
+
+    def __init__(self, app, listen, slots, sources, refuser, slow):
+        self.app = app
+        self.listen = list(listen)
+        self.slots, self.sources, self.refuser = slots, sources, refuser
+        self.slow = slow
+        cfg = app.config
+        self.timeout = cfg.timeout
+        self.head_limit = max(HARD_HEADER_LIMIT, cfg.max_header)
+        self.sockets = []
+        self.sel = None
+        self.conns = {}
+        self.paused = None      # monotonic time to accept again
+        self.stopping = False
+        self.thread = None
+        self.wake_r = self.wake_w = None
+
+    def bind(self):
+        """Bind every listen address; returns [(host, port)] as bound.
+        An IPv6 wildcard takes IPv4 too unless an IPv4 listener shares
+        its port."""
+        parsed = [parse_listen(t) for t in self.listen]
+        v4ports = {port for fam, _, port in parsed if fam == 4}
+        bound = []
+        try:
+            for fam, host, port in parsed:
+                family = socket.AF_INET6 if fam == 6 else socket.AF_INET
+                try:
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as e:
+                    if e.errno == errno.EAFNOSUPPORT and len(parsed) > 1:
+                        log("warning", "no IPv%d here, not listening on "
+                            "%s", fam, host)
+                        continue
+                    raise OSError(e.errno, "cannot listen on [%s]:%d: %s"
+                                  % (host, port, e.strerror))
+                self.sockets.append(s)
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        v6only = not (host == "::" and port not in v4ports)
+                        s.setsockopt(socket.IPPROTO_IPV6,
+                                     socket.IPV6_V6ONLY, 1 if v6only else 0)
+                    s.bind((host, port))
+                    s.listen(BACKLOG)
+                except OSError as e:
+                    raise OSError(e.errno, "cannot listen on [%s]:%d: %s"
+                                  % (host, port, e.strerror))
+                s.setblocking(False)
+                bound.append(s.getsockname()[:2])
+        except BaseException:
+            self.close()
+            raise
+        return bound
+
+    def start(self):
+        """The reading thread, from now on (after bind())."""
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        for s in self.sockets:
+            self.sel.register(s, selectors.EVENT_READ, s)
+        self.thread = threading.Thread(target=self._run, name="frontdoor",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """No more accepting or reading; heads not yet read are dropped."""
+        self.stopping = True
+        if self.thread is not None:
+            try:
+                self.wake_w.send(b"x")
+            except OSError:
+                pass
+            self.thread.join()
+            self.thread = None
+        self.close()
+
+    def close(self):
+        for conn in list(self.conns.values()):
+            self._done(conn)
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+        for s in (self.wake_r, self.wake_w):
+            if s is not None:
+                s.close()
+        self.wake_r = self.wake_w = None
+        if self.sel is not None:
+            self.sel.close()
+            self.sel = None
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                self._step()
+            except Exception as e:
+                log("error", "front door: %s: %s", type(e).__name__, e)
+                time.sleep(0.01)    # not a loop that logs as fast as it can
+
+    def _step(self):
+        now = time.monotonic()
+        for conn in [c for c in self.conns.values() if c.deadline <= now]:
+            self._done(conn)     # too slow: nobody left to answer
+        if self.paused is not None and self.paused <= now:
+            self.paused = None
+            for s in self.sockets:
+                self.sel.register(s, selectors.EVENT_READ, s)
+        due = min([c.deadline for c in self.conns.values()] +
+                  ([self.paused] if self.paused else []), default=now + 5)
+        for key, events in self.sel.select(max(due - now, 0.001)):
+            data = key.data
+            if data is None:
+                try:
+                    self.wake_r.recv(512)
+                except OSError:
+                    pass
+            elif isinstance(data, _Conn):
+                try:
+                    if events & selectors.EVENT_WRITE:
+                        self._flush(data)
+                    else:
+                        self._read(data)
+                except Exception as e:
+                    # That connection goes, not the service's ears.
+                    log("error", "request from %s: %s: %s", data.addr[0],
+                        type(e).__name__, e)
+                    if data.sock in self.conns:
+                        self._done(data)
+            elif self.paused is None:
+                self._accept(data)
+
+    def _accept(self, lsock):
+        # Everything queued now, not one per wake-up: a burst is read in
+        # the order it came rather than left waiting in the backlog.
+        while True:
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                               errno.ENOMEM):
+                    # The queue stays readable: without a pause this
+                    # thread would spin until a descriptor is free.
+                    log("warning", "cannot accept: %s", e.strerror)
+                    self.paused = time.monotonic() + ACCEPT_PAUSE
+                    for s in self.sockets:
+                        self.sel.unregister(s)
+                return      # ECONNABORTED and the like: that one is gone
+            self._admit(sock, addr)
+
+    def _admit(self, sock, addr):
+        # Per source address a bounded number of connections and of
+        # requests per second, and a bounded number in all: the rest get a
+        # short 429 or 503 and hold nothing.
+        source = addr[0]
+        refused = self.sources.admit(source)
+        if refused is None and not self.slots.acquire(blocking=False):
+            self.sources.release(source)
+            refused = BrokerError("unavailable", "too many connections, "
+                                  "try again", 5)
+        if refused is not None:
+            log("debug", "%s: refused: %s", source, refused.message)
+            self.refuser.refuse(sock, refused)
+            return
+        sock.setblocking(False)
+        conn = _Conn(sock, addr, time.monotonic() + self.timeout)
+        self.conns[sock] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn):
+        try:
+            more = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._done(conn)
+        if not more:
+            if conn.buf:        # half-closed inside the head: it is answered
+                self._hand_off(conn)
+            else:
+                self._done(conn)
+            return
+        conn.buf += more
+        buf = conn.buf
+        if len(buf) > self.head_limit:
+            return self._hand_off(conn)
+        if conn.fast is None:
+            end = buf.find(b"\n")
+            if end < 0:
+                return
+            conn.fast = plain_offer_line(buf[:end + 1])
+            if conn.fast is None:
+                return self._hand_off(conn)
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if b"\n\n" in buf or b"\n\r\n" in buf:
+                self._hand_off(conn)     # bare LFs: http.server judges
+            return
+        lines = buf[:end].split(b"\r\n")[1:]
+        headers = plain_headers(lines)
+        if headers is None or len(buf) != end + 4:
+            return self._hand_off(conn)
+        self._answer(conn, headers)
+
+    def _answer(self, conn, headers):
+        method, target = conn.fast
+        path, _, query = target.partition("?")
+        sock = conn.sock
+        try:
+            local = sock.getsockname()[0]
+        except OSError:
+            return self._done(conn)
+        answer = self.app.handle(method, path, query, headers, b"",
+                                 conn.addr[0], local, 0)
+        log("debug", "%s %s %s -> %d", conn.addr[0], method, show(target),
+            answer[0])
+        conn.out = encode_answer(answer)
+        conn.deadline = max(conn.deadline, time.monotonic() + ANSWER_GRACE)
+        self._flush(conn)
+
+    def _flush(self, conn):
+        try:
+            n = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            return self._done(conn)
+        conn.out = conn.out[n:]
+        if not conn.out:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return self._done(conn)
+        self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _done(self, conn):
+        self._forget(conn)
+        conn.sock.close()
+        self._release(conn.addr)
+
+    def _forget(self, conn):
+        del self.conns[conn.sock]
+        if self.sel is not None:
+            self.sel.unregister(conn.sock)
+
+    def _release(self, addr):
+        self.slots.release()
+        self.sources.release(addr[0])
+
+    def _hand_off(self, conn):
+        self._forget(conn)
+        try:
+            _thread.start_new_thread(self._slow, (conn,))
+        except RuntimeError:     # no thread to be had: say so, hold nothing
+            self._release(conn.addr)
+            self.refuser.refuse(conn.sock, BrokerError(
+                "unavailable", "too many connections, try again", 5))
+
+    def _slow(self, conn):
+        try:
+            self.slow(conn.sock, conn.addr, conn.buf, conn.deadline,
+                      self.head_limit)
+        except Exception as e:
+            log("error", "request from %s failed: %s: %s", conn.addr[0],
+                type(e).__name__, e)
+        finally:
+            try:
+                conn.sock.close()
+            finally:
+                self._release(conn.addr)

@@ -1,0 +1,148 @@
+"""`serve`'s front door: request heads read by one thread, plain offers
+answered there (before http.server is even imported), everything else
+handed to http.server's handler with the bytes read so far."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from frontdoors import ServeDoor, read_to_eof
+from microbroker import frontdoor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """
+config broker
+	option dataplane 'none'
+	option state_dir '%(state)s'
+	option sweep_interval '3600'
+	option source_connections '200'
+	option max_connections '256'
+	option request_rate '0'
+
+config service 'v4'
+	option family '4'
+"""
+
+
+@pytest.fixture
+def door(tmp_path):
+    path = tmp_path / "microbroker"
+    path.write_text(CONFIG % {"state": tmp_path / "state"})
+    with ServeDoor(str(path)) as d:
+        yield d
+
+
+def ask(door, data, timeout=10):
+    s = socket.create_connection(("127.0.0.1", door.port), timeout=timeout)
+    try:
+        s.sendall(data)
+        return read_to_eof(s)
+    finally:
+        s.close()
+
+
+def test_plain_offer_line_and_headers():
+    line = frontdoor.plain_offer_line
+    assert line(b"GET /offer HTTP/1.1\r\n") == ("GET", "/offer")
+    assert line(b"GET /?format=sh HTTP/1.0\r\n") == ("GET", "/?format=sh")
+    for other in (b"POST /offer HTTP/1.1\r\n", b"HEAD /offer HTTP/1.1\r\n", b"GET /lease HTTP/1.1\r\n",
+                  b"GET /offer HTTP/1.1\n", b"GET  /offer HTTP/1.1\r\n",
+                  b"GET /offer HTTP/2.0\r\n", b"GET /of%66er HTTP/1.1\r\n",
+                  b"GET http://x/offer HTTP/1.1\r\n",
+                  b"GET /offer\x7f HTTP/1.1\r\n", b"GET /offer/ HTTP/1.1\r\n"):
+        assert line(other) is None, other
+    hdr = frontdoor.plain_headers
+    assert hdr([b"Host: [fc00::1]:8053", b"X-A: 1", b"x-a:  2 "]) == \
+        {"host": "[fc00::1]:8053", "x-a": "1, 2"}
+    for other in ([b"Content-Length: 0"], [b"Transfer-Encoding: chunked"],
+                  [b"Expect: 100-continue"], [b" folded"], [b"No colon"],
+                  [b"Bad Name: x"], [b"X: \xff"], [b"X: a\nb"], [b": x"]):
+        assert hdr(other) is None, other
+
+
+def test_fast_and_handler_answer_an_offer_byte_for_byte_alike(door):
+    """The same offer through the fast path and (a Content-Length of 0
+    sends it there) through http.server's handler."""
+    for head in (b"GET /offer HTTP/1.1\r\nHost: x\r\n",
+                 b"GET /offer?format=sh HTTP/1.0\r\n", b"GET / HTTP/1.1\r\n"):
+        fast = ask(door, head + b"\r\n")
+        slow = ask(door, head + b"Content-Length: 0\r\n\r\n")
+        assert fast.startswith(b"HTTP/1.1 200 OK\r\n"), fast[:80]
+        assert fast == slow
+
+
+def test_a_trickled_head_holds_no_thread(door):
+    """Clients that send half a head and wait cost no thread each, and
+    an offer is answered beside them; the handler's requests still are."""
+    before = len(os.listdir("/proc/self/task"))
+    waiting = []
+    try:
+        for i in range(60):
+            s = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+            s.sendall(b"POST /lease HTTP/1.1\r\nX-Slow: " if i % 2 else
+                      b"GET /off")
+            waiting.append(s)
+        raw = ask(door, b"GET /offer HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw[:80]
+        raw = ask(door, b"POST /renew HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 400 "), raw[:80]
+        # The POSTs' line is in: each went to a thread of its own.
+        started = len(os.listdir("/proc/self/task")) - before
+        assert 30 <= started <= 30 + 2, started
+    finally:
+        for s in waiting:
+            s.close()
+
+
+def test_an_answer_larger_than_the_socket_takes(door, monkeypatch):
+    """What send() does not take at once goes out as the client reads."""
+    real = frontdoor.encode_answer
+    pad = b"x" * (8 << 20)
+    monkeypatch.setattr(frontdoor, "encode_answer",
+                        lambda a: real((a[0], a[1], a[2] + pad)))
+    s = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+    try:
+        s.sendall(b"GET /offer HTTP/1.1\r\n\r\n")
+        time.sleep(0.2)     # the door meets a full buffer, not a reader
+        raw = read_to_eof(s)
+    finally:
+        s.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    size = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    assert len(body) == size and body.endswith(pad)
+
+
+def test_offers_are_answered_before_http_server_is_imported(tmp_path):
+    """What lets `serve` answer offers at once while it imports the rest."""
+    path = tmp_path / "microbroker"
+    path.write_text(CONFIG % {"state": tmp_path / "state"})
+    code = textwrap.dedent("""
+        import socket, sys
+        sys.path.insert(0, %r)
+        from microbroker import config, service, web
+        srv = service.Server(web.App(config.load(%r)), ["127.0.0.1:0"])
+        (host, port), = srv.start()
+        for head in (b"GET /offer HTTP/1.1\\r\\n\\r\\n", b"GET / HTTP/1.0\\r\\n\\r\\n"):
+            s = socket.create_connection((host, port), timeout=10)
+            s.sendall(head)
+            raw = b""
+            while True:
+                c = s.recv(65536)
+                if not c:
+                    break
+                raw += c
+            assert raw.startswith(b"HTTP/1.1 200 OK"), raw[:80]
+        print(sorted(m for m in ("http.server", "http.client", "email",
+                                 "microbroker.server") if m in sys.modules))
+        srv.stop()
+    """) % (ROOT, str(path))
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
