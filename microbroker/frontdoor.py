@@ -6,8 +6,9 @@ thread of its own.
 A plain offer (GET of /offer or /, headers and nothing else) is
 answered in that thread: no thread is started for it, and it does not
 wait behind the lease requests that arrived in the same burst. Every
-other request goes, with the bytes read so far, to a thread of its own
-and server.py's http.server handler, which reads and judges the rest.
+other request goes, once its head is in (or its request line shows it
+malformed), with the bytes read so far to a thread of its own and
+server.py's http.server handler, which reads and judges the rest.
 This module does not import http.server: offers are answered while it
 is still being imported at start-up.
 """
@@ -44,20 +45,28 @@ def encode_answer(answer):
     return "\r\n".join(head).encode("latin-1") + body
 
 
-def plain_offer_line(line):
-    """(method, target) if the request line (CRLF included) asks for an
-    offer the way wget and uclient-fetch do, else None."""
+def request_line(line):
+    """(method, target) of a request line (CRLF included) as wget and
+    uclient-fetch send one, else None."""
     parts = line[:-2].split(b" ")
     if len(parts) != 3 or not line.endswith(b"\r\n"):
         return None
     method, target, version = parts
-    if method != b"GET" or \
+    if not method or not set(method) <= _TCHAR or \
             version not in (b"HTTP/1.1", b"HTTP/1.0") or \
             not target.startswith(b"/") or not set(target) <= _VISIBLE:
         return None
-    if target.partition(b"?")[0] not in (b"/", b"/offer"):
-        return None
     return method.decode("ascii"), target.decode("ascii")
+
+
+def plain_offer_line(line):
+    """(method, target) if the request line asks for an offer the way
+    wget and uclient-fetch do, else None."""
+    got = request_line(line)
+    if got is None or got[0] != "GET" or \
+            got[1].partition("?")[0] not in ("/", "/offer"):
+        return None
+    return got
 
 
 def plain_headers(lines):
@@ -81,13 +90,16 @@ def plain_headers(lines):
 
 
 class _Conn:
-    __slots__ = ("sock", "addr", "deadline", "buf", "out", "fast")
+    __slots__ = ("sock", "addr", "local", "deadline", "buf", "out", "fast",
+                 "watched")
 
-    def __init__(self, sock, addr, deadline):
-        self.sock, self.addr, self.deadline = sock, addr, deadline
+    def __init__(self, sock, addr, local, deadline):
+        self.sock, self.addr, self.local = sock, addr, local
+        self.deadline = deadline
+        self.watched = False     # registered with the selector
         self.buf = b""
         self.out = None      # the rest of an answer the socket did not take
-        self.fast = None     # (method, target) once the line says so
+        self.fast = None     # (method, target) of an offer; False: other
 
 
 class FrontDoor:
@@ -106,6 +118,7 @@ class FrontDoor:
         self.timeout = cfg.timeout
         self.head_limit = max(HARD_HEADER_LIMIT, cfg.max_header)
         self.sockets = []
+        self.local = {}         # listening socket -> its address, or None
         self.sel = None
         self.conns = {}
         self.paused = None      # monotonic time to accept again
@@ -146,6 +159,9 @@ class FrontDoor:
                                   % (host, port, e.strerror))
                 s.setblocking(False)
                 bound.append(s.getsockname()[:2])
+                # A wildcard's connections are asked where they arrived.
+                self.local[s] = None if host in ("::", "0.0.0.0") \
+                    else bound[-1][0]
         except BaseException:
             self.close()
             raise
@@ -248,9 +264,9 @@ class FrontDoor:
                     for s in self.sockets:
                         self.sel.unregister(s)
                 return      # ECONNABORTED and the like: that one is gone
-            self._admit(sock, addr)
+            self._admit(sock, addr, self.local.get(lsock))
 
-    def _admit(self, sock, addr):
+    def _admit(self, sock, addr, local):
         # Per source address a bounded number of connections and of
         # requests per second, and a bounded number in all: the rest get a
         # short 429 or 503 and hold nothing.
@@ -264,14 +280,21 @@ class FrontDoor:
             log("debug", "%s: refused: %s", source, refused.message)
             self.refuser.refuse(sock, refused)
             return
-        sock.setblocking(False)
-        conn = _Conn(sock, addr, time.monotonic() + self.timeout)
+        # Socket calls release the interpreter lock, and under a storm
+        # each costs a wait to take it back: the socket stays blocking
+        # (MSG_DONTWAIT instead of a mode switch), and a head that is in
+        # already (most are, by the time a burst is accepted) is read and
+        # answered without the selector.
+        conn = _Conn(sock, addr, local, time.monotonic() + self.timeout)
         self.conns[sock] = conn
-        self.sel.register(sock, selectors.EVENT_READ, conn)
+        self._read(conn)
+        if sock in self.conns and not conn.watched:
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            conn.watched = True
 
     def _read(self, conn):
         try:
-            more = conn.sock.recv(65536)
+            more = conn.sock.recv(65536, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -290,14 +313,19 @@ class FrontDoor:
             end = buf.find(b"\n")
             if end < 0:
                 return
-            conn.fast = plain_offer_line(buf[:end + 1])
-            if conn.fast is None:
-                return self._hand_off(conn)
+            line = buf[:end + 1]
+            if request_line(line) is None:
+                return self._hand_off(conn)     # answered at once there
+            conn.fast = plain_offer_line(line) or False
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if b"\n\n" in buf or b"\n\r\n" in buf:
                 self._hand_off(conn)     # bare LFs: http.server judges
             return
+        # The whole head is in: whatever http.server then does with it,
+        # it does not wait for a client to send it.
+        if not conn.fast:
+            return self._hand_off(conn)
         lines = buf[:end].split(b"\r\n")[1:]
         headers = plain_headers(lines)
         if headers is None or len(buf) != end + 4:
@@ -307,11 +335,12 @@ class FrontDoor:
     def _answer(self, conn, headers):
         method, target = conn.fast
         path, _, query = target.partition("?")
-        sock = conn.sock
-        try:
-            local = sock.getsockname()[0]
-        except OSError:
-            return self._done(conn)
+        local = conn.local
+        if local is None:
+            try:
+                local = conn.sock.getsockname()[0]
+            except OSError:
+                return self._done(conn)
         answer = self.app.handle(method, path, query, headers, b"",
                                  conn.addr[0], local, 0)
         log("debug", "%s %s %s -> %d", conn.addr[0], method, show(target),
@@ -322,19 +351,21 @@ class FrontDoor:
 
     def _flush(self, conn):
         try:
-            n = conn.sock.send(conn.out)
+            n = conn.sock.send(conn.out, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
             return self._done(conn)
         conn.out = conn.out[n:]
         if not conn.out:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            # All of the request was read: close() sends the answer, then
+            # FIN (no reset), as shutdown() would.
             return self._done(conn)
-        self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        if conn.watched:
+            self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+        else:
+            self.sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+            conn.watched = True
 
     def _done(self, conn):
         self._forget(conn)
@@ -343,8 +374,9 @@ class FrontDoor:
 
     def _forget(self, conn):
         del self.conns[conn.sock]
-        if self.sel is not None:
+        if conn.watched and self.sel is not None:
             self.sel.unregister(conn.sock)
+            conn.watched = False
 
     def _release(self, addr):
         self.slots.release()

@@ -21,6 +21,7 @@ import http.client
 import http.server
 import io
 import socket
+import threading
 import time
 
 from microbroker.broker import BrokerError, log
@@ -30,6 +31,12 @@ from microbroker.web import answer_format, show
 
 DRAIN_LIMIT = 1 << 20       # bytes read after refusing a body
 DRAIN_TIME = 1.0            # seconds for that, within the request's deadline
+# Heads parsed at once. The head is in memory already (the front door
+# reads it), so parsing is all interpreter: a burst of a hundred parsing
+# together would only take turns at the interpreter lock, and the front
+# door's turns with them.
+PARSE_AT_ONCE = 2
+_parsing = threading.BoundedSemaphore(PARSE_AT_ONCE)
 
 
 def unquote_path(path):
@@ -197,7 +204,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle(self):
         self.close_connection = True
+        self.parsing = False
         try:
+            _parsing.acquire()
+            self.parsing = True
             self.handle_one_request()
         except (OSError, ValueError):
             pass  # timeouts, resets: nobody left to answer
@@ -209,6 +219,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._error(e, self.fmt)
             except (OSError, ValueError):
                 pass
+        finally:
+            self._parsed()
+
+    def _parsed(self):
+        """The head is judged: from here on, reading a body or waiting for
+        the lease file holds no parsing turn."""
+        if self.parsing:
+            self.parsing = False
+            _parsing.release()
 
     def handle_one_request(self):
         app = self.app
@@ -252,6 +271,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             name, value = name.lower(), value.strip()
             headers[name] = headers[name] + ", " + value if name in headers \
                 else value
+        self._parsed()
         path, _, query = target.partition("?")
         path = unquote_path(path)
         limit = app.config.max_body

@@ -477,6 +477,30 @@ def test_counts_file_is_the_last_complete_line(mk, path):
     assert counts.read(cp) == (3, {"a": 2, "b": 1})
 
 
+def test_counts_read_again_whenever_the_file_changed(tmp_path):
+    """read() keeps the last counts while the file's stat is the same: a
+    rewrite renamed in with the same size and mtime is still seen, and a
+    caller that changes what it got changes nothing for the next."""
+    from microbroker.leases import counts
+    cp = str(tmp_path / "leases.counts")
+    with open(cp, "wb") as f:
+        f.write(b'{"total":1,"services":{"a":1}}\n')
+    got = counts.read(cp)
+    assert got == (1, {"a": 1})
+    got[1]["a"] = 7
+    assert counts.read(cp) == (1, {"a": 1})
+    when = os.stat(cp).st_mtime_ns
+    with open(cp + ".new", "wb") as f:
+        f.write(b'{"total":2,"services":{"b":2}}\n')
+    os.utime(cp + ".new", ns=(when, when))
+    os.replace(cp + ".new", cp)
+    assert counts.read(cp) == (2, {"b": 2})
+    with open(cp, "ab") as f:
+        f.write(b'{"total":3,"services":{"b":3}}\n')
+    os.utime(cp, ns=(when, when))
+    assert counts.read(cp) == (3, {"b": 3})
+
+
 def test_counts_go_on_when_the_file_cannot_be_rewritten(tmp_path, monkeypatch):
     """A rewrite past COMPACT that fails leaves no temporary file, and the
     lines are still appended: readers do not see counts stop."""

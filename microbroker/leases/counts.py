@@ -24,14 +24,30 @@ def path_of(lease_path):
     return os.fspath(lease_path) + ".counts"
 
 
+_last = (None, None)     # (the file's stat key, its counts) of the last read
+
+
 def read(path):
     """(total, {service: leases}) from the last complete line, or None when
-    the file is missing or that line does not read as counts."""
+    the file is missing or that line does not read as counts. A file
+    unchanged since the last read (device, inode, size, mtime: an append
+    grows it, a rewrite renames a new one in) costs one stat(), which
+    matters to `serve`, whose every offer asks."""
+    global _last
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - _TAIL))
-            tail = f.read(_TAIL)
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    last_key, got = _last
+    if last_key == key:
+        return got[0], dict(got[1])
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
+        finally:
+            os.close(fd)
         end = tail.rindex(b"\n")
         line = tail[tail.rfind(b"\n", 0, end) + 1:end]
         d = jsonlite.loads(line)
@@ -39,6 +55,7 @@ def read(path):
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if isinstance(total, int) and isinstance(services, dict):
+        _last = (key, (total, dict(services)))
         return total, services
     return None
 
