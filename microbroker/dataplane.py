@@ -153,6 +153,7 @@ class Dataplane:
     def __init__(self, config):
         self.config = config
         self._status = {}
+        self._probing = set()     # kinds whose status a thread asks now
         self._filters = False     # not probed yet
         self._ready = set()       # services whose bridge and filters exist
         self._iso_fallback = False
@@ -163,12 +164,30 @@ class Dataplane:
 
     # -- capability --
     def status(self, kind=None):
-        """(ok, why) for building tunnels of `kind` (default l2tpv3)."""
+        """(ok, why) for building tunnels of `kind` (default l2tpv3). Once
+        known, a stale answer is returned while a thread of its own asks
+        again: the question is a netlink request, and under a storm those
+        queue behind every lease being built, which an offer must not."""
         kind = kind or "l2tpv3"
-        now = time.monotonic()
         cached = self._status.get(kind)
-        if cached and now - cached[0] < STATUS_TTL:
-            return cached[1]
+        if cached is None:
+            return self._probe(kind)
+        if time.monotonic() - cached[0] >= STATUS_TTL and \
+                kind not in self._probing:
+            import threading
+            self._probing.add(kind)
+            threading.Thread(target=self._probe, args=(kind,),
+                             name="status-" + kind, daemon=True).start()
+        return cached[1]
+
+    def _probe(self, kind):
+        try:
+            return self._probe_now(kind)
+        finally:
+            self._probing.discard(kind)
+
+    def _probe_now(self, kind):
+        now = time.monotonic()
         if kind == "l2tpv3":
             ok, why = l2tp.available()
         else:

@@ -149,6 +149,7 @@ def serve(app, load=None):
     try:
         b = app.broker   # open the lease store before taking requests
         b.hold_leases()  # offers at once, leases after the reconcile
+        b.kernel_status()   # known before the first offer, which must not ask
         bound = srv.start()
         names = ", ".join(s.name for s in cfg.enabled_services())
         log("info", "microbroker listening on %s; services: %s; leases in "

@@ -2,6 +2,7 @@
 by kind, the names and MACs it derives, and what the kernel version allows.
 What they do in a kernel is tested in the VM (test_kernel_*)."""
 
+import time
 from types import SimpleNamespace
 
 from microbroker import dataplane, reconcile
@@ -97,3 +98,32 @@ def test_reconcile_keeps_as_foreign_what_no_lease_holds_and_it_did_not_remove():
     # 8 is a bare tunnel of someone else's; 9 was removed (in our range, no lease).
     foreign = reconcile.foreign(live, tunnels, sessions, removed=[9])
     assert foreign == {(100, 3), (7, 1), (8, 0)}
+
+
+def test_a_stale_status_is_answered_at_once_and_asked_again_aside(monkeypatch):
+    """Offers ask status(): once it is known, none waits for the kernel
+    (whose netlink requests queue behind every lease being built)."""
+    import threading
+    answers = [(True, ""), (False, "l2tp gone")]
+    asked, let_go = threading.Event(), threading.Event()
+
+    def available():
+        if len(answers) == 1:        # the second ask: as slow as the kernel
+            asked.set()
+            assert let_go.wait(10)
+        return answers.pop(0)
+    monkeypatch.setattr(dataplane.l2tp, "available", available)
+    monkeypatch.setattr(dataplane.os, "geteuid", lambda: 0)
+    dp = dataplane.Dataplane(SimpleNamespace(filter=""))
+    assert dp.status() == (True, "")            # the first: asked now
+    when, got = dp._status["l2tpv3"]
+    dp._status["l2tpv3"] = (when - dataplane.STATUS_TTL, got)
+    assert dp.status() == (True, "")            # stale: answered from cache
+    assert asked.wait(10)
+    assert dp.status() == (True, "")            # one ask at a time
+    let_go.set()
+    for _ in range(1000):
+        if dp.status() != (True, ""):
+            break
+        time.sleep(0.01)
+    assert dp.status() == (False, "l2tp gone")

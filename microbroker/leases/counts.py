@@ -38,13 +38,15 @@ def read(path):
         st = os.stat(path)
     except OSError:
         return None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     last_key, got = _last
-    if last_key == key:
+    if last_key == _key(st):
         return got[0], dict(got[1])
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # The file opened, not the one stat() saw: a rewrite renamed in
+            # between is smaller, and read where the old one ended, empty.
+            st = os.fstat(fd)
             tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
         finally:
             os.close(fd)
@@ -55,9 +57,13 @@ def read(path):
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if isinstance(total, int) and isinstance(services, dict):
-        _last = (key, (total, dict(services)))
+        _last = (_key(st), (total, dict(services)))
         return total, services
     return None
+
+
+def _key(st):
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def write(path, total, services, mode):
