@@ -59,6 +59,20 @@ def request_line(line):
     return method.decode("ascii"), target.decode("ascii")
 
 
+def lax_request_line(line):
+    """(method, target) of a request line as server.py's handler takes
+    one (any method, LF or CRLF, any byte in the target), else None: a
+    line it refuses before reading a header."""
+    try:
+        method, target, version = line.decode("latin-1") \
+            .rstrip("\r\n").split(" ")
+    except ValueError:
+        return None
+    if version not in ("HTTP/1.0", "HTTP/1.1") or not target.startswith("/"):
+        return None
+    return method, target
+
+
 def plain_offer_line(line):
     """(method, target) if the request line asks for an offer the way
     wget and uclient-fetch do, else None."""
@@ -314,8 +328,11 @@ class FrontDoor:
             if end < 0:
                 return
             line = buf[:end + 1]
-            if request_line(line) is None:
-                return self._hand_off(conn)     # answered at once there
+            # Only a line the handler refuses at once goes before the rest
+            # of its head: the handler reads a head holding one of
+            # server.PARSE_AT_ONCE turns, which a trickle must not hold.
+            if lax_request_line(line) is None:
+                return self._hand_off(conn)
             conn.fast = plain_offer_line(line) or False
         end = buf.find(b"\r\n\r\n")
         if end < 0:

@@ -25,7 +25,7 @@ import threading
 import time
 
 from microbroker.broker import BrokerError, log
-from microbroker.frontdoor import encode_answer
+from microbroker.frontdoor import encode_answer, lax_request_line
 from microbroker.limits import ANSWER_GRACE
 from microbroker.web import answer_format, show
 
@@ -241,15 +241,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Stricter than http.server (which takes HTTP/0.9, other 1.x
         # versions, any whitespace, absolute URIs), and checked before
         # http.server reads headers, so a bad line is answered at once.
-        try:
-            method, target, version = line.decode("latin-1") \
-                .rstrip("\r\n").split(" ")
-        except ValueError:
-            version = target = ""
-        if version not in ("HTTP/1.0", "HTTP/1.1") or \
-                not target.startswith("/"):
+        got = lax_request_line(line)
+        if got is None:
             return self._error(BrokerError("bad_request", "malformed request "
                                            "line"))
+        method, target = got
         self.command = method   # (a HEAD is answered without a body)
         self.fmt = answer_format(target.partition("?")[2])
         self.raw_requestline = line

@@ -186,3 +186,33 @@ def test_offers_are_answered_before_http_server_is_imported(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_trickled_head_http_server_takes_holds_no_parsing_turn(tmp_path):
+    """A request line the fast path does not read (bare LF, a byte past
+    ASCII, an odd method) but http.server's handler takes: its head is
+    trickled to the front door, not to a thread holding one of the
+    PARSE_AT_ONCE turns, so lease requests beside it are answered."""
+    from microbroker import server
+    path = tmp_path / "microbroker"
+    path.write_text((CONFIG % {"state": tmp_path / "state"}).replace(
+        "config broker\n", "config broker\n\toption timeout '60'\n"))
+    with ServeDoor(str(path)) as door:
+        waiting = []
+        try:
+            for line in (b"POST /lease HTTP/1.1\n", b"GET /\xe9 HTTP/1.1\r\n",
+                         b"G\x01T /lease HTTP/1.1\r\n") * server.PARSE_AT_ONCE:
+                s = socket.create_connection(("127.0.0.1", door.port),
+                                             timeout=10)
+                s.sendall(line + b"X-Slow: ")
+                waiting.append(s)
+            raw = ask(door, b"POST /renew HTTP/1.1\r\n"
+                      b"Content-Length: 0\r\n\r\n", timeout=20)
+            assert raw.startswith(b"HTTP/1.1 400 "), raw[:80]
+            for s in waiting:      # still read by the front door
+                s.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    s.recv(1)
+        finally:
+            for s in waiting:
+                s.close()
