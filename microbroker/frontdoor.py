@@ -32,6 +32,8 @@ _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _VISIBLE = frozenset(range(0x21, 0x7f))
 _VALUE = _VISIBLE | {0x20, 0x09}
+HTTP_MAX_HEADERS = 100      # http.client's _MAXHEADERS: lines after the
+                            # request line, the blank one too; more is a 413
 # A body, or a request about one, is http.server's to read.
 _BODY_HEADERS = (b"content-length", b"transfer-encoding", b"expect")
 
@@ -345,7 +347,8 @@ class FrontDoor:
             return self._hand_off(conn)
         lines = buf[:end].split(b"\r\n")[1:]
         headers = plain_headers(lines)
-        if headers is None or len(buf) != end + 4:
+        if headers is None or len(buf) != end + 4 or \
+                len(lines) + 1 > HTTP_MAX_HEADERS:
             return self._hand_off(conn)
         self._answer(conn, headers)
 

@@ -216,3 +216,16 @@ def test_a_trickled_head_http_server_takes_holds_no_parsing_turn(tmp_path):
         finally:
             for s in waiting:
                 s.close()
+
+
+def test_more_header_lines_than_http_server_takes_are_its_to_refuse(door):
+    """http.client reads at most 100 lines after the request line, the
+    blank one included (its _MAXHEADERS): an offer with more is refused
+    alike on both paths, not answered 200 by the fast one alone."""
+    head = b"GET /offer HTTP/1.1\r\n" + b"X: 1\r\n" * 101
+    fast = ask(door, head + b"\r\n")
+    slow = ask(door, head + b"Content-Length: 0\r\n\r\n")
+    assert slow.startswith(b"HTTP/1.1 413 "), slow[:80]
+    assert fast == slow
+    head = b"GET /offer HTTP/1.1\r\n" + b"X: 1\r\n" * 99
+    assert ask(door, head + b"\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
