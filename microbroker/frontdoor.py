@@ -406,7 +406,9 @@ class FrontDoor:
         self._forget(conn)
         try:
             _thread.start_new_thread(self._slow, (conn,))
-        except RuntimeError:     # no thread to be had: say so, hold nothing
+        except (RuntimeError, MemoryError):
+            # No thread to be had: say so and hold nothing (the connection
+            # is no longer ours to release once forgotten).
             self._release(conn.addr)
             self.refuser.refuse(conn.sock, BrokerError(
                 "unavailable", "too many connections, try again", 5))

@@ -229,3 +229,20 @@ def test_more_header_lines_than_http_server_takes_are_its_to_refuse(door):
     assert fast == slow
     head = b"GET /offer HTTP/1.1\r\n" + b"X: 1\r\n" * 99
     assert ask(door, head + b"\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError])
+def test_no_thread_for_a_hand_off_is_refused_and_holds_nothing(door,
+                                                                monkeypatch,
+                                                                error):
+    """start_new_thread failing (RuntimeError, or MemoryError when even
+    the thread's state cannot be had): a 503, and the connection's slot
+    and source count are given back."""
+    def no_thread(*args):
+        raise error("can't start new thread")
+    monkeypatch.setattr(frontdoor._thread, "start_new_thread", no_thread)
+    raw = ask(door, b"POST /renew HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 503 "), raw[:80]
+    srv = door.server
+    assert srv.slots._value == door.config.max_connections
+    assert srv.sources.open == {}
