@@ -477,6 +477,31 @@ def test_counts_file_is_the_last_complete_line(mk, path):
     assert counts.read(cp) == (3, {"a": 2, "b": 1})
 
 
+def test_counts_do_not_wait_for_the_lock_once_read(mk, path, monkeypatch):
+    """A counts file that does not read, the lock held by another process:
+    a process that read the counts before answers with those at once
+    (serve's offers, in its one front-door thread); one that never did
+    waits its lock_timeout and says busy."""
+    import fcntl
+    from microbroker.leases import counts
+    st = mk(lock_timeout=0.2)
+    grant(st, client="fc00::1", service="a")
+    assert counts.read(counts.path_of(path)) == (1, {"a": 1})
+    with open(counts.path_of(path), "ab") as f:
+        f.write(b'{"total":9,"serv{"total":1}\n')
+    fd = os.open(path + ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert st.counts() == (1, {"a": 1})
+        monkeypatch.setattr(counts, "_last", (None, None))
+        with pytest.raises(L.Busy):
+            st.counts()
+    finally:
+        os.close(fd)
+    assert st.counts() == (1, {"a": 1})     # and the file is published again
+    assert counts.read(counts.path_of(path)) == (1, {"a": 1})
+
+
 def test_counts_read_again_whenever_the_file_changed(tmp_path):
     """read() keeps the last counts while the file's stat is the same: a
     rewrite renamed in with the same size and mtime is still seen, and a
@@ -527,7 +552,12 @@ def test_counts_file_stays_small_and_whole_for_readers(tmp_path):
 
     def reader():
         while not stop:
-            existed = os.path.exists(cp)    # (once made, it never goes)
+            # Once it has a line it never goes back to none (the first
+            # append creates it empty, then writes).
+            try:
+                existed = os.path.getsize(cp) > 0
+            except OSError:
+                existed = False
             got = counts.read(cp)
             if got is None:
                 if existed:

@@ -62,6 +62,12 @@ def read(path):
     return None
 
 
+def last():
+    """What read() last found in this process, or None."""
+    got = _last[1]
+    return None if got is None else (got[0], dict(got[1]))
+
+
 def _key(st):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 

@@ -284,9 +284,10 @@ class Records:
 class _LockedOpen:
     """Context for one public call: lock, make sure the file exists, open, check."""
 
-    def __init__(self, store, writable):
+    def __init__(self, store, writable, wait=True):
         self.store, self.writable = store, writable
-        self.lock = _FileLock(store.lock_path, store.lock_timeout, store.mode)
+        self.lock = _FileLock(store.lock_path, store.lock_timeout if wait
+                              else 0, store.mode)
         self.tx = None
 
     def __enter__(self):
@@ -552,8 +553,9 @@ class LeaseFile:
         self._build(self.path + ".new", names, slots, caps)
         self._install(self.path + ".new")
 
-    def _open(self, writable):
-        return _LockedOpen(self, writable)
+    def _open(self, writable, wait=True):
+        """wait=False: Busy at once when another holds the lock."""
+        return _LockedOpen(self, writable, wait)
 
     def _check_meta(self, tx):
         rec = tx.read(b"meta")

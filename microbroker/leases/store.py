@@ -29,7 +29,7 @@ from _bisect import bisect_left     # (bisect.py re-exports it; see record.py)
 from microbroker import jsonlite
 from microbroker.leases.dbfile import LeaseFile
 from microbroker.leases.errors import (
-    BadRequest, Conflict, Exhausted, Forbidden, Full, NotFound, PoolExhausted,
+    BadRequest, Busy, Conflict, Exhausted, Forbidden, Full, NotFound, PoolExhausted,
     RateLimited, TooMany)
 from microbroker.leases.record import (
     _CLIENT, _EXPIRES, _F, _ID, _PEER_SESSION, _PEER_TUNNEL, _RENEWED, _SECRET,
@@ -247,15 +247,24 @@ class LeaseStore(LeaseFile):
 
     def counts(self):
         """(total, {service: leases}) without taking the lock: from <path>.counts
-        when it reads, else from the ids record (locked, then published)."""
+        when it reads, else from the ids record (locked, then published).
+        A process that read the counts before does not wait for the lock:
+        it takes those while another holds it (serve answers offers in one
+        thread, which must not stop for a lease being built)."""
         from microbroker.leases import counts
         got = counts.read(counts.path_of(self.path))
         if got is not None:
             return got
-        with self._open(False) as tx:
-            ids = tx.ids()
-            self._publish(ids)
-            return len(ids.tunnels), dict(ids.services)
+        seen = counts.last()
+        try:
+            with self._open(False, wait=seen is None) as tx:
+                ids = tx.ids()
+                self._publish(ids)
+                return len(ids.tunnels), dict(ids.services)
+        except Busy:
+            if seen is None:
+                raise
+            return seen
 
     @staticmethod
     def _new_id(home, bucket):
