@@ -21,7 +21,8 @@ each, as on a mesh), all on one bridge to the exit. Two storms per N:
 
 Measured from the start: time until N exit ports are bridged with exactly
 N tunnels, offers' latency (a prober process asking every 0.2 s, 10 s timeout
-as the client's), the most connections seen waiting in serve's accept queue
+as the client's; an answer other than 200, a 503 for too many connections
+among them, counts as the timeout, and is listed by status), the most connections seen waiting in serve's accept queue
 ("queued", sock_diag, every 0.25 s: what an offer waits behind before serve
 reads it), leases the broker re-issued (a client asking again for what
 it has), CPU seconds of serve and of everything else.
@@ -84,11 +85,12 @@ while True:
     try:
         c = http.client.HTTPConnection(host, port, timeout=timeout)
         c.request("GET", "/offer")
-        ok = c.getresponse().status == 200
+        status = c.getresponse().status
         c.close()
     except OSError:
-        ok = False
-    print((time.perf_counter() - t0) * 1000 if ok else timeout * 1000, flush=True)
+        status = 0
+    ms = (time.perf_counter() - t0) * 1000 if status == 200 else timeout * 1000
+    print(ms, status, flush=True)
     time.sleep(0.2)
 """
 
@@ -281,12 +283,14 @@ def measure(world, n, exit_, start):
     serve_cpu = cpu_seconds(exit_.p.pid) - serve0
     all_cpu = cpu_seconds() - cpu0
     probe.terminate()
-    offers = [float(x) for x in probe.stdout.read().split()]
+    said = [line.split() for line in probe.stdout.read().splitlines()]
     probe.wait()
+    offers = [float(ms) for ms, _status in said]
+    other = collections.Counter(int(st) for _ms, st in said if st != "200")
     ports, tunnels = world.kernel()
     return {"n": n, "done": done, "ports": ports, "tunnels": tunnels, "most": most,
             "p50": pct(offers, 50), "p99": pct(offers, 99), "offers": len(offers),
-            "timeouts": sum(1 for x in offers if x >= OFFER_TIMEOUT * 1000),
+            "timeouts": other.pop(0, 0), "refused": dict(other),
             "serve_cpu": serve_cpu, "other_cpu": all_cpu - serve_cpu, "queued": queued}
 
 
@@ -414,7 +418,9 @@ def main():
                 r["offers"], r["p50"], r["p99"], r["queued"], r["serve_cpu"],
                 r["other_cpu"]))
             if r["timeouts"]:
-                print("         %d offers timed out (%.0f s)" % (r["timeouts"], OFFER_TIMEOUT))
+                print("         %d offers had no answer in %.0f s" % (r["timeouts"], OFFER_TIMEOUT))
+            for status, k in sorted(r["refused"].items()):
+                print("         %d offers answered %d (counted as %.0f s)" % (k, status, OFFER_TIMEOUT))
         for what, r in rows:
             print("%s N=%d: the clients said (lines, in how many clients / failures):"
                   % (what, r["n"]))
