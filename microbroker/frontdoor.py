@@ -28,6 +28,10 @@ from microbroker.web import REASONS, show
 HARD_HEADER_LIMIT = 65536   # beyond this we stop reading, whatever the config
 BACKLOG = 128               # a burst of SYNs is queued, not dropped and retried
 ACCEPT_PAUSE = 0.5          # seconds without accepting when out of descriptors
+# Connections beyond max_connections that may still be plain offers: a
+# storm's lease requests, each holding a slot until its answer, must not
+# leave a client that only asks for the offer refused.
+SPARE_FOR_OFFERS = 16
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _VISIBLE = frozenset(range(0x21, 0x7f))
@@ -105,14 +109,19 @@ def plain_headers(lines):
     return headers
 
 
+def _too_many():
+    return BrokerError("unavailable", "too many connections, try again", 5)
+
+
 class _Conn:
     __slots__ = ("sock", "addr", "local", "deadline", "buf", "out", "fast",
-                 "watched")
+                 "watched", "spare")
 
     def __init__(self, sock, addr, local, deadline):
         self.sock, self.addr, self.local = sock, addr, local
         self.deadline = deadline
         self.watched = False     # registered with the selector
+        self.spare = False       # admitted beyond max_connections: offers only
         self.buf = b""
         self.out = None      # the rest of an answer the socket did not take
         self.fast = None     # (method, target) of an offer; False: other
@@ -133,6 +142,7 @@ class FrontDoor:
         cfg = app.config
         self.timeout = cfg.timeout
         self.head_limit = max(HARD_HEADER_LIMIT, cfg.max_header)
+        self.spare_left = SPARE_FOR_OFFERS     # the reading thread's alone
         self.sockets = []
         self.local = {}         # listening socket -> its address, or None
         self.sel = None
@@ -288,10 +298,14 @@ class FrontDoor:
         # short 429 or 503 and hold nothing.
         source = addr[0]
         refused = self.sources.admit(source)
+        spare = False
         if refused is None and not self.slots.acquire(blocking=False):
-            self.sources.release(source)
-            refused = BrokerError("unavailable", "too many connections, "
-                                  "try again", 5)
+            if self.spare_left > 0:
+                self.spare_left -= 1
+                spare = True
+            else:
+                self.sources.release(source)
+                refused = _too_many()
         if refused is not None:
             log("debug", "%s: refused: %s", source, refused.message)
             self.refuser.refuse(sock, refused)
@@ -302,6 +316,7 @@ class FrontDoor:
         # already (most are, by the time a burst is accepted) is read and
         # answered without the selector.
         conn = _Conn(sock, addr, local, time.monotonic() + self.timeout)
+        conn.spare = spare
         self.conns[sock] = conn
         self._read(conn)
         if sock in self.conns and not conn.watched:
@@ -390,7 +405,7 @@ class FrontDoor:
     def _done(self, conn):
         self._forget(conn)
         conn.sock.close()
-        self._release(conn.addr)
+        self._release(conn)
 
     def _forget(self, conn):
         del self.conns[conn.sock]
@@ -398,20 +413,27 @@ class FrontDoor:
             self.sel.unregister(conn.sock)
             conn.watched = False
 
-    def _release(self, addr):
-        self.slots.release()
-        self.sources.release(addr[0])
+    def _release(self, conn):
+        if conn.spare:
+            self.spare_left += 1
+        else:
+            self.slots.release()
+        self.sources.release(conn.addr[0])
 
     def _hand_off(self, conn):
         self._forget(conn)
+        if conn.spare:      # not an offer after all: as if refused at once
+            self._release(conn)
+            self.refuser.refuse(conn.sock, _too_many(),
+                                conn.buf.partition(b"\n")[0])
+            return
         try:
             _thread.start_new_thread(self._slow, (conn,))
         except (RuntimeError, MemoryError):
             # No thread to be had: say so and hold nothing (the connection
             # is no longer ours to release once forgotten).
-            self._release(conn.addr)
-            self.refuser.refuse(conn.sock, BrokerError(
-                "unavailable", "too many connections, try again", 5))
+            self._release(conn)
+            self.refuser.refuse(conn.sock, _too_many())
 
     def _slow(self, conn):
         try:
@@ -424,4 +446,4 @@ class FrontDoor:
             try:
                 conn.sock.close()
             finally:
-                self._release(conn.addr)
+                self._release(conn)

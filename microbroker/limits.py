@@ -167,13 +167,18 @@ class Refuser:
     def start(self):
         self.thread.start()
 
-    def refuse(self, sock, error):
+    def refuse(self, sock, error, line=None):
+        """Answer `error` on sock; `line`: its request line, when it was
+        read already (else it is read here, for the answer's format)."""
         with self.lock:
             if self.stopping or len(self.socks) >= REFUSE_MAX:
-                self._send(sock, error, b"")
+                self._send(sock, error, line or b"")
                 sock.close()
                 return
             sock.setblocking(False)
+            if line is not None:
+                self._send(sock, error, line)
+                error = None     # answered: only read until it closes
             self.socks[sock] = [time.monotonic() + REFUSE_TIME, error, b""]
             self.sel.register(sock, 1)
         try:

@@ -940,21 +940,41 @@ def test_server_listens_on_several_addresses_and_dual_stack(tmp_path):
 
 
 def test_server_connection_limit(tmp_path):
+    """Past max_connections a plain offer still gets one of
+    SPARE_FOR_OFFERS; anything else, and an offer once those are taken
+    too, gets a 503 in the format it asked for."""
+    from microbroker import frontdoor
     text = CONFIG.replace("option sweep_interval '3600'",
                           "option sweep_interval '3600'\n"
-                          "\toption max_connections '1'")
+                          "\toption max_connections '1'\n"
+                          "\toption source_connections '100'")
     cfg, _ = make_config(tmp_path, text)
     door = ServerDoor(cfg)
+    held = []
     try:
         # Accepted first (the backlog is FIFO), so it holds the one slot.
-        hold = socket.create_connection(door.address(V4))
-        hold.sendall(b"GET /offer HTTP/1.1\r\n")   # never finishes
+        held.append(socket.create_connection(door.address(V4)))
+        held[0].sendall(b"GET /offer HTTP/1.1\r\n")   # never finishes
+        status, headers, body = parse_response(
+            door.raw(V4, b"GET /offer HTTP/1.1\r\n\r\n"), True)
+        assert status == 200 and "services" in decode_answer(body, "json")
+        status, headers, body = parse_response(door.raw(
+            V4, b"POST /renew?format=sh HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+            True)
+        ans = decode_answer(body, "sh")
+        assert (status, ans["STATUS"], ans["ERROR"]) == (200, "503",
+                                                         "unavailable")
+        for _ in range(frontdoor.SPARE_FOR_OFFERS):
+            held.append(socket.create_connection(door.address(V4)))
+            held[-1].sendall(b"GET /offer HTTP/1.1\r\n")
+        # (accepted in order, before the next: the spares are all taken)
         status, headers, body = parse_response(
             door.raw(V4, b"GET /offer HTTP/1.1\r\n\r\n"), True)
         assert status == 503
         assert decode_answer(body, "json")["error"]["code"] == "unavailable"
-        hold.close()
     finally:
+        for s in held:
+            s.close()
         door.close()
 
 
