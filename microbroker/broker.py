@@ -146,12 +146,12 @@ class Broker:
 
     # -- the offer
 
-    def offer(self, local=None):
+    def offer(self, local=None, status=None, counts=None):
         """Everything a client needs to choose (offer.py). `local` is the
         address the request arrived on (the endpoint of services that
         configure none)."""
         from microbroker.offer import offer
-        return offer(self, local)
+        return offer(self, local, status, counts)
 
     def counts(self):
         """(total, {service: leases}): the counts file alone while the store

@@ -7,12 +7,14 @@ from microbroker.kinds import KINDS
 API_VERSION = 1
 
 
-def offer(broker, local=None):
+def offer(broker, local=None, status=None, counts=None):
     """Everything a client needs to choose. `local` is the address the
-    request arrived on (the endpoint of services that configure none)."""
+    request arrived on (the endpoint of services that configure none);
+    `status` and `counts`: broker.kernel_status() and broker.counts(),
+    where the caller has them already."""
     cfg = broker.config
-    ok, reason, kernel = broker.kernel_status()
-    total, counts = broker.counts()
+    ok, reason, kernel = status or broker.kernel_status()
+    total, counts = counts or broker.counts()
     services = {}
     for svc in cfg.enabled_services():
         used = counts.get(svc.name, 0)

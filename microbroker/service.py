@@ -44,6 +44,7 @@ class Server:
                               else cfg.listen, self.slots, self.sources,
                               self.refuser, _answer_slowly(app))
         app.gate = WorkGate(WORK_SLOTS, WORK_WAIT)
+        app.offers = {}
 
     def start(self):
         """Bind every listen address and start answering; returns

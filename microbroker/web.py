@@ -37,6 +37,8 @@ DEFAULT_RETRY = 60      # Retry-After of a 429/503 that names none
 BUSY_RETRY = 2          # the lease store's lock was held too long
 
 # path -> (allowed methods, required fields, optional fields)
+OFFERS_KEPT = 16     # offer answers serve keeps (local address x format)
+
 ROUTES = {
     "/offer": (("GET", "POST"), (), ()),
     # service or kind: checked by the broker, which knows what is offered.
@@ -277,6 +279,9 @@ class App:
         self.lazy_store = lazy_store
         # serve's limits.WorkGate; a CGI is one request and needs none
         self.gate = None
+        # serve's offer answers by what they are made of (_offer); a CGI's
+        # one request needs none
+        self.offers = None
 
     @property
     def broker(self):
@@ -390,8 +395,8 @@ class App:
         if self.sweep_on_request:
             self._maybe_sweep(b)
         if route == "/offer":
-            answer = b.offer(local)
-        elif route == "/status":
+            return self._offer(b, local, fmt[0])
+        if route == "/status":
             answer = b.status(client, **args)
         elif route == "/lease":
             why = addr_kind(family, packed)
@@ -405,6 +410,24 @@ class App:
             answer = self._write(b.release, client, **args)
         self._count(route, answer)
         return self.answer(200, answer, fmt[0])
+
+    def _offer(self, b, local, fmt):
+        """The offer's answer; where self.offers is a dict, kept there
+        while everything it is made of stays the same (serve answers
+        every offer in one thread, and encoding it was most of the cost)."""
+        if self.offers is None:
+            return self.answer(200, b.offer(local), fmt)
+        status, counts = b.kernel_status(), b.counts()
+        key = (id(b.config), local, fmt, status[0], status[1],
+               tuple(sorted(status[2].items())), counts[0],
+               tuple(sorted(counts[1].items())))
+        got = self.offers.get(key)
+        if got is None:
+            got = self.answer(200, b.offer(local, status, counts), fmt)
+            if len(self.offers) >= OFFERS_KEPT:
+                self.offers.clear()
+            self.offers[key] = got
+        return got
 
     def _write(self, call, *args, **kwargs):
         """A request that writes leases: through the gate where there is one."""

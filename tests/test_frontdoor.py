@@ -246,3 +246,30 @@ def test_no_thread_for_a_hand_off_is_refused_and_holds_nothing(door,
     srv = door.server
     assert srv.slots._value == door.config.max_connections
     assert srv.sources.open == {}
+
+
+def test_a_kept_offer_follows_every_change(door):
+    """serve keeps offer answers by what they are made of: a lease and
+    its release each show in the next offer, and an answer kept for one
+    format is not given for the other."""
+    import json
+
+    def used():
+        raw = ask(door, b"GET /offer HTTP/1.1\r\n\r\n")
+        body = json.loads(raw.partition(b"\r\n\r\n")[2])
+        return body["leases"]["used"], body["services"]["v4"]["used"]
+
+    def post(path, data):
+        raw = ask(door, b"POST %s HTTP/1.1\r\nContent-Type: application/"
+                  b"x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+                  % (path, len(data), data))
+        assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+        return json.loads(raw.partition(b"\r\n\r\n")[2])
+    assert used() == used() == (0, 0)
+    lease = post(b"/lease", b"service=v4")
+    assert used() == (1, 1)
+    sh = ask(door, b"GET /offer?format=sh HTTP/1.1\r\n\r\n")
+    assert b"\nSVC_v4_USED='1'\n" in sh, sh[-400:]
+    post(b"/release", b"lease_id=%s&secret=%s" % (
+        lease["lease_id"].encode(), lease["secret"].encode()))
+    assert used() == (0, 0)
