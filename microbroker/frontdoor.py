@@ -89,6 +89,14 @@ def plain_offer_line(line):
     return got
 
 
+def join_header(headers, name, value):
+    """A header line into {lowercase name: value}, the way both paths
+    pass headers to App: a repeated name's values joined by ", "."""
+    name, value = name.lower(), value.strip()
+    headers[name] = headers[name] + ", " + value if name in headers \
+        else value
+
+
 def plain_headers(lines):
     """The header lines of a plain offer as the handler would pass them
     to App ({lowercase name: value}, repeats joined), or None for
@@ -100,12 +108,9 @@ def plain_headers(lines):
         if not colon or not name or not set(name) <= _TCHAR or \
                 not set(value) <= _VALUE:
             return None
-        name = name.lower()
-        if name in _BODY_HEADERS:
+        if name.lower() in _BODY_HEADERS:
             return None
-        name, value = name.decode("ascii"), value.decode("ascii").strip()
-        headers[name] = headers[name] + ", " + value if name in headers \
-            else value
+        join_header(headers, name.decode("ascii"), value.decode("ascii"))
     return headers
 
 

@@ -25,7 +25,8 @@ import threading
 import time
 
 from microbroker.broker import BrokerError, log
-from microbroker.frontdoor import encode_answer, lax_request_line
+from microbroker.frontdoor import (encode_answer, join_header,
+                                   lax_request_line)
 from microbroker.limits import ANSWER_GRACE
 from microbroker.web import answer_format, show
 
@@ -264,9 +265,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._error(bad, self.fmt)
         headers = {}
         for name, value in self.headers.items():
-            name, value = name.lower(), value.strip()
-            headers[name] = headers[name] + ", " + value if name in headers \
-                else value
+            join_header(headers, name, value)
         self._parsed()
         path, _, query = target.partition("?")
         path = unquote_path(path)
