@@ -116,10 +116,11 @@ class Exit:
 
 def kernel_alone(ex, live, rows, k=10):
     """The baseline for a lease at `live`: the four netlink requests of an
-    L2TP lease's build (tunnel, session, MTU + master + up, isolated) sent
+    L2TP lease's build (tunnel, session, MTU + master + up, isolated) and
+    its one /proc/sys write (the port's IPv6 off) sent
     straight from this process for k scratch ports on the same bridge, ids
     outside the broker's range; removed again before the broker's sample."""
-    from microbroker import rtnl
+    from microbroker import procsys, rtnl
     br = dataplane.bridge_name(ex.cfg.services["exit"])
     times = []
     with inside(ex.ns), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
@@ -127,6 +128,7 @@ def kernel_alone(ex, live, rows, k=10):
             t0 = time.perf_counter()
             l2.create_tunnel(i, i, EXIT6, "fc00:1::e%03x" % (i - 60000))
             l2.create_session(i, i, i, ifname="kb%d" % i)
+            procsys.disable_ipv6("kb%d" % i)
             rt.setup_port("kb%d" % i, br, mtu=1400)
             rt.set_isolated("kb%d" % i, True)
             times.append(time.perf_counter() - t0)

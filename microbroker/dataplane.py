@@ -13,7 +13,7 @@ import errno
 import os
 import time
 
-from . import l2tp, rtnl
+from . import l2tp, procsys, rtnl
 from .kinds import KINDS
 
 
@@ -320,6 +320,8 @@ class Dataplane:
             self.ensure_service(service, rt)
             self._link(rt, lease)       # undoes itself on IdInUse
             try:
+                if bridged:
+                    procsys.disable_ipv6(lease.ifname)
                 rt.setup_port(lease.ifname, bridge_name(service) if bridged and not ovs
                               else None, mtu=lease.mtu)
                 if ovs:

@@ -5,6 +5,8 @@ What they do in a kernel is tested in the VM (test_kernel_*)."""
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from microbroker import dataplane, reconcile
 from microbroker.leases import Lease
 
@@ -127,3 +129,12 @@ def test_a_stale_status_is_answered_at_once_and_asked_again_aside(monkeypatch):
             break
         time.sleep(0.01)
     assert dp.status() == (False, "l2tp gone")
+
+
+def test_disable_ipv6_takes_only_an_interface_name_and_skips_what_is_absent():
+    from microbroker import procsys
+    for bad in ("../../../vm/drop_caches", "all/../x", "", "a" * 16):
+        with pytest.raises(ValueError):
+            procsys.disable_ipv6(bad)
+    # No such interface (or no IPv6): nothing to turn off, and no error.
+    assert procsys.disable_ipv6("mbnosuch0") is False

@@ -89,6 +89,10 @@ def test_two_clients_reach_the_exit_but_not_each_other(exit_net):
     assert not ping(c2, "10.99.0.11", count=2, timeout=1)
     out = run("bridge", "-d", "link", "show", "dev", l1.ifname, ns=exit_net.ns)
     assert "isolated on" in out and "master br-exit" in out
+    # A port has no IPv6 of its own: no link-local address, no route.
+    assert run("ip", "-6", "-o", "addr", "show", "dev", l1.ifname, ns=exit_net.ns) == ""
+    assert " dev %s " % l1.ifname not in run("ip", "-6", "route", "show", "table", "all",
+                                            ns=exit_net.ns)
     # Nor through the exit as their router (which forwards: it is an exit)...
     run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=exit_net.ns)
     run("ip", "route", "add", "10.99.0.12/32", "via", EXIT_BR, ns=c1)
