@@ -12,6 +12,7 @@ Imports stay cheap (no leases, no dataplane at module level) because a CGI
 request loads this module every time.
 """
 
+import _thread
 import time
 
 from microbroker.log import LEVELS, Log, log  # noqa: F401 (broker.log for the front doors)
@@ -112,6 +113,7 @@ class Broker:
     def __init__(self, config, store, dataplane, clock=time.time):
         self.config = config
         self._store = store         # None: wiring.open_store(config) on first use
+        self._opening = _thread.allocate_lock()
         self.dataplane = dataplane
         self.clock = clock
         # Kernel (tunnel_id, session_id) pairs no lease of ours holds: a
@@ -125,20 +127,26 @@ class Broker:
     @property
     def store(self):
         if self._store is None:
-            from microbroker.wiring import open_store
-            self._store = open_store(self.config)
+            with self._opening:      # server threads: open exactly one
+                if self._store is None:
+                    from microbroker.wiring import open_store
+                    self._store = open_store(self.config)
         return self._store
+
+    def open_store(self):
+        """Open the lease store now (a broken one raises here), and make
+        its counts file if it has none yet: offers read that alone."""
+        store = self.store
+        try:
+            store.counts()
+        except Exception as e:
+            log("warning", "lease counts: %s: %s", type(e).__name__, e)
 
     def hold_leases(self):
         """Lease requests wait (briefly, then 503 busy) until leases_ready():
-        the server's start-up reconcile runs meanwhile; offers are answered,
-        from the counts file made here if the store has none yet."""
-        import threading
-        self.ready = threading.Event()
-        try:
-            self.store.counts()
-        except Exception as e:
-            log("warning", "lease counts: %s: %s", type(e).__name__, e)
+        the server's start-up reconcile runs meanwhile; offers are answered."""
+        from microbroker.threads import Event
+        self.ready = Event()
 
     def leases_ready(self):
         if self.ready is not None:

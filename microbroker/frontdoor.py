@@ -1,6 +1,6 @@
 """The listeners of `microbroker serve`: sockets bound, connections
 accepted and admitted (limits.py), and every request head read by one
-thread over a selector, so a client that trickles its head holds no
+thread over epoll, so a client that trickles its head holds no
 thread of its own.
 
 A plain offer (GET of /offer or /, headers and nothing else) is
@@ -10,19 +10,23 @@ other request goes, once its head is in (or its request line shows it
 malformed), with the bytes read so far to a thread of its own and
 server.py's http.server handler, which reads and judges the rest.
 This module does not import http.server: offers are answered while it
-is still being imported at start-up.
+is still being imported at start-up. Nor socket, selectors or threading:
+their enums and collections are a third of serve's start before it
+listens (under emulation); _socket, select.epoll and threads.py are what
+they wrap.
 """
 
+import _socket
 import _thread
 import errno
-import selectors
-import socket
-import threading
+import os
+import select
 import time
 
 from microbroker.broker import BrokerError, log
 from microbroker.config import parse_listen
 from microbroker.limits import ANSWER_GRACE
+from microbroker.threads import Thread
 from microbroker.web import REASONS, show
 
 HARD_HEADER_LIMIT = 65536   # beyond this we stop reading, whatever the config
@@ -125,7 +129,7 @@ class _Conn:
     def __init__(self, sock, addr, local, deadline):
         self.sock, self.addr, self.local = sock, addr, local
         self.deadline = deadline
-        self.watched = False     # registered with the selector
+        self.watched = False     # registered with epoll
         self.spare = False       # admitted beyond max_connections: offers only
         self.buf = b""
         self.out = None      # the rest of an answer the socket did not take
@@ -150,7 +154,9 @@ class FrontDoor:
         self.spare_left = SPARE_FOR_OFFERS     # the reading thread's alone
         self.sockets = []
         self.local = {}         # listening socket -> its address, or None
-        self.sel = None
+        self.poll = None
+        self.watch = {}         # fd -> what it is: a listening socket, a
+                                # _Conn, or None (the wake-up pipe)
         self.conns = {}
         self.paused = None      # monotonic time to accept again
         self.stopping = False
@@ -166,9 +172,9 @@ class FrontDoor:
         bound = []
         try:
             for fam, host, port in parsed:
-                family = socket.AF_INET6 if fam == 6 else socket.AF_INET
+                family = _socket.AF_INET6 if fam == 6 else _socket.AF_INET
                 try:
-                    s = socket.socket(family, socket.SOCK_STREAM)
+                    s = _socket.socket(family, _socket.SOCK_STREAM)
                 except OSError as e:
                     if e.errno == errno.EAFNOSUPPORT and len(parsed) > 1:
                         log("warning", "no IPv%d here, not listening on "
@@ -178,11 +184,11 @@ class FrontDoor:
                                   % (host, port, e.strerror))
                 self.sockets.append(s)
                 try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
+                    s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+                    if family == _socket.AF_INET6:
                         v6only = not (host == "::" and port not in v4ports)
-                        s.setsockopt(socket.IPPROTO_IPV6,
-                                     socket.IPV6_V6ONLY, 1 if v6only else 0)
+                        s.setsockopt(_socket.IPPROTO_IPV6,
+                                     _socket.IPV6_V6ONLY, 1 if v6only else 0)
                     s.bind((host, port))
                     s.listen(BACKLOG)
                 except OSError as e:
@@ -200,23 +206,30 @@ class FrontDoor:
 
     def start(self):
         """The reading thread, from now on (after bind())."""
-        self.sel = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.poll = select.epoll()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self._watch(self.wake_r, None)
         for s in self.sockets:
-            self.sel.register(s, selectors.EVENT_READ, s)
-        self.thread = threading.Thread(target=self._run, name="frontdoor",
-                                       daemon=True)
+            self._watch(s.fileno(), s)
+        self.thread = Thread(self._run)
         self.thread.start()
+
+    def _watch(self, fd, what, events=select.EPOLLIN):
+        self.poll.register(fd, events)
+        self.watch[fd] = what
+
+    def _unwatch(self, fd):
+        self.poll.unregister(fd)
+        del self.watch[fd]
 
     def stop(self):
         """No more accepting or reading; heads not yet read are dropped."""
         self.stopping = True
         if self.thread is not None:
             try:
-                self.wake_w.send(b"x")
+                os.write(self.wake_w, b"x")
             except OSError:
                 pass
             self.thread.join()
@@ -229,13 +242,14 @@ class FrontDoor:
         for s in self.sockets:
             s.close()
         self.sockets = []
-        for s in (self.wake_r, self.wake_w):
-            if s is not None:
-                s.close()
+        for fd in (self.wake_r, self.wake_w):
+            if fd is not None:
+                os.close(fd)
         self.wake_r = self.wake_w = None
-        if self.sel is not None:
-            self.sel.close()
-            self.sel = None
+        if self.poll is not None:
+            self.poll.close()
+            self.poll = None
+        self.watch = {}
 
     def _run(self):
         while not self.stopping:
@@ -252,19 +266,21 @@ class FrontDoor:
         if self.paused is not None and self.paused <= now:
             self.paused = None
             for s in self.sockets:
-                self.sel.register(s, selectors.EVENT_READ, s)
+                self._watch(s.fileno(), s)
         due = min([c.deadline for c in self.conns.values()] +
                   ([self.paused] if self.paused else []), default=now + 5)
-        for key, events in self.sel.select(max(due - now, 0.001)):
-            data = key.data
+        for fd, _events in self.poll.poll(max(due - now, 0.001)):
+            if fd not in self.watch:
+                continue     # gone since this poll began
+            data = self.watch[fd]
             if data is None:
                 try:
-                    self.wake_r.recv(512)
+                    os.read(self.wake_r, 512)
                 except OSError:
                     pass
             elif isinstance(data, _Conn):
                 try:
-                    if events & selectors.EVENT_WRITE:
+                    if data.out is not None:    # an answer being sent
                         self._flush(data)
                     else:
                         self._read(data)
@@ -282,7 +298,7 @@ class FrontDoor:
         # the order it came rather than left waiting in the backlog.
         while True:
             try:
-                sock, addr = lsock.accept()
+                fd, addr = lsock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -293,8 +309,15 @@ class FrontDoor:
                     log("warning", "cannot accept: %s", e.strerror)
                     self.paused = time.monotonic() + ACCEPT_PAUSE
                     for s in self.sockets:
-                        self.sel.unregister(s)
+                        self._unwatch(s.fileno())
                 return      # ECONNABORTED and the like: that one is gone
+            # What socket.socket.accept() makes of the descriptor (blocking:
+            # accept4 gave it no O_NONBLOCK).
+            try:
+                sock = _socket.socket(lsock.family, _socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
             self._admit(sock, addr, self.local.get(lsock))
 
     def _admit(self, sock, addr, local):
@@ -325,12 +348,12 @@ class FrontDoor:
         self.conns[sock] = conn
         self._read(conn)
         if sock in self.conns and not conn.watched:
-            self.sel.register(sock, selectors.EVENT_READ, conn)
+            self._watch(sock.fileno(), conn)
             conn.watched = True
 
     def _read(self, conn):
         try:
-            more = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+            more = conn.sock.recv(65536, _socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -391,7 +414,7 @@ class FrontDoor:
 
     def _flush(self, conn):
         try:
-            n = conn.sock.send(conn.out, socket.MSG_DONTWAIT)
+            n = conn.sock.send(conn.out, _socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
@@ -402,9 +425,9 @@ class FrontDoor:
             # FIN (no reset), as shutdown() would.
             return self._done(conn)
         if conn.watched:
-            self.sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
+            self.poll.modify(conn.sock.fileno(), select.EPOLLOUT)
         else:
-            self.sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+            self._watch(conn.sock.fileno(), conn, select.EPOLLOUT)
             conn.watched = True
 
     def _done(self, conn):
@@ -414,8 +437,8 @@ class FrontDoor:
 
     def _forget(self, conn):
         del self.conns[conn.sock]
-        if conn.watched and self.sel is not None:
-            self.sel.unregister(conn.sock)
+        if conn.watched and self.poll is not None:
+            self._unwatch(conn.sock.fileno())
             conn.watched = False
 
     def _release(self, conn):

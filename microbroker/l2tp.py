@@ -7,7 +7,6 @@ and iproute2's ip/ipl2tp.c.
 import errno
 import os
 import struct
-from collections import namedtuple
 
 from . import netlink as nl
 
@@ -71,11 +70,20 @@ ENCAP_NAMES = {v: k for k, v in ENCAPS.items()}
 MODULES = ("l2tp_netlink", "l2tp_eth", "l2tp_ip6", "l2tp_ip")
 MODPROBE_HINT = "modprobe l2tp_netlink l2tp_eth l2tp_ip6 l2tp_ip"
 
-Stats = namedtuple("Stats", "tx_packets tx_bytes tx_errors rx_packets rx_bytes rx_errors")
-Tunnel = namedtuple("Tunnel", "tunnel_id peer_tunnel_id encap local remote "
-                              "udp_sport udp_dport stats")
-Session = namedtuple("Session", "tunnel_id session_id peer_tunnel_id peer_session_id "
-                                "pw_type ifname cookie peer_cookie stats")
+class Stats(nl.Record):
+    __slots__ = ("tx_packets", "tx_bytes", "tx_errors", "rx_packets", "rx_bytes",
+                 "rx_errors")
+
+
+class Tunnel(nl.Record):
+    __slots__ = ("tunnel_id", "peer_tunnel_id", "encap", "local", "remote", "udp_sport",
+                 "udp_dport", "stats")
+
+
+class Session(nl.Record):
+    __slots__ = ("tunnel_id", "session_id", "peer_tunnel_id", "peer_session_id", "pw_type",
+                 "ifname", "cookie", "peer_cookie", "stats")
+
 
 ZERO_STATS = Stats(0, 0, 0, 0, 0, 0)
 # Every attribute a dump reply may carry that we read, counters aside.

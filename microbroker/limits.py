@@ -2,16 +2,20 @@
 connections and a token bucket of requests (SourceLimits), the one
 thread that answers refused connections with a short 429 or 503
 (Refuser), and the gate in front of the lease file's writers (WorkGate).
-Knows nothing of http.server: server.py asks and hands over.
+Knows nothing of http.server: server.py asks and hands over. Made
+before serve listens, so on the interpreter's C modules alone, like
+frontdoor.py.
 """
 
+import _socket
 import _thread
-import collections
-import socket
-import threading
+import os
+import select
 import time
+from _collections import deque
 
 from microbroker.broker import BrokerError
+from microbroker.threads import Thread
 from microbroker.web import answer_format
 
 ANSWER_GRACE = 1.0          # an answer due at the deadline may take this
@@ -30,7 +34,7 @@ class SourceLimits:
     def __init__(self, cap, rate, burst, clock=time.monotonic):
         self.cap, self.rate, self.burst = cap, rate, burst
         self.clock = clock
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.open = {}       # address -> connections open
         self.buckets = {}    # address -> [tokens, when]
 
@@ -97,15 +101,15 @@ class WorkGate:
         self.slots, self.wait, self.clock = slots, wait, clock
         self.mutex = _thread.allocate_lock()
         self.busy = 0
-        self.queue = collections.deque()     # a locked lock per waiter
+        self.queue = deque()                 # a locked lock per waiter
         self.took = 0.1                      # seconds a request takes, smoothed
-        self.local = threading.local()
+        self.since = {}                      # thread -> when it got in
 
     def __enter__(self):
         with self.mutex:
             if self.busy < self.slots and not self.queue:
                 self.busy += 1
-                self.local.since = self.clock()
+                self.since[_thread.get_ident()] = self.clock()
                 return self
             ahead = len(self.queue) + 1
             if self._drain(ahead) > self.wait:
@@ -122,7 +126,7 @@ class WorkGate:
                     waiter = None        # __exit__ handed us its slot just now
             if waiter is not None:
                 raise self._busy(ahead)
-        self.local.since = self.clock()
+        self.since[_thread.get_ident()] = self.clock()
         return self
 
     def _drain(self, ahead):
@@ -134,7 +138,7 @@ class WorkGate:
                            % ahead, max(1, int(self._drain(ahead) + 0.999)))
 
     def __exit__(self, *exc):
-        took = self.clock() - self.local.since
+        took = self.clock() - self.since.pop(_thread.get_ident())
         with self.mutex:
             self.took = 0.8 * self.took + 0.2 * took
             if self.queue:
@@ -151,18 +155,17 @@ class Refuser:
     REFUSE_MAX connections at once (beyond that, closed straight away)."""
 
     def __init__(self, answer):
-        import selectors
         self.answer = answer     # (BrokerError, fmt) -> bytes
-        self.sel = selectors.DefaultSelector()
-        self.lock = threading.Lock()
+        self.poll = select.epoll()
+        self.lock = _thread.allocate_lock()
         self.socks = {}      # socket -> [deadline, error, head so far]
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        self.sel.register(self.wake_r, 1)
+        self.fds = {}        # its descriptor -> socket
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poll.register(self.wake_r, select.EPOLLIN)
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="refuser",
-                                       daemon=True)
+        self.thread = Thread(self._run)
 
     def start(self):
         self.thread.start()
@@ -180,9 +183,10 @@ class Refuser:
                 self._send(sock, error, line)
                 error = None     # answered: only read until it closes
             self.socks[sock] = [time.monotonic() + REFUSE_TIME, error, b""]
-            self.sel.register(sock, 1)
+            self.fds[sock.fileno()] = sock
+            self.poll.register(sock.fileno(), select.EPOLLIN)
         try:
-            self.wake_w.send(b"x")
+            os.write(self.wake_w, b"x")
         except OSError:
             pass
 
@@ -193,7 +197,7 @@ class Refuser:
         try:
             sock.setblocking(False)
             sock.send(self.answer(error, fmt))   # fits an empty buffer
-            sock.shutdown(socket.SHUT_WR)
+            sock.shutdown(_socket.SHUT_WR)
         except OSError:
             pass
 
@@ -208,14 +212,17 @@ class Refuser:
                         self._close(sock)
                 left = min((st[0] for st in self.socks.values()),
                            default=now + 5) - now
-            for key, _ in self.sel.select(max(left, 0.01)):
-                sock = key.fileobj
-                if sock is self.wake_r:
+            for fd, _ in self.poll.poll(max(left, 0.01)):
+                if fd == self.wake_r:
                     try:
-                        sock.recv(4096)
+                        os.read(fd, 4096)
                     except OSError:
                         pass
                     continue
+                with self.lock:
+                    sock = self.fds.get(fd)
+                if sock is None:
+                    continue     # closed since this poll began
                 try:
                     more = sock.recv(65536)
                 except BlockingIOError:
@@ -243,17 +250,18 @@ class Refuser:
         st = self.socks.pop(sock)
         if st[1] is not None:    # no request line came: the default format
             self._send(sock, st[1], b"")
-        self.sel.unregister(sock)
+        del self.fds[sock.fileno()]
+        self.poll.unregister(sock.fileno())
         sock.close()
 
     def stop(self):
         with self.lock:
             self.stopping = True
         try:
-            self.wake_w.send(b"x")
+            os.write(self.wake_w, b"x")
         except OSError:
             pass
         self.thread.join()
-        self.sel.close()
-        self.wake_r.close()
-        self.wake_w.close()
+        self.poll.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)

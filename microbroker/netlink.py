@@ -4,9 +4,9 @@ Layouts from include/uapi/linux/netlink.h and genetlink.h. All integers are in
 host byte order unless a caller packs network-order bytes itself.
 """
 
+import _socket
 import errno as _errno
 import os
-import socket
 import struct
 
 # include/uapi/linux/netlink.h
@@ -195,9 +195,9 @@ def addr_packed(text):
     for anything else."""
     if not isinstance(text, str):
         raise ValueError("%r is not an IPv4 or IPv6 address" % (text,))
-    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    family = _socket.AF_INET6 if ":" in text else _socket.AF_INET
     try:
-        return (6 if family == socket.AF_INET6 else 4), socket.inet_pton(family, text)
+        return (6 if family == _socket.AF_INET6 else 4), _socket.inet_pton(family, text)
     except OSError:
         raise ValueError("%r is not an IPv4 or IPv6 address" % (text,)) from None
 
@@ -207,14 +207,48 @@ def addr_text(raw):
     dumps of a thousand tunnels or routes spend most of their time here
     otherwise. None for anything else."""
     if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw)
+        return _socket.inet_ntop(_socket.AF_INET, raw)
     if len(raw) != 16:
         return None
-    text = socket.inet_ntop(socket.AF_INET6, raw)
+    text = _socket.inet_ntop(_socket.AF_INET6, raw)
     if "." in text:         # inet_ntop writes ::ffff:a.b.c.d, ipaddress hex words
         import ipaddress
         return str(ipaddress.IPv6Address(raw))
     return text
+
+
+# ---- what dumps are parsed into ---------------------------------------------
+
+class Record:
+    """A kernel object as parsed: its fields by name (a subclass lists
+    them in __slots__), given in that order, trailing ones None when
+    left out; equal, hashed and shown by value. What namedtuple gave, but
+    collections and its imports would be a tenth of serve's start."""
+
+    __slots__ = ()
+
+    def __init__(self, *values):
+        if len(values) > len(self.__slots__):
+            raise TypeError("%s takes %d values, not %d" % (
+                type(self).__name__, len(self.__slots__), len(values)))
+        values += (None,) * (len(self.__slots__) - len(values))
+        for name, v in zip(self.__slots__, values):
+            setattr(self, name, v)
+
+    def values(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.values() == other.values()
+
+    def __hash__(self):
+        return hash(self.values())
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (n, getattr(self, n)) for n in self.__slots__))
 
 
 # ---- messages -------------------------------------------------------------
@@ -270,10 +304,10 @@ class Socket(Closing):
     """A netlink socket bound to a kernel-assigned port, with request/ACK/dump helpers."""
 
     def __init__(self, protocol):
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+        self.sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC,
                                   protocol)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 1 << 20)
             self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
             # Success ACKs need no copy of our request.
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)

@@ -4,11 +4,10 @@ Constants from include/uapi/linux/rtnetlink.h, if_link.h, if_addr.h,
 if_tunnel.h and if_bridge.h.
 """
 
+import _socket
 import errno
 import os
-import socket
 import struct
-from collections import namedtuple
 
 from . import netlink as nl
 
@@ -96,12 +95,20 @@ IFINFOMSG = struct.Struct("=BxHiII")
 IFADDRMSG = struct.Struct("=BBBBI")
 RTMSG = struct.Struct("=BBBBBBBBI")
 
-# local, remote: the outer addresses of ip6gretap/ip6tnl links, else None.
-Link = namedtuple("Link", "index name flags mtu master kind address remote local",
-                  defaults=(None,))
-# dst and gateway as text (None when absent), dst as the network address
-Route = namedtuple("Route", "family dst dst_len gateway oif table type")
-LinkStats = namedtuple("LinkStats", "rx_packets tx_packets rx_bytes tx_bytes")
+
+class Link(nl.Record):
+    """local, remote: the outer addresses of ip6gretap/ip6tnl links, else None."""
+    __slots__ = ("index", "name", "flags", "mtu", "master", "kind", "address", "remote",
+                 "local")
+
+
+class Route(nl.Record):
+    """dst and gateway as text (None when absent), dst as the network address."""
+    __slots__ = ("family", "dst", "dst_len", "gateway", "oif", "table", "type")
+
+
+class LinkStats(nl.Record):
+    __slots__ = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")
 
 
 class LinkError(OSError):
@@ -135,7 +142,7 @@ def _error(e, what):
 from microbroker.names import check_ifname  # noqa: E402 (re-exported)
 
 
-def ifinfomsg(index=0, flags=0, change=0, family=socket.AF_UNSPEC, itype=0):
+def ifinfomsg(index=0, flags=0, change=0, family=_socket.AF_UNSPEC, itype=0):
     return IFINFOMSG.pack(family, itype, index, flags, change)
 
 
@@ -158,7 +165,7 @@ def _route_of(body):
     table = nl.get_u32(attrs, RTA_TABLE, table)
     dst, gw = attrs.get(RTA_DST), attrs.get(RTA_GATEWAY)
     if dst is None:   # the default route
-        dst = bytes(16 if family == socket.AF_INET6 else 4)
+        dst = bytes(16 if family == _socket.AF_INET6 else 4)
     return Route(family, nl.addr_text(dst), dst_len, nl.addr_text(gw) if gw else None,
                  nl.get_u32(attrs, RTA_OIF, 0), table, rtype)
 
@@ -390,7 +397,7 @@ class Rtnl(nl.Closing):
         import ipaddress
         iface = ipaddress.ip_interface(cidr)
         index = self.ifindex(name)
-        family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
+        family = _socket.AF_INET6 if iface.version == 6 else _socket.AF_INET
         payload = IFADDRMSG.pack(family, iface.network.prefixlen,
                                  IFA_F_NODAD if nodad and iface.version == 6 else 0, 0, index)
         payload += nl.attr(IFA_LOCAL, iface.ip.packed) + nl.attr(IFA_ADDRESS, iface.ip.packed)
@@ -400,7 +407,7 @@ class Rtnl(nl.Closing):
     def _route(self, mtype, flags, prefix, dev=None, via=None, table=RT_TABLE_MAIN):
         import ipaddress
         net = ipaddress.ip_network(prefix, strict=True)
-        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        family = _socket.AF_INET6 if net.version == 6 else _socket.AF_INET
         if mtype == RTM_DELROUTE:
             # As `ip route del`: match any protocol, scope and type, so a
             # route someone else added goes too.
@@ -419,7 +426,7 @@ class Rtnl(nl.Closing):
         self._do(mtype, flags, payload, what)
 
     def routes(self, family, table=RT_TABLE_MAIN):
-        """The unicast and other routes of one family (socket.AF_INET or
+        """The unicast and other routes of one family (_socket.AF_INET or
         AF_INET6) in one table; multipath routes are not taken apart."""
         payload = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
         try:

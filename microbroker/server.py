@@ -143,6 +143,23 @@ class _SocketInput(io.RawIOBase):
         return self.sock.recv_into(b)
 
 
+class _SocketOutput(io.RawIOBase):
+    """The handler's wfile: each write sent whole (socketserver's
+    _SocketWriter)."""
+
+    def __init__(self, sock):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sock.sendall(b)
+        with memoryview(b) as view:
+            return view.nbytes
+
+
 class _RequestInput(io.BufferedReader):
     """The handler's rfile. While the request head is read (`head` is a
     list) every line is kept for checking and counted against one budget
@@ -196,10 +213,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         http.server.BaseHTTPRequestHandler.__init__(self, sock, addr, None)
 
     def setup(self):
-        http.server.BaseHTTPRequestHandler.setup(self)
-        self.rfile.close()
+        # Not StreamRequestHandler's: it would makefile() the socket, which
+        # the front door's _socket.socket has no method for.
+        self.connection = self.request
         self.rfile = _RequestInput(self.connection, self.deadline, self.head,
                                    self.head_limit)
+        self.wfile = _SocketOutput(self.connection)
         self.fmt = "json"
         self.request_version = "HTTP/1.1"   # for answers before parse_request
 

@@ -2,17 +2,19 @@
 (frontdoor.py) listens and reads; this module starts it, sweeps expired
 leases on a timer, takes SIGHUP (reload), SIGTERM and SIGINT, and stops
 cleanly: no more accepting, then a bounded wait for answers in flight.
+What runs before it listens stays on the interpreter's C modules
+(_signal, not signal and its enums; threads.py, not threading).
 """
 
+import _signal
 import os
-import signal
-import threading
 import time
 
 from microbroker import jsonlite
 from microbroker.broker import BrokerError, log
 from microbroker.frontdoor import FrontDoor, encode_answer
 from microbroker.limits import Refuser, SourceLimits, WorkGate
+from microbroker.threads import Event, Slots
 
 # Lease, renew and release requests at once (the rest wait in order): a few
 # overlap one's kernel round trips with another's Python; more only share
@@ -34,8 +36,8 @@ class Server:
     def __init__(self, app, listen=None):
         self.app = app
         cfg = app.config
-        self.stopping = threading.Event()
-        self.slots = threading.BoundedSemaphore(cfg.max_connections)
+        self.stopping = Event()
+        self.slots = Slots(cfg.max_connections)
         self.sources = SourceLimits(cfg.source_connections,
                                     cfg.request_rate, cfg.request_burst)
         self.refuser = Refuser(
@@ -53,14 +55,14 @@ class Server:
         # The front door's threads and those it starts (which inherit the
         # mask) never take SIGTERM/SIGINT/SIGHUP: only the main thread,
         # waiting in run(), may be woken by them.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                      {signal.SIGTERM, signal.SIGINT,
-                                       signal.SIGHUP})
+        mask = _signal.pthread_sigmask(_signal.SIG_BLOCK,
+                                       {_signal.SIGTERM, _signal.SIGINT,
+                                        _signal.SIGHUP})
         try:
             self.refuser.start()
             self.door.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         return bound
 
     def run(self, wake_fd=None, stop_asked=lambda: False, on_wake=None):
@@ -131,12 +133,12 @@ def serve(app, load=None):
     r, w = os.pipe()
     os.set_blocking(r, False)
     os.set_blocking(w, False)
-    old_fd = signal.set_wakeup_fd(w)
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-           for s in (signal.SIGTERM, signal.SIGINT)}
+    old_fd = _signal.set_wakeup_fd(w)
+    old = {s: _signal.signal(s, lambda signum, frame: got.append(signum))
+           for s in (_signal.SIGTERM, _signal.SIGINT)}
     hups = []
-    old[signal.SIGHUP] = signal.signal(
-        signal.SIGHUP, lambda signum, frame: hups.append(signum))
+    old[_signal.SIGHUP] = _signal.signal(
+        _signal.SIGHUP, lambda signum, frame: hups.append(signum))
 
     def on_wake():
         if hups and not got:
@@ -148,7 +150,10 @@ def serve(app, load=None):
                 log("error", "reload failed: %s: %s", type(e).__name__, e)
 
     try:
-        b = app.broker   # open the lease store before taking requests
+        # The lease store opens once we listen: offers read its counts
+        # file alone, and leases wait for the reconcile anyway.
+        app.lazy_store = True
+        b = app.broker
         b.hold_leases()  # offers at once, leases after the reconcile
         b.kernel_status()   # known before the first offer, which must not ask
         bound = srv.start()
@@ -156,6 +161,7 @@ def serve(app, load=None):
         log("info", "microbroker listening on %s; services: %s; leases in "
             "%s", ", ".join("[%s]:%d" % a if ":" in a[0] else "%s:%d" % a
                             for a in bound), names, cfg.lease_path)
+        b.open_store()
         # http.server and email (~2 s of a start under emulation) while
         # the front door already answers offers; lease requests wait for
         # the reconcile below anyway.
@@ -186,9 +192,9 @@ def serve(app, load=None):
         log("info", "signal %d: shutting down", got[0])
     finally:
         srv.stop()
-        signal.set_wakeup_fd(old_fd)
+        _signal.set_wakeup_fd(old_fd)
         for s, h in old.items():
-            signal.signal(s, h)
+            _signal.signal(s, h)
         os.close(r)
         os.close(w)
     log("info", "stopped")

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -188,6 +189,53 @@ def test_offers_are_answered_before_http_server_is_imported(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+# What serve must not load before it listens: the stdlib wrappers whose
+# enums and collections were a third of its start under emulation, the
+# HTTP stack, and the lease store (offers read only its counts file).
+NOT_BEFORE_LISTENING = ("threading", "socket", "selectors", "signal", "enum",
+                        "collections", "functools", "http.server", "email",
+                        "json", "re", "microbroker.leases.store", "_gdbm",
+                        "dbm", "microbroker.server")
+
+
+def test_serve_listens_before_loading_the_heavy_modules_and_the_store(tmp_path):
+    """The real `serve`, as init.d starts it, under -X importtime (each
+    import written to stderr as it happens): nothing of
+    NOT_BEFORE_LISTENING is imported before its "listening" line, the
+    kernel data plane's modules are (it knows the kernel's status before
+    the first offer), the store is opened after it, and an offer is
+    answered."""
+    path = tmp_path / "microbroker"
+    state = tmp_path / "state"
+    path.write_text((CONFIG % {"state": state}).replace("'none'", "'kernel'"))
+    boot = ("import sys; sys.path.insert(0, %r); "
+            "from microbroker.__main__ import main; sys.exit(main())" % ROOT)
+    p = subprocess.Popen([sys.executable, "-X", "importtime", "-u", "-I", "-S", "-c", boot,
+                          "-c", str(path), "-l", "127.0.0.1:0", "serve"],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        before, port = [], None
+        for line in p.stderr:
+            if "microbroker listening on" in line:
+                port = int(line.split("listening on 127.0.0.1:")[1].split(";")[0])
+                break
+            if line.startswith("import time:"):
+                before.append(line.rsplit("|", 1)[1].strip())
+        assert port, "serve never said it listens"
+        raw = ask(SimpleNamespace(port=port), b"GET /offer HTTP/1.1\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200 OK"), raw[:80]
+        assert "microbroker.dataplane" in before and "microbroker.netlink" in before
+        assert [m for m in NOT_BEFORE_LISTENING if m in before] == []
+        # The store, opened once it listens, makes its counts file.
+        deadline = time.monotonic() + 30
+        while not (state / "leases.counts").exists():
+            assert time.monotonic() < deadline, "no counts file: the store never opened"
+            time.sleep(0.05)
+    finally:
+        p.terminate()
+        p.communicate(timeout=30)
+
+
 def test_a_trickled_head_http_server_takes_holds_no_parsing_turn(tmp_path):
     """A request line the fast path does not read (bare LF, a byte past
     ASCII, an odd method) but http.server's handler takes: its head is
@@ -244,7 +292,7 @@ def test_no_thread_for_a_hand_off_is_refused_and_holds_nothing(door,
     raw = ask(door, b"POST /renew HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 503 "), raw[:80]
     srv = door.server
-    assert srv.slots._value == door.config.max_connections
+    assert srv.slots.free == door.config.max_connections
     assert srv.sources.open == {}
 
 
