@@ -193,6 +193,6 @@ def test_restart_reconciles_what_changed_while_down(net):
     run("ip", "l2tp", "add", "tunnel", "tunnel_id", 150, "peer_tunnel_id", 150, "encap", "ip",
         "local", EXIT6, "remote", CLIENT6, ns=ex)
     assert wait_for(lambda: "mb%d" % tid not in run("ip", "link", ns=ex))
-    start()
+    start(reconciled=True)      # offers come first; the reconcile is what this is about
     assert wait_for(lambda: "Tunnel 150," not in run("ip", "l2tp", "show", "tunnel", ns=ex))
     assert "master br-exit" in run("ip", "link", "show", "mb%d" % tid, ns=ex)
