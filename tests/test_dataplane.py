@@ -138,3 +138,76 @@ def test_disable_ipv6_takes_only_an_interface_name_and_skips_what_is_absent():
             procsys.disable_ipv6(bad)
     # No such interface (or no IPv6): nothing to turn off, and no error.
     assert procsys.disable_ipv6("mbnosuch0") is False
+
+
+class _Rt:
+    """rtnl.Rtnl as up() drives it, each call recorded in `calls`."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def setup_port(self, name, master, mtu=None):
+        self.calls.append(("setup_port", name, master))
+
+    def set_isolated(self, name, on):
+        self.calls.append(("set_isolated", name))
+
+    def add_route(self, dst, dev=None, via=None):
+        self.calls.append(("add_route", dst, dev))
+
+
+def _up_harness(monkeypatch, disable):
+    from microbroker import procsys
+    calls = []
+    monkeypatch.setattr(dataplane.rtnl, "Rtnl", lambda: _Rt(calls))
+    monkeypatch.setattr(procsys, "disable_ipv6", disable(calls))
+    monkeypatch.setattr(dataplane, "port_isolation", lambda: True)
+    monkeypatch.setattr(dataplane.Dataplane, "ensure_service", lambda self, svc, rt: None)
+    monkeypatch.setattr(dataplane.Dataplane, "_link",
+                        lambda self, rt, l: calls.append(("link", l.ifname)))
+    monkeypatch.setattr(dataplane.Dataplane, "_down",
+                        lambda self, l, rt=None: calls.append(("down", l.ifname)))
+    return dataplane.Dataplane(SimpleNamespace(filter="", ifname_prefix="mb")), calls
+
+
+def test_a_bridged_port_loses_its_ipv6_before_it_is_up_and_a_routed_link_keeps_it(
+        monkeypatch):
+    """A routed (ip6tnl) link carries the client's IPv6: turned off there,
+    the kernel would drop every packet forwarded into it."""
+    def disable(calls):
+        return lambda ifname: calls.append(("disable_ipv6", ifname)) or True
+    dp, calls = _up_harness(monkeypatch, disable)
+    svc = SimpleNamespace(name="svc", bridge="", kind="l2tpv3", isolate=True,
+                          restrict="none")
+    for kind in ("l2tpv3", "ip6gretap"):
+        del calls[:]
+        dp.up(lease(kind, {}), svc)
+        assert calls[:3] == [("link", "mb100"), ("disable_ipv6", "mb100"),
+                             ("setup_port", "mb100", "br-svc")], kind
+    del calls[:]
+    dp.up(lease("ip6tnl", {"prefix": "fd00:1::/64"}, mac=""), svc)
+    assert ("disable_ipv6", "mb100") not in calls
+    assert ("setup_port", "mb100", None) in calls
+    assert ("add_route", "fd00:1::/64", "mb100") in calls
+
+
+def test_a_port_whose_ipv6_cannot_be_turned_off_for_an_odd_reason_is_undone(monkeypatch):
+    import errno
+
+    def disable(calls):
+        def fail(ifname):
+            calls.append(("disable_ipv6", ifname))
+            raise OSError(errno.EIO, "I/O error")
+        return fail
+    dp, calls = _up_harness(monkeypatch, disable)
+    svc = SimpleNamespace(name="svc", bridge="", kind="l2tpv3", isolate=True,
+                          restrict="none")
+    with pytest.raises(OSError):
+        dp.up(lease("l2tpv3", {}), svc)
+    assert calls == [("link", "mb100"), ("disable_ipv6", "mb100"), ("down", "mb100")]
