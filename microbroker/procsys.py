@@ -5,6 +5,10 @@ import errno
 
 from .names import check_ifname
 
+# Directories beside the interfaces' under conf/: every interface's, and
+# new ones'.
+NOT_INTERFACES = ("all", "default")
+
 
 def disable_ipv6(ifname):
     """net.ipv6.conf.IFNAME.disable_ipv6 = 1, before the link is up: a
@@ -15,7 +19,9 @@ def disable_ipv6(ifname):
     reports down the client's tunnel. True if it took; False where the
     kernel has no IPv6 or /proc/sys is not ours to write (a container):
     the port works the same, only dearer."""
-    path = "/proc/sys/net/ipv6/conf/%s/disable_ipv6" % check_ifname(ifname)
+    if check_ifname(ifname) in NOT_INTERFACES:
+        raise ValueError("%r names every interface's setting, not one's" % ifname)
+    path = "/proc/sys/net/ipv6/conf/%s/disable_ipv6" % ifname
     try:
         with open(path, "wb", buffering=0) as f:
             f.write(b"1")

@@ -211,3 +211,16 @@ def test_a_port_whose_ipv6_cannot_be_turned_off_for_an_odd_reason_is_undone(monk
     with pytest.raises(OSError):
         dp.up(lease("l2tpv3", {}), svc)
     assert calls == [("link", "mb100"), ("disable_ipv6", "mb100"), ("down", "mb100")]
+
+
+def test_disable_ipv6_never_writes_the_settings_of_every_interface(monkeypatch):
+    """conf/all and conf/default are no interface's: `all` would take IPv6
+    off every interface of the exit, its uplink too, at once."""
+    from microbroker import procsys
+    opened = []
+    monkeypatch.setattr(procsys, "open", lambda *a, **k: opened.append(a) or 1 / 0,
+                        raising=False)
+    for name in ("all", "default"):
+        with pytest.raises(ValueError):
+            procsys.disable_ipv6(name)
+    assert opened == []
