@@ -74,15 +74,32 @@ class Stats(nl.Record):
     __slots__ = ("tx_packets", "tx_bytes", "tx_errors", "rx_packets", "rx_bytes",
                  "rx_errors")
 
+    def __init__(self, tx_packets, tx_bytes, tx_errors, rx_packets, rx_bytes, rx_errors):
+        self.tx_packets, self.tx_bytes, self.tx_errors = tx_packets, tx_bytes, tx_errors
+        self.rx_packets, self.rx_bytes, self.rx_errors = rx_packets, rx_bytes, rx_errors
+
 
 class Tunnel(nl.Record):
     __slots__ = ("tunnel_id", "peer_tunnel_id", "encap", "local", "remote", "udp_sport",
                  "udp_dport", "stats")
 
+    def __init__(self, tunnel_id, peer_tunnel_id, encap, local, remote, udp_sport,
+                 udp_dport, stats):
+        self.tunnel_id, self.peer_tunnel_id, self.encap = tunnel_id, peer_tunnel_id, encap
+        self.local, self.remote = local, remote
+        self.udp_sport, self.udp_dport, self.stats = udp_sport, udp_dport, stats
+
 
 class Session(nl.Record):
     __slots__ = ("tunnel_id", "session_id", "peer_tunnel_id", "peer_session_id", "pw_type",
                  "ifname", "cookie", "peer_cookie", "stats")
+
+    def __init__(self, tunnel_id, session_id, peer_tunnel_id, peer_session_id, pw_type,
+                 ifname, cookie, peer_cookie, stats):
+        self.tunnel_id, self.session_id = tunnel_id, session_id
+        self.peer_tunnel_id, self.peer_session_id = peer_tunnel_id, peer_session_id
+        self.pw_type, self.ifname = pw_type, ifname
+        self.cookie, self.peer_cookie, self.stats = cookie, peer_cookie, stats
 
 
 ZERO_STATS = Stats(0, 0, 0, 0, 0, 0)

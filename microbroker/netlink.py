@@ -172,9 +172,12 @@ def get_u16(attrs, atype, default=None):
     return struct.unpack_from("=H", v)[0] if v and len(v) >= 2 else default
 
 
+_U32 = struct.Struct("=I")
+
+
 def get_u32(attrs, atype, default=None):
     v = attrs.get(atype)
-    return struct.unpack_from("=I", v)[0] if v and len(v) >= 4 else default
+    return _U32.unpack_from(v)[0] if v and len(v) >= 4 else default
 
 
 def get_u64(attrs, atype, default=None):
@@ -221,19 +224,11 @@ def addr_text(raw):
 
 class Record:
     """A kernel object as parsed: its fields by name (a subclass lists
-    them in __slots__), given in that order, trailing ones None when
-    left out; equal, hashed and shown by value. What namedtuple gave, but
-    collections and its imports would be a tenth of serve's start."""
+    them in __slots__ and sets each in its __init__), equal, hashed and
+    shown by value. What namedtuple gave, but collections and its imports
+    would be a tenth of serve's start."""
 
     __slots__ = ()
-
-    def __init__(self, *values):
-        if len(values) > len(self.__slots__):
-            raise TypeError("%s takes %d values, not %d" % (
-                type(self).__name__, len(self.__slots__), len(values)))
-        values += (None,) * (len(self.__slots__) - len(values))
-        for name, v in zip(self.__slots__, values):
-            setattr(self, name, v)
 
     def values(self):
         return tuple(getattr(self, name) for name in self.__slots__)

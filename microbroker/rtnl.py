@@ -101,14 +101,27 @@ class Link(nl.Record):
     __slots__ = ("index", "name", "flags", "mtu", "master", "kind", "address", "remote",
                  "local")
 
+    def __init__(self, index, name, flags, mtu, master, kind, address, remote, local=None):
+        self.index, self.name, self.flags, self.mtu = index, name, flags, mtu
+        self.master, self.kind, self.address = master, kind, address
+        self.remote, self.local = remote, local
+
 
 class Route(nl.Record):
     """dst and gateway as text (None when absent), dst as the network address."""
     __slots__ = ("family", "dst", "dst_len", "gateway", "oif", "table", "type")
 
+    def __init__(self, family, dst, dst_len, gateway, oif, table, type):
+        self.family, self.dst, self.dst_len, self.gateway = family, dst, dst_len, gateway
+        self.oif, self.table, self.type = oif, table, type
+
 
 class LinkStats(nl.Record):
     __slots__ = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")
+
+    def __init__(self, rx_packets, tx_packets, rx_bytes, tx_bytes):
+        self.rx_packets, self.tx_packets = rx_packets, tx_packets
+        self.rx_bytes, self.tx_bytes = rx_bytes, tx_bytes
 
 
 class LinkError(OSError):
