@@ -255,6 +255,10 @@ class Refuser:
         sock.close()
 
     def stop(self):
+        """Stop the thread (started or not) and close what it watched;
+        again: nothing."""
+        if self.poll is None:
+            return
         with self.lock:
             self.stopping = True
         try:
@@ -265,3 +269,4 @@ class Refuser:
         self.poll.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+        self.poll = None

@@ -105,8 +105,7 @@ class Server:
         """Stop accepting, then wait (bounded) for answers in flight."""
         self.stopping.set()
         self.door.stop()
-        if self.refuser.thread.is_alive():
-            self.refuser.stop()
+        self.refuser.stop()
         cfg = self.app.config
         deadline = time.monotonic() + cfg.timeout + 2
         taken = 0

@@ -330,3 +330,25 @@ def test_a_kept_offer_follows_every_change(door):
     post(b"/release", b"lease_id=%s&secret=%s" % (
         lease["lease_id"].encode(), lease["secret"].encode()))
     assert used() == (0, 0)
+
+
+def test_a_server_that_cannot_bind_leaves_no_descriptor_open(tmp_path):
+    """serve's start failing at bind (the port taken) and its stop: the
+    refuser's epoll and wake-up pipe, made with the server, go too."""
+    from microbroker import config, service, web
+    path = tmp_path / "microbroker"
+    path.write_text(CONFIG % {"state": tmp_path / "state"})
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        before = set(os.listdir("/proc/self/fd"))
+        srv = service.Server(web.App(config.load(str(path))),
+                             ["127.0.0.1:%d" % busy.getsockname()[1]])
+        with pytest.raises(OSError):
+            srv.start()
+        srv.stop()
+        srv.stop()           # a second stop closes nothing twice
+        assert set(os.listdir("/proc/self/fd")) == before
+    finally:
+        busy.close()
