@@ -22,6 +22,7 @@ sits on an exit's own filesystem; the interpreter's own modules come over
 
 import http.client
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -191,7 +192,6 @@ def installed_copy():
     """The package copied to the VM's memory, compiled, as it sits on an
     exit's own filesystem: the source tree reaches the VM over 9p, where
     every file a start opens costs a round trip through the emulator."""
-    import shutil
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
     root = tempfile.mkdtemp(dir=base)
     shutil.copytree(os.path.join(ROOT, "microbroker"), os.path.join(root, "microbroker"))
@@ -204,7 +204,9 @@ def restart(ex, rows, root=ROOT, where="source tree"):
     before = ex.tunnels()
     t0 = time.monotonic()
     if PROFILE:
-        cmd = ["-m", "cProfile", "-s", "cumulative", "-m", "microbroker"]
+        cmd = ["-c", "import sys; sys.path.insert(0, %r); import cProfile; "
+               "from microbroker.__main__ import main; "
+               "cProfile.run('main()', sort='cumulative')" % root]
     else:   # as init.d/microbroker starts it: no runpy, no site
         cmd = ["-u", "-I", "-S", "-c", "import sys; sys.path.insert(0, %r); "
                "from microbroker.__main__ import main; sys.exit(main())" % root]
@@ -246,10 +248,9 @@ def restart(ex, rows, root=ROOT, where="source tree"):
     dropped = len(before - ex.tunnels())
     rows.append(("restart with %d live (%s): listening" % (len(before), where),
                  listening[0] if listening else float("nan"), "s"))
-    rows.append(("restart: first offer answered",
-                 answered or float("nan"), "s"))
-    rows.append(("restart: start-up reconcile done", done[0] if done else float("nan"), "s"))
-    rows.append(("restart: tunnels dropped", dropped, ""))
+    rows.append(("  first offer answered", answered or float("nan"), "s"))
+    rows.append(("  start-up reconcile done", done[0] if done else float("nan"), "s"))
+    rows.append(("  tunnels dropped", dropped, ""))
 
 
 def start_floor(ex, rows):
@@ -353,7 +354,11 @@ def main():
         rows.append(("no-op reconcile at %d live (median of 3; goal <= 0.5 s)"
                      % ex.store.count(), statistics.median(recs), "s"))
         restart(ex, rows)
-        restart(ex, rows, installed_copy(), "installed in memory")
+        copy = installed_copy()
+        try:
+            restart(ex, rows, copy, "installed in memory")
+        finally:
+            shutil.rmtree(copy)
         start_floor(ex, rows)
         reboot(ex, rows)
     finally:
