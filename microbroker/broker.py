@@ -142,6 +142,15 @@ class Broker:
         except Exception as e:
             log("warning", "lease counts: %s: %s", type(e).__name__, e)
 
+    def prepare_offers(self):
+        """Load what an offer needs and read the counts file once (a
+        server, before it listens): an import in the front door's thread
+        once the main thread imports http.server would wait at every file
+        it opens for that thread to let go of the interpreter lock."""
+        from microbroker import offer  # noqa: F401
+        from microbroker.leases import counts
+        counts.read(counts.path_of(self.config.lease_path))
+
     def hold_leases(self):
         """Lease requests wait (briefly, then 503 busy) until leases_ready():
         the server's start-up reconcile runs meanwhile; offers are answered."""

@@ -155,6 +155,7 @@ def serve(app, load=None):
         b = app.broker
         b.hold_leases()  # offers at once, leases after the reconcile
         b.kernel_status()   # known before the first offer, which must not ask
+        b.prepare_offers()
         bound = srv.start()
         names = ", ".join(s.name for s in cfg.enabled_services())
         log("info", "microbroker listening on %s; services: %s; leases in "
