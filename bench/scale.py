@@ -95,8 +95,18 @@ class Exit:
         with inside(self.ns):
             for _t, c, v in leases:
                 self.broker.release(c, v["lease_id"], v["secret"])
-        # The kernel finishes deleting tunnels on a workqueue.
+        # The kernel finishes deleting tunnels, then their ports, on a
+        # workqueue (holding the rtnl lock a dump waits for): what is
+        # measured next starts on a kernel that is done.
         assert wait_for(lambda: len(self.tunnels()) == self.store.count(), 60)
+        assert wait_for(lambda: self.ports() == self.store.count(), 60)
+
+    def ports(self):
+        """Bridge ports named for a lease (the prefix, then digits)."""
+        from microbroker import rtnl
+        with inside(self.ns), rtnl.Rtnl() as rt:
+            return sum(1 for p in rt.bridge_ports()
+                       if p.name.startswith("mb") and p.name[2:].isdigit())
 
     def fill(self, upto):
         """Live leases up to `upto` the direct way; dataplane.up times."""
