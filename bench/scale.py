@@ -39,6 +39,7 @@ from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
 
 EXIT6 = "fc00:1::1"
 SAMPLE = 20
+ROUNDS = 3      # of SAMPLE per point: the VM's medians of 20 moved 30-49 ms
 
 CONFIG = """
 config broker 'main'
@@ -129,12 +130,13 @@ class Exit:
             return {t.tunnel_id for t in l2.tunnels(stats=False)}
 
 
-def kernel_alone(ex, live, rows, k=10):
+def kernel_alone(ex, live, rows, k=20):
     """The baseline for a lease at `live`: the four netlink requests of an
     L2TP lease's build (tunnel, session, MTU + master + up, isolated) and
     its one /proc/sys write (the port's IPv6 off) sent
     straight from this process for k scratch ports on the same bridge, ids
-    outside the broker's range; removed again before the broker's sample."""
+    outside the broker's range; removed again before the broker's sample.
+    k stays within the bridge's 1,023 ports at 1,000 live."""
     from microbroker import procsys, rtnl
     br = dataplane.bridge_name(ex.cfg.services["exit"])
     times = []
@@ -157,17 +159,23 @@ def kernel_alone(ex, live, rows, k=10):
 
 
 def at_live(ex, live, rows):
+    """Leases through the broker at `live`: ROUNDS of SAMPLE, each released
+    before the next (SAMPLE more would not fit the service's capacity and
+    the bridge's ports at 1,000)."""
     ex.fill(live)
     kernel = kernel_alone(ex, live, rows)
-    if PROFILE:
-        print("\nbroker.lease x %d at %d live:" % (SAMPLE, live))
-        sample = profiled(lambda: [ex.lease() for _ in range(SAMPLE)], "tottime")
-    else:
-        sample = [ex.lease() for _ in range(SAMPLE)]
-    rows.append(("lease through the broker at %d live (median of %d)" % (live, SAMPLE),
-                 median_ms([t for t, _c, _v in sample]), "ms"))
-    ex.release(sample)
-    return median_ms([t for t, _c, _v in sample]), kernel
+    times = []
+    for _ in range(ROUNDS):
+        if PROFILE:
+            print("\nbroker.lease x %d at %d live:" % (SAMPLE, live))
+            sample = profiled(lambda: [ex.lease() for _ in range(SAMPLE)], "tottime")
+        else:
+            sample = [ex.lease() for _ in range(SAMPLE)]
+        times += [t for t, _c, _v in sample]
+        ex.release(sample)
+    rows.append(("lease through the broker at %d live (median of %d)" % (live, len(times)),
+                 median_ms(times), "ms"))
+    return median_ms(times), kernel
 
 
 def kernel_part(ex, rows):
@@ -351,7 +359,7 @@ def main():
             rows.append(("dataplane.up alone, last 50 before %d live" % n,
                          median_ms(kernel_mid[-50:]), "ms"))
         recs = []
-        for _ in range(3):
+        for _ in range(5):
             with inside(ex.ns):
                 t0 = time.perf_counter()
                 report = ex.broker.reconcile()
@@ -361,7 +369,7 @@ def main():
         if PROFILE:
             with inside(ex.ns):
                 profiled(ex.broker.reconcile)
-        rows.append(("no-op reconcile at %d live (median of 3; goal <= 0.5 s)"
+        rows.append(("no-op reconcile at %d live (median of 5; goal <= 0.5 s)"
                      % ex.store.count(), statistics.median(recs), "s"))
         restart(ex, rows)
         copy = installed_copy()
