@@ -179,9 +179,8 @@ def serve(app, load=None):
         elif not got:
             try:
                 done = b.reconcile()
-                if done:
-                    log("info", "reconciled kernel with lease store: %s",
-                        done)
+                log("info", "start-up reconcile done: %s",
+                    done or "the kernel matched the lease store")
             except Exception as e:
                 log("error", "reconcile at start failed: %s: %s",
                     type(e).__name__, e)
