@@ -274,42 +274,38 @@ def main():
     # -- CGI against the bare interpreter, interleaved
     py = os.path.realpath(sys.executable)
     bare = ([py, "-I", "-S", "-c", "pass"], {}, b"")
-    c, lid, sec = leases[0]
-    body = ("lease_id=%s&secret=%s" % (lid, sec)).encode()
-    cgi_offer = ([py, "-I", "-S", "-c", CGI_BOOT],
-                 cgi_env(cfgpath, "GET", "/offer", c), b"")
-    cgi_renew = ([py, "-I", "-S", "-c", CGI_BOOT],
-                 cgi_env(cfgpath, "POST", "/renew", c, body), body)
+
+    def cgi_job(path, method, route, client, body=b""):
+        return ([py, "-I", "-S", "-c", CGI_BOOT],
+                cgi_env(path, method, route, client, body), body)
+
     # A new lease each time, from a client that holds none: one address
     # past the populated ones, its lease removed before the next run.
     newcomer = client_addr(n_leases)
-    lease_body = b"service=v4"
-    cgi_lease = ([py, "-I", "-S", "-c", CGI_BOOT],
-                 cgi_env(cfgpath, "POST", "/lease", newcomer, lease_body),
-                 lease_body)
-    dc, dlid, dsec = disk_leases[0]
-    disk_body = ("lease_id=%s&secret=%s" % (dlid, dsec)).encode()
-    disk_lease = ([py, "-I", "-S", "-c", CGI_BOOT],
-                  cgi_env(disk_cfgpath, "POST", "/lease", newcomer,
-                          lease_body), lease_body)
-    disk_renew = ([py, "-I", "-S", "-c", CGI_BOOT],
-                  cgi_env(disk_cfgpath, "POST", "/renew", dc, disk_body),
-                  disk_body)
 
-    def unleaser(path):
-        store = LeaseStore(path)
+    def lease_and_renew(path, lease_path, held):
+        """(a new lease, what removes it after each run, a renew of held[0])."""
+        store = LeaseStore(lease_path)
 
         def unlease():
-            held = store.leases(newcomer)
-            if len(held) != 1:
-                raise SystemExit("the CGI lease made %d leases" % len(held))
-            store.remove(held[0].lease_id)
-        return unlease
-    jobs = (("bare", bare, None), ("offer", cgi_offer, None),
-            ("lease", cgi_lease, unleaser(cfg.lease_path)),
+            mine = store.leases(newcomer)
+            if len(mine) != 1:
+                raise SystemExit("the CGI lease made %d leases" % len(mine))
+            store.remove(mine[0].lease_id)
+        c, lid, sec = held[0]
+        return (cgi_job(path, "POST", "/lease", newcomer, b"service=v4"),
+                unlease,
+                cgi_job(path, "POST", "/renew", c,
+                        ("lease_id=%s&secret=%s" % (lid, sec)).encode()))
+    cgi_lease, unlease, cgi_renew = lease_and_renew(cfgpath, cfg.lease_path,
+                                                    leases)
+    disk_lease, disk_unlease, disk_renew = lease_and_renew(
+        disk_cfgpath, disk_cfg.lease_path, disk_leases)
+    jobs = (("bare", bare, None),
+            ("offer", cgi_job(cfgpath, "GET", "/offer", leases[0][0]), None),
+            ("lease", cgi_lease, unlease),
             ("renew", cgi_renew, None),
-            ("lease, lease file on disk", disk_lease,
-             unleaser(disk_cfg.lease_path)),
+            ("lease, lease file on disk", disk_lease, disk_unlease),
             ("renew, lease file on disk", disk_renew, None))
     res = {name: [] for name, _, _ in jobs}
     for _, job, after in jobs:   # warm the page cache, pyc
