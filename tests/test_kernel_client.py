@@ -154,8 +154,12 @@ def make_world(netns, tmp_path, extra="", lifetime=LIFETIME):
     ex, cl = netns.add("x"), netns.add("c")
     netns.link(ex, cl, EXIT6 + "/64", CLIENT6 + "/64")
     # The exit's LAN: the bridge the service's tunnels join, with an address
-    # to ping (on OpenWrt: br-exit with DHCP).
-    run("ip", "link", "add", "br-exit", "type", "bridge", ns=ex)
+    # to ping (on OpenWrt: br-exit with DHCP), and a MAC of its own as
+    # docs/openwrt.md has it: without one the bridge takes a new port's MAC
+    # when the exit rebuilds, and a client that kept its tunnel reaches the
+    # gateway only once its neighbour entry has failed.
+    run("ip", "link", "add", "br-exit", "address", "02:6d:42:b3:9e:df",
+        "type", "bridge", ns=ex)
     run("ip", "addr", "add", EXIT_BR + "/24", "dev", "br-exit", ns=ex)
     run("ip", "link", "set", "br-exit", "up", ns=ex)
     exit_ = Exit(ex, str(tmp_path), extra, lifetime)
@@ -260,6 +264,11 @@ def views(exit_, client):
             ("exit bridge ports", exit_.ns, ("bridge", "-d", "link")),
             ("exit links", exit_.ns, ("ip", "-br", "link")),
             ("exit nft", exit_.ns, ("nft", "list", "ruleset")),
+            ("exit addresses", exit_.ns, ("ip", "-br", "addr")),
+            ("exit neighbours", exit_.ns, ("ip", "neigh")),
+            ("exit fdb", exit_.ns, ("bridge", "fdb", "show", "br", "br-exit")),
+            ("exit counters", exit_.ns, ("ip", "-s", "link")),
+            ("client counters", client.ns, ("ip", "-s", "link", "show", "mb0")),
             ("client l2tp", client.ns, ("ip", "l2tp", "show", "session")),
             ("client l2tp tunnels", client.ns, ("ip", "l2tp", "show", "tunnel")),
             ("client addresses", client.ns, ("ip", "-br", "addr")),
