@@ -160,18 +160,18 @@ def bare_resident(code="pass"):
 # Peak memory: a child's ru_maxrss would include the RSS of the forked
 # benchmark process before exec, so the child reports its own VmHWM (the
 # high-water mark of its post-exec address space) on a pipe instead, as it
-# ends: after its code, or in os._exit (cgi.run ends the process that way,
-# past any finally). Bare and CGI runs do this the same way; wall times come
-# from runs without it.
-HWM = ("import os; f = open('/proc/self/status', 'rb'); "
-       "os.write(%d, [l for l in f.read().split(b'\\n') "
+# ends: after its code, or in posix._exit (cgi.run ends the process that
+# way, past any finally). Bare and CGI runs do this the same way; wall times
+# come from runs without it. posix, not os: the CGI path never loads os.
+HWM = ("import posix; f = open('/proc/self/status', 'rb'); "
+       "posix.write(%d, [l for l in f.read().split(b'\\n') "
        "if l.startswith(b'VmHWM')][0].split()[1])")
-HWM_RUN = """import os as _os
-_exit = _os._exit
+HWM_RUN = """import posix as _posix
+_exit = _posix._exit
 def _hwm_exit(status):
  %(hwm)s
  _exit(status)
-_os._exit = _hwm_exit
+_posix._exit = _hwm_exit
 try:
  %(code)s
 finally:

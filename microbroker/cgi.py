@@ -14,7 +14,7 @@ The CGI script calls run(); main() is the same answer without ending the
 process (tests, or a caller that goes on).
 """
 
-import os
+import posix
 import sys
 
 
@@ -85,12 +85,15 @@ def run():
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
-        os._exit(status)
+        posix._exit(status)
 
 
 def main(environ=None, stdin=None, stdout=None):
     """Answer the one request this process was started for; 0."""
-    env = os.environ if environ is None else environ
+    if environ is None:
+        from microbroker.config import process_env
+        environ = process_env()
+    env = environ
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdout = stdout if stdout is not None else sys.stdout.buffer
     try:

@@ -10,7 +10,7 @@ whichever is present.
 """
 
 import errno
-import os
+import posix
 import time
 
 from . import l2tp, procsys, rtnl
@@ -101,7 +101,7 @@ def lease_routes(lease, service):
 def port_isolation(release=None):
     """Does this kernel isolate bridge ports (IFLA_BRPORT_ISOLATED, 4.18)?
     Older ones ignore the attribute without an error, so ask the version."""
-    release = release or os.uname().release
+    release = release or posix.uname().release
     try:
         major, minor = (int(x) for x in release.split("-")[0].split(".")[:2])
     except ValueError:
@@ -112,13 +112,16 @@ def port_isolation(release=None):
 def module_present(name):
     """Is kernel module `name` loaded, built in or installed? True when the
     module tree cannot be read (a kernel without modules)."""
-    if os.path.isdir("/sys/module/" + name):
+    try:
+        posix.stat("/sys/module/" + name)
         return True
-    base = "/lib/modules/" + os.uname().release
+    except OSError:
+        pass
+    base = "/lib/modules/" + posix.uname().release
     found = False
     for index in ("modules.builtin", "modules.dep"):
         try:
-            with open(os.path.join(base, index), "rb") as f:
+            with open(base + "/" + index, "rb") as f:
                 data = f.read()
         except OSError:
             continue
@@ -143,8 +146,9 @@ def nft_present(config):
     on a CGI offer.)"""
     if (getattr(config, "filter", "") or "nft") != "nft":
         return False
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/sbin"]
-    return any(d and os.access(os.path.join(d, "nft"), os.X_OK) for d in dirs)
+    dirs = posix.environ.get(b"PATH", b"").decode(errors="replace").split(":") + \
+        ["/usr/sbin", "/sbin"]
+    return any(d and posix.access(d + "/nft", posix.X_OK) for d in dirs)
 
 
 class Dataplane:
@@ -198,8 +202,8 @@ class Dataplane:
         if ok and KINDS[kind].layer == 3 and not nft_present(self.config):
             ok, why = False, ("routed (%s) tunnels need nft for their source check "
                               "(install nftables)" % kind)
-        if ok and os.geteuid() != 0:
-            why = "running as uid %d (needs CAP_NET_ADMIN)" % os.geteuid()
+        if ok and posix.geteuid() != 0:
+            why = "running as uid %d (needs CAP_NET_ADMIN)" % posix.geteuid()
         self._status[kind] = (now, (ok, why))
         return ok, why
 

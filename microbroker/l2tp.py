@@ -5,7 +5,7 @@ and iproute2's ip/ipl2tp.c.
 """
 
 import errno
-import os
+import posix
 import struct
 
 from . import netlink as nl
@@ -150,7 +150,7 @@ def _error(e, what):
     else:
         cls = L2TPError
         # e.strerror already names `what` and the extended ack.
-        text = "%s: %s" % (what, os.strerror(code))
+        text = "%s: %s" % (what, posix.strerror(code))
     if e.ext_msg:
         text += " (%s)" % e.ext_msg
     return cls(code, text)

@@ -4,10 +4,10 @@ reader that takes complete lines only sees every line whole or not at all.
 
 Appending, not a new file renamed over the old per change: on ext4 such a
 rename starts writing the new file's data out first (auto_da_alloc), about
-a millisecond of every lease. Imports only os: a CGI loads it.
+a millisecond of every lease. Imports only posix: a CGI loads it.
 """
 
-import os
+import posix
 
 
 def append(path, line, mode, limit):
@@ -16,18 +16,18 @@ def append(path, line, mode, limit):
     holds the writers' lock; readers never use it). False, writing
     nothing, when the file would grow past `limit` bytes: the caller
     rewrites it whole (replace). Raises OSError."""
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+    fd = posix.open(path, posix.O_RDWR | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC, mode)
     try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
+        size = posix.fstat(fd).st_size
+        if size and posix.pread(fd, 1, size - 1) != b"\n":
             size = _complete(fd, size)
-            os.ftruncate(fd, size)
+            posix.ftruncate(fd, size)
         if size + len(line) > limit:
             return False
-        os.write(fd, line)
+        posix.write(fd, line)
         return True
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def add(path, line, mode, limit, whole, most):
@@ -47,7 +47,7 @@ def _complete(fd, size):
     end = size
     while end > 0:
         start = max(0, end - 4096)
-        i = os.pread(fd, end - start, start).rfind(b"\n")
+        i = posix.pread(fd, end - start, start).rfind(b"\n")
         if i >= 0:
             return start + i + 1
         end = start
@@ -57,15 +57,15 @@ def _complete(fd, size):
 def replace(path, data, mode):
     """`data` as the whole file: a temporary file renamed over it, removed
     again when that fails. Raises OSError."""
-    tmp = "%s.%d.tmp" % (path, os.getpid())
+    tmp = "%s.%d.tmp" % (path, posix.getpid())
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, mode)
         with open(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        posix.replace(tmp, path)
     except OSError:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
         raise

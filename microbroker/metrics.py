@@ -15,7 +15,7 @@ count is lost, the others stay. The file is not fsynced: counters are
 monitoring, not state.
 """
 
-import os
+import posix
 
 from microbroker import linefile
 
@@ -110,7 +110,7 @@ def count(path, name, label_value=None, n=1):
     key = _key(name, label_value)
     with _lock:     # fcntl locks are per process: threads take this first
         try:
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            fd = posix.open(path + ".lock", posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC,
                          0o600)
         except OSError:
             return
@@ -127,7 +127,7 @@ def count(path, name, label_value=None, n=1):
         except OSError:
             pass
         finally:
-            os.close(fd)
+            posix.close(fd)
 
 
 def _esc(v):

@@ -6,7 +6,7 @@ host byte order unless a caller packs network-order bytes itself.
 
 import _socket
 import errno as _errno
-import os
+import posix
 import struct
 
 # include/uapi/linux/netlink.h
@@ -67,7 +67,7 @@ class NetlinkError(OSError):
     def __init__(self, err, msg="", what=""):
         self.ext_msg = msg
         self.what = what
-        text = os.strerror(err)
+        text = posix.strerror(err)
         if what:
             text = "%s: %s" % (what, text)
         if msg:
@@ -310,7 +310,7 @@ class Socket(Closing):
             pass  # old kernels: errors then come without text, that is all
         # Port id 0: the kernel picks one, so two sockets in one process don't clash.
         self.sock.bind((0, 0))
-        self.seq = int.from_bytes(os.urandom(2), "little")
+        self.seq = int.from_bytes(posix.urandom(2), "little")
 
     def _next_seq(self):
         self.seq = (self.seq + 1) & 0xFFFFFFFF or 1

@@ -6,7 +6,7 @@ if_tunnel.h and if_bridge.h.
 
 import _socket
 import errno
-import os
+import posix
 import struct
 
 from . import netlink as nl
@@ -146,7 +146,7 @@ def _error(e, what):
         cls, text = LinkError, "%s: permission denied (needs CAP_NET_ADMIN)" % what
     else:
         # e.strerror already names `what` and the extended ack.
-        cls, text = LinkError, "%s: %s" % (what, os.strerror(code))
+        cls, text = LinkError, "%s: %s" % (what, posix.strerror(code))
     if e.ext_msg:
         text += " (%s)" % e.ext_msg
     return cls(code, text)

@@ -446,12 +446,12 @@ class App:
     def _maybe_sweep(self, b):
         """Expiry without a daemon: at most one sweep per sweep_interval,
         across all CGI processes, timed by a stamp file's mtime."""
-        import os
+        import posix
         import time
         stamp = self.config.state_dir.rstrip("/") + "/sweep.stamp"
         now = time.time()
         try:
-            if now - os.stat(stamp).st_mtime < self.config.sweep_interval:
+            if now - posix.stat(stamp).st_mtime < self.config.sweep_interval:
                 return
         except FileNotFoundError:
             pass
@@ -464,7 +464,7 @@ class App:
         try:
             with open(stamp, "a"):
                 pass
-            os.utime(stamp, (now, now))
+            posix.utime(stamp, (now, now))
             gone = b.sweep()
             if gone:
                 from microbroker import metrics

@@ -5,7 +5,7 @@ with `dataplane 'none'` never loads the kernel modules nor, for an offer,
 the lease store.
 """
 
-import os
+import posix
 
 from microbroker.broker import Broker, BrokerError, _store_error
 
@@ -42,12 +42,18 @@ def dataplane_errors():
 def open_store(config):
     """The LeaseStore for this config, creating the state directory."""
     from microbroker.leases import LeaseStore
-    for d in (config.state_dir, os.path.dirname(config.lease_path)):
+    for d in (config.state_dir, config.lease_path.rpartition("/")[0]):
         try:
-            os.makedirs(d or ".", 0o700, exist_ok=True)
-        except OSError as e:
-            raise BrokerError("store", "cannot create %s: %s"
-                              % (d, e.strerror))
+            posix.mkdir(d or ".", 0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            import os       # a parent missing: os.makedirs makes them
+            try:
+                os.makedirs(d or ".", 0o700, exist_ok=True)
+            except OSError as e:
+                raise BrokerError("store", "cannot create %s: %s"
+                                  % (d, e.strerror))
     try:
         return LeaseStore(config.lease_path, tunnel_ids=config.tunnel_ids,
                           session_ids=config.session_ids,

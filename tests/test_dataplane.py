@@ -53,9 +53,9 @@ def test_port_isolation_by_kernel_version():
 
 def test_routed_kinds_are_offered_only_where_nft_is(tmp_path, monkeypatch):
     monkeypatch.setattr(dataplane, "module_present", lambda name: True)
-    monkeypatch.setattr(dataplane.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(dataplane.posix, "geteuid", lambda: 0)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(dataplane.os, "access", lambda p, mode: p == str(tmp_path / "nft"))
+    monkeypatch.setattr(dataplane.posix, "access", lambda p, mode: p == str(tmp_path / "nft"))
     cfg = SimpleNamespace(filter="")
     assert dataplane.Dataplane(cfg).status("ip6tnl") == (True, "")
     assert dataplane.Dataplane(cfg).status("ip6gretap") == (True, "")
@@ -63,7 +63,7 @@ def test_routed_kinds_are_offered_only_where_nft_is(tmp_path, monkeypatch):
     ok, why = dataplane.Dataplane(cfg).status("ip6tnl")
     assert not ok and "routed (ip6tnl) tunnels need nft" in why
     assert dataplane.Dataplane(cfg).status("ip6gretap") == (True, "")
-    monkeypatch.setattr(dataplane.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(dataplane.posix, "access", lambda p, mode: False)
     assert not dataplane.Dataplane(SimpleNamespace(filter="")).status("ip6tnl")[0]
 
 
@@ -115,7 +115,7 @@ def test_a_stale_status_is_answered_at_once_and_asked_again_aside(monkeypatch):
             assert let_go.wait(10)
         return answers.pop(0)
     monkeypatch.setattr(dataplane.l2tp, "available", available)
-    monkeypatch.setattr(dataplane.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(dataplane.posix, "geteuid", lambda: 0)
     dp = dataplane.Dataplane(SimpleNamespace(filter=""))
     assert dp.status() == (True, "")            # the first: asked now
     when, got = dp._status["l2tpv3"]

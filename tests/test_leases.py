@@ -535,7 +535,7 @@ def test_counts_go_on_when_the_file_cannot_be_rewritten(tmp_path, monkeypatch):
 
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(linefile.os, "replace", refuse)
+    monkeypatch.setattr(linefile.posix, "replace", refuse)
     for i in range(1000):
         counts.write(cp, i, {"s": i}, 0o600)
     assert os.path.getsize(cp) > counts.COMPACT

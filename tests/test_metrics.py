@@ -172,7 +172,7 @@ def test_counts_go_on_when_the_file_cannot_be_rewritten(tmp_path, monkeypatch):
 
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(linefile.os, "replace", refuse)
+    monkeypatch.setattr(linefile.posix, "replace", refuse)
     for _ in range(n):
         metrics.count(path, "renews_total", "a")
     assert os.path.getsize(path) > metrics.COMPACT

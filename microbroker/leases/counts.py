@@ -12,7 +12,7 @@ A CGI offer reads nothing else of the store, so this module imports only
 jsonlite and linefile.
 """
 
-import os
+import posix
 
 from microbroker import jsonlite, linefile
 
@@ -21,7 +21,7 @@ _TAIL = 65536       # what read() looks at, from the end
 
 
 def path_of(lease_path):
-    return os.fspath(lease_path) + ".counts"
+    return posix.fspath(lease_path) + ".counts"
 
 
 _last = (None, None)     # (the file's stat key, its counts) of the last read
@@ -35,21 +35,21 @@ def read(path):
     matters to `serve`, whose every offer asks."""
     global _last
     try:
-        st = os.stat(path)
+        st = posix.stat(path)
     except OSError:
         return None
     last_key, got = _last
     if last_key == _key(st):
         return got[0], dict(got[1])
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
         try:
             # The file opened, not the one stat() saw: a rewrite renamed in
             # between is smaller, and read where the old one ended, empty.
-            st = os.fstat(fd)
-            tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
+            st = posix.fstat(fd)
+            tail = posix.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
         finally:
-            os.close(fd)
+            posix.close(fd)
         end = tail.rindex(b"\n")
         line = tail[tail.rfind(b"\n", 0, end) + 1:end]
         d = jsonlite.loads(line)

@@ -26,9 +26,10 @@ a retry_after, past it), opens the dbm file, works, syncs, closes and
 releases, so CGI processes and server threads interleave safely.
 """
 
-import os
+import posix
 import sys
 import time
+from _stat import S_ISREG
 
 from microbroker import jsonlite
 from microbroker.leases.errors import Busy, Corrupt, StoreError
@@ -95,15 +96,30 @@ def _clock_gen(now=None):
     return int((time.time() if now is None else now) * 1e6)
 
 
+def _exists(path):
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _isfile(path):
+    try:
+        return S_ISREG(posix.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _fsync(path):
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except FileNotFoundError:
         return
     try:
-        os.fsync(fd)
+        posix.fsync(fd)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _dumb_index_ok(path):
@@ -327,7 +343,7 @@ class LeaseFile:
     """The dbm file at `path`: its backend, its records, its lock."""
 
     def __init__(self, path, backend=None, lock_timeout=5.0, fsync=True, mode=0o600):
-        self.path = os.fspath(path)
+        self.path = posix.fspath(path)
         self.lock_timeout = lock_timeout
         self.fsync = fsync
         self.mode = mode
@@ -355,9 +371,9 @@ class LeaseFile:
 
     def _present(self):
         """Backends whose files exist at self.path."""
-        p, ex = self.path, os.path.exists
+        p, ex = self.path, _exists
         found = []
-        if os.path.isfile(p):
+        if _isfile(p):
             found.append("dbm.gnu")
         if ex(p + ".db") or ex(p + ".pag"):
             found.append("dbm.ndbm")
@@ -404,9 +420,9 @@ class LeaseFile:
                 "dbm.dumb": (".dat", ".dir", ".bak")}[self.backend]
 
     def _complete(self):
-        p, ex = self.path, os.path.exists
+        p, ex = self.path, _exists
         if self.backend == "dbm.gnu":
-            return os.path.isfile(p)
+            return _isfile(p)
         if self.backend == "dbm.ndbm":
             return ex(p + ".db") or (ex(p + ".pag") and ex(p + ".dir"))
         return ex(p + ".dir")
@@ -424,14 +440,14 @@ class LeaseFile:
             with open(bak, "rb") as src, open(tmp, "wb") as dst:
                 dst.write(src.read())
                 dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, d)
+                posix.fsync(dst.fileno())
+            posix.replace(tmp, d)
             self._fsync_dir()
             return
-        if not os.path.exists(d) and not os.path.exists(bak):
-            if os.path.exists(dat):
+        if not _exists(d) and not _exists(bak):
+            if _exists(dat):
                 # Creation renames .dat before .dir: it was interrupted, nothing to keep.
-                os.replace(dat, dat + ".incomplete")
+                posix.replace(dat, dat + ".incomplete")
             return
         raise Corrupt(f"{self.path}: the dbm.dumb index ({d}) is damaged and has no good "
                       f"backup; `microbroker repair-leases` starts a new file", self.path)
@@ -439,11 +455,12 @@ class LeaseFile:
     def _fsync_dir(self):
         if not self.fsync:
             return
-        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        path = self.path if self.path.startswith("/") else posix.getcwd() + "/" + self.path
+        fd = posix.open(path.rpartition("/")[0] or "/", posix.O_RDONLY)
         try:
-            os.fsync(fd)
+            posix.fsync(fd)
         finally:
-            os.close(fd)
+            posix.close(fd)
 
     def _open_db(self, flag, path=None):
         path = path or self.path
@@ -463,7 +480,7 @@ class LeaseFile:
         previous index, renamed, already on disk)."""
         path = path or self.path
         return [path + s for s in self._suffixes()
-                if not (synced and s == ".bak") and os.path.exists(path + s)]
+                if not (synced and s == ".bak") and _exists(path + s)]
 
     def _flush_db(self, db):
         if self.backend == "dbm.ndbm":
@@ -499,8 +516,8 @@ class LeaseFile:
 
         slots: {name: [slot a, slot b]}, each (gen, count, minexp, payload) or None."""
         for s in (".db", ".pag", ".dir", ".dat", ".bak", ""):
-            if os.path.isfile(tmp + s):
-                os.unlink(tmp + s)
+            if _isfile(tmp + s):
+                posix.unlink(tmp + s)
         db = self._open_db("n", tmp)
         try:
             for name in names:
@@ -522,7 +539,7 @@ class LeaseFile:
         # dbm.dumb: .dat before .dir, so a lone .dat means an interrupted creation.
         made.sort(key=lambda f: f.endswith(".dir"))
         for f in made:
-            os.replace(f, self.path + f[len(tmp):])
+            posix.replace(f, self.path + f[len(tmp):])
         self._fsync_dir()
 
     def _create(self, first_gen=0):

@@ -2,7 +2,7 @@
 plus an in-process lock so that threads of one server exclude each other
 too; each wait bounded (Busy past it)."""
 
-import os
+import posix
 import time
 import _thread
 
@@ -30,8 +30,8 @@ def _reset_thread_locks():
     _thread_locks_guard = _thread.allocate_lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_thread_locks)
+if hasattr(posix, "register_at_fork"):
+    posix.register_at_fork(after_in_child=_reset_thread_locks)
 
 
 class _FileLock:
@@ -53,7 +53,7 @@ class _FileLock:
             raise Busy(f"{self.path}: held by another thread for {timeout} s", self.path,
                        BUSY_RETRY)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+            self.fd = posix.open(self.path, posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, self.mode)
             delay = 0.0002
             while True:
                 try:
@@ -72,7 +72,7 @@ class _FileLock:
 
     def _release(self):
         if self.fd is not None:
-            os.close(self.fd)           # drops the flock
+            posix.close(self.fd)           # drops the flock
             self.fd = None
         self.tlock.release()
 

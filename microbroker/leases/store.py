@@ -22,7 +22,7 @@ Records are kept from the exit's side: tunnel_id/session_id are the exit's
 ids, peer_* the client's.
 """
 
-import os
+import posix
 import time
 from _bisect import bisect_left     # (bisect.py re-exports it; see record.py)
 
@@ -112,7 +112,7 @@ class LeaseStore(LeaseFile):
         mac = _text(mac or "", "mac", True)
         extra = _extra(extra)
         now = time.time() if now is None else now
-        secret = os.urandom(16).hex()
+        secret = posix.urandom(16).hex()
         hb = home(client)
         with self._open(True) as tx:
             b = hb % self.buckets
@@ -269,7 +269,7 @@ class LeaseStore(LeaseFile):
     @staticmethod
     def _new_id(home, bucket):
         while True:
-            lease_id = "%02x%s" % (home, os.urandom(7).hex())
+            lease_id = "%02x%s" % (home, posix.urandom(7).hex())
             if bucket.find(lease_id)[0] is None:
                 return lease_id
 
@@ -545,6 +545,6 @@ def _free_ids(used, lo, hi, start):
 def _test_pause(step):
     """Tests only: MICROBROKER_TEST_PAUSE=STEP:SECONDS holds the race window
     open at STEP."""
-    want = os.environ.get("MICROBROKER_TEST_PAUSE")
+    want = posix.environ.get(b"MICROBROKER_TEST_PAUSE", b"").decode()
     if want and want.partition(":")[0] == step:
         time.sleep(float(want.partition(":")[2]))
