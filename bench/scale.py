@@ -241,7 +241,7 @@ def restart(ex, rows, root=ROOT, where="source tree"):
             said.append(line)
             if "microbroker listening on" in line:
                 listening.append(time.monotonic() - t0)
-            if "reconciled" in line or "reconcile at start failed" in line:
+            if ": start-up reconcile done: " in line or "reconcile at start failed" in line:
                 done.append(time.monotonic() - t0)
     threading.Thread(target=watch, daemon=True).start()
 
