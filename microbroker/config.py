@@ -627,19 +627,19 @@ def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):
             raw = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         if must_exist:
-            cfg = build([], [], path, overrides, euid, environ)
+            cfg = build([], [], path, overrides, euid, env)
             cfg.problems.insert(0, (path, "no such file"))
             return cfg
-        return build([], [], None, overrides, euid, environ)
+        return build([], [], None, overrides, euid, env)
     except OSError as e:
-        cfg = build([], [], path, overrides, euid, environ)
+        cfg = build([], [], path, overrides, euid, env)
         cfg.problems.insert(0, (path, "cannot read: %s" % e.strerror))
         return cfg
     if len(raw) > MAX_FILE:
-        cfg = build([], [], path, overrides, euid, environ)
+        cfg = build([], [], path, overrides, euid, env)
         cfg.problems.insert(0, (path, "larger than %d bytes: not read"
                                 % MAX_FILE))
         return cfg
     sections, problems = parse_uci(raw)
-    cfg = build(sections, problems, path, overrides, euid, environ)
+    cfg = build(sections, problems, path, overrides, euid, env)
     return cfg

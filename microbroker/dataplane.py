@@ -11,6 +11,7 @@ whichever is present.
 
 import errno
 import posix
+import sys
 import time
 
 from . import l2tp, procsys, rtnl
@@ -146,7 +147,9 @@ def nft_present(config):
     on a CGI offer.)"""
     if (getattr(config, "filter", "") or "nft") != "nft":
         return False
-    dirs = posix.environ.get(b"PATH", b"").decode(errors="replace").split(":") + \
+    path = posix.environ.get(b"PATH", b"").decode(sys.getfilesystemencoding(),
+                                                 "surrogateescape")
+    dirs = path.split(":") + \
         ["/usr/sbin", "/sbin"]
     return any(d and posix.access(d + "/nft", posix.X_OK) for d in dirs)
 

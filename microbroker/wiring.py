@@ -5,7 +5,9 @@ with `dataplane 'none'` never loads the kernel modules nor, for an offer,
 the lease store.
 """
 
+import errno
 import posix
+from _stat import S_ISDIR
 
 from microbroker.broker import Broker, BrokerError, _store_error
 
@@ -39,6 +41,13 @@ def dataplane_errors():
     return dp.IdInUse, dp.KernelUnavailable
 
 
+def _is_dir(path):
+    try:
+        return S_ISDIR(posix.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def open_store(config):
     """The LeaseStore for this config, creating the state directory."""
     from microbroker.leases import LeaseStore
@@ -46,7 +55,9 @@ def open_store(config):
         try:
             posix.mkdir(d or ".", 0o700)
         except FileExistsError:
-            pass
+            if not _is_dir(d or "."):
+                raise BrokerError("store", "cannot create %s: %s"
+                                  % (d, posix.strerror(errno.EEXIST)))
         except OSError:
             import os       # a parent missing: os.makedirs makes them
             try:

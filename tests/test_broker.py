@@ -652,3 +652,19 @@ def test_a_stalled_store_lock_is_503_busy_and_offers_still_answer(setup):
         assert status == 200 and b'"used":1' in body
     finally:
         os.close(fd)
+
+
+def test_open_store_makes_the_state_dir_and_refuses_a_file_in_its_place(tmp_path):
+    cfg = mbconfig.load(str(tmp_path / "none"), overrides=(
+        "broker.state_dir=%s" % (tmp_path / "a" / "b"),), must_exist=False)
+    store = wiring.open_store(cfg)
+    assert os.path.isdir(tmp_path / "a" / "b")
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "b").st_mode) == 0o700
+    assert store.count() == 0
+    wiring.open_store(cfg)          # there already: nothing to make
+    (tmp_path / "f").write_text("")
+    cfg = mbconfig.load(str(tmp_path / "none"), overrides=(
+        "broker.state_dir=%s" % (tmp_path / "f"),), must_exist=False)
+    with pytest.raises(mb.BrokerError) as e:
+        wiring.open_store(cfg)
+    assert e.value.code == "store" and "File exists" in e.value.message

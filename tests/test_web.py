@@ -696,6 +696,27 @@ def test_cgi_imports_stay_small(tmp_path):
         assert bad not in offer_mods, ("offer", bad)
 
 
+def test_cgi_offer_on_the_kernel_data_plane_loads_no_os(tmp_path):
+    """An exit's own CGI (dataplane 'kernel'): its offer asks the kernel
+    through netlink, l2tp and rtnl, none of which loads os."""
+    cfg, path = make_config(tmp_path, CONFIG.replace(
+        "option dataplane 'none'", "option dataplane 'kernel'"))
+    assert cfg.dataplane == "kernel"
+    boot = CGI_BOOT.replace(
+        "import run; run()",
+        "import main; main(); sys.stderr.write(' '.join(sorted(sys.modules)))")
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/offer", "REMOTE_ADDR": V4,
+           "SERVER_ADDR": V4, "QUERY_STRING": "format=sh", "MICROBROKER_CONFIG": path}
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", boot], env=env,
+                       capture_output=True)
+    assert b"STATUS='200'" in r.stdout, r.stdout
+    mods = set(r.stderr.decode().split())
+    assert "microbroker.dataplane" in mods and "microbroker.netlink" in mods
+    for bad in ("os", "_collections_abc", "socket", "subprocess",
+                "microbroker.filters"):
+        assert bad not in mods, bad
+
+
 def test_cgi_run_answers_without_the_cyclic_collector(tmp_path):
     """run() (the script's entry) turns the collector off before it imports
     the request's modules: no collection runs in a lease, and the answer is
