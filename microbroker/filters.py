@@ -12,8 +12,10 @@ interface and profile names are checked before they reach an argument.
 """
 
 import errno
-import os
+import posix
+import sys
 import zlib
+from _stat import S_ISDIR
 
 from . import nftables
 from .names import check_ifname, check_prefix
@@ -82,7 +84,7 @@ def _signed(lines):
 
 
 def _nl_error(e, what):
-    return FilterError("%s: %s" % (what, os.strerror(e.errno) if e.errno else e))
+    return FilterError("%s: %s" % (what, posix.strerror(e.errno) if e.errno else e))
 
 
 class Nft:
@@ -523,12 +525,20 @@ def _after(parts, flag, default=None):
 def which(name):
     """The tool's path on PATH or in /usr/sbin, /sbin (shutil.which would
     import re on a CGI's path)."""
-    dirs = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/sbin"]
-    for d in dirs:
-        p = os.path.join(d, name)
-        if d and os.access(p, os.X_OK) and not os.path.isdir(p):
+    path = posix.environ.get(b"PATH", b"").decode(sys.getfilesystemencoding(),
+                                                 "surrogateescape")
+    for d in path.split(":") + ["/usr/sbin", "/sbin"]:
+        p = d + "/" + name
+        if d and posix.access(p, posix.X_OK) and not _is_dir(p):
             return p
     return None
+
+
+def _is_dir(path):
+    try:
+        return S_ISDIR(posix.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def probe(prefer=None):

@@ -6,7 +6,8 @@ and iproute2's ip/ipl2tp.c.
 
 import errno
 import posix
-import struct
+# The C module struct.py only re-exports (see leases/record.py).
+import _struct as struct
 
 from . import netlink as nl
 

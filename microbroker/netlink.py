@@ -7,7 +7,8 @@ host byte order unless a caller packs network-order bytes itself.
 import _socket
 import errno as _errno
 import posix
-import struct
+# The C module struct.py only re-exports (see leases/record.py).
+import _struct as struct
 
 # include/uapi/linux/netlink.h
 NETLINK_ROUTE = 0

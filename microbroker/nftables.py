@@ -9,8 +9,10 @@ Tables, chains and rules are still made by `nft -f` (filters.py).
 """
 
 import errno
-import socket
-import struct
+# C modules, not socket.py and struct.py: a CGI lease on the kernel data
+# plane comes here, and socket.py alone loads enum, selectors and os.
+import _socket
+import _struct as struct
 
 from . import netlink as nl
 
@@ -56,7 +58,7 @@ _BE32 = struct.Struct("!i")
 
 
 def nfgenmsg(family=0, res_id=0):
-    return NFGENMSG.pack(family, NFNETLINK_V0, socket.htons(res_id))
+    return NFGENMSG.pack(family, NFNETLINK_V0, _socket.htons(res_id))
 
 
 def ifname_key(name):
@@ -127,7 +129,7 @@ class Nftables(nl.Closing):
 
     def _recv(self):
         data, _anc, flags, _a = self.sock.sock.recvmsg(nl.RECV_SIZE)
-        if flags & socket.MSG_TRUNC:
+        if flags & _socket.MSG_TRUNC:
             raise nl.NetlinkError(errno.EMSGSIZE, "", "nf_tables reply truncated")
         return data
 
@@ -170,7 +172,7 @@ class Nftables(nl.Closing):
         """(body, generation's low 16 bits) of each part of a dump."""
         payload = nfgenmsg(FAMILIES[family]) + attrs
         for _t, body in self.sock.dump(NFNL_SUBSYS_NFTABLES << 8 | msg, payload, what):
-            yield body, socket.ntohs(NFGENMSG.unpack_from(body)[2])
+            yield body, _socket.ntohs(NFGENMSG.unpack_from(body)[2])
 
     def elements(self, family, table, set_name, genid=None):
         """{key bytes: jump chain or None} of a set or map. With genid, raise

@@ -7,7 +7,8 @@ if_tunnel.h and if_bridge.h.
 import _socket
 import errno
 import posix
-import struct
+# The C module struct.py only re-exports (see leases/record.py).
+import _struct as struct
 
 from . import netlink as nl
 

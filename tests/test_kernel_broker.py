@@ -198,3 +198,40 @@ def test_restart_reconciles_what_changed_while_down(net):
     start(reconciled=True)      # offers come first; the reconcile is what this is about
     assert wait_for(lambda: "Tunnel 150," not in run("ip", "l2tp", "show", "tunnel", ns=ex))
     assert "master br-exit" in run("ip", "link", "show", "mb%d" % tid, ns=ex)
+
+
+def test_cgi_lease_and_renew_on_the_kernel_data_plane_stay_small(net):
+    """An exit's own CGI: a lease builds its tunnel and bridge port and
+    checks the filter tables by netlink, a renew asks the kernel for the
+    port; neither loads os, socket.py, enum or subprocess. (The first
+    lease creates the bridge and the tables, with `nft -f`.)"""
+    ex, _cl, _start, cfg = net
+    boot = ("import sys; sys.path.insert(0, %r); from microbroker.cgi import main; "
+            "main(); sys.stderr.write(' '.join(sorted(sys.modules)))" % ROOT)
+
+    def cgi(path, body, remote=CLIENT6):
+        env = {"REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "format=sh",
+               "REMOTE_ADDR": remote, "SERVER_ADDR": EXIT6, "MICROBROKER_CONFIG": cfg,
+               "CONTENT_TYPE": "application/x-www-form-urlencoded",
+               "CONTENT_LENGTH": str(len(body)), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        p = subprocess.run(["ip", "netns", "exec", ex, sys.executable, "-I", "-S", "-c",
+                            boot], input=body, env=env, capture_output=True, timeout=60)
+        assert b"STATUS='200'" in p.stdout, (p.stdout, p.stderr)
+        fields = dict(l.split("=", 1) for l in p.stdout.decode().splitlines() if "=" in l)
+        return {k: v.strip("'") for k, v in fields.items()}, \
+            set(p.stderr.decode().rpartition("\n")[2].split())
+
+    cgi("/lease", b"service=exit", remote="fc00:1::3")
+    lease, lease_mods = cgi("/lease", b"service=exit")
+    with inside(ex), l2tp.L2TP() as l2, rtnl.Rtnl() as rt:
+        mine = [t for t, remote in l2.tunnel_remotes().items() if remote == CLIENT6]
+        assert len(mine) == 1
+        assert rt.link("mb%d" % mine[0]).flags & rtnl.IFF_UP
+    _, renew_mods = cgi("/renew", ("lease_id=%s&secret=%s" % (
+        lease["LEASE_ID"], lease["SECRET"])).encode())
+    assert "microbroker.filters" in lease_mods and "microbroker.l2tp" in lease_mods
+    assert "microbroker.rtnl" in renew_mods
+    for what, mods in (("lease", lease_mods), ("renew", renew_mods)):
+        for bad in ("os", "_collections_abc", "socket", "enum", "subprocess", "selectors",
+                    "struct", "threading"):
+            assert bad not in mods, (what, bad)
