@@ -91,8 +91,8 @@ def run():
 def main(environ=None, stdin=None, stdout=None):
     """Answer the one request this process was started for; 0."""
     if environ is None:
-        from microbroker.config import process_env
-        environ = process_env()
+        from microbroker import posixfs
+        environ = posixfs.environ()
     env = environ
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdout = stdout if stdout is not None else sys.stdout.buffer

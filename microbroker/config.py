@@ -16,8 +16,8 @@ With no file at all the defaults give one working service, `default`
 """
 
 import posix
-import sys
 
+from microbroker import posixfs
 from microbroker.addresses import (  # noqa: F401 (config.parse_addr etc.)
     addr_kind, format_addr, in_prefixes, norm_addr, parse_addr, parse_prefix,
     pool_size)
@@ -393,20 +393,11 @@ class Config:
         return "Config(%r)" % self.__dict__
 
 
-def process_env():
-    """The environment as str, decoded as os.environ decodes it. The CGI
-    path does without os: its import (through _collections_abc) costs a
-    request about 0.85 ms, over a tenth of a bare interpreter's start."""
-    enc = sys.getfilesystemencoding()
-    return {k.decode(enc, "surrogateescape"): v.decode(enc, "surrogateescape")
-            for k, v in posix.environ.items()}
-
-
 def default_state_dir(euid=None, environ=None):
     """root: /var/lib/microbroker; others: $XDG_STATE_HOME/microbroker or
     ~/.local/state/microbroker, so a plain user can try the broker."""
     euid = posix.geteuid() if euid is None else euid
-    env = process_env() if environ is None else environ
+    env = posixfs.environ() if environ is None else environ
     if euid == 0:
         return "/var/lib/microbroker"
     base = env.get("XDG_STATE_HOME", "")
@@ -615,7 +606,7 @@ def load(path=None, overrides=(), must_exist=None, euid=None, environ=None):
     /etc/config/microbroker, and a missing default file means built-in
     defaults; a path given explicitly must exist. Problems are collected in
     config.problems, never raised."""
-    env = process_env() if environ is None else environ
+    env = posixfs.environ() if environ is None else environ
     if path is None:
         path = env.get("MICROBROKER_CONFIG") or DEFAULT_PATH
         if must_exist is None:

@@ -11,10 +11,9 @@ whichever is present.
 
 import errno
 import posix
-import sys
 import time
 
-from . import l2tp, procsys, rtnl
+from . import l2tp, posixfs, procsys, rtnl
 from .kinds import KINDS
 
 
@@ -113,11 +112,8 @@ def port_isolation(release=None):
 def module_present(name):
     """Is kernel module `name` loaded, built in or installed? True when the
     module tree cannot be read (a kernel without modules)."""
-    try:
-        posix.stat("/sys/module/" + name)
+    if posixfs.exists("/sys/module/" + name):
         return True
-    except OSError:
-        pass
     base = "/lib/modules/" + posix.uname().release
     found = False
     for index in ("modules.builtin", "modules.dep"):
@@ -147,11 +143,7 @@ def nft_present(config):
     on a CGI offer.)"""
     if (getattr(config, "filter", "") or "nft") != "nft":
         return False
-    path = posix.environ.get(b"PATH", b"").decode(sys.getfilesystemencoding(),
-                                                 "surrogateescape")
-    dirs = path.split(":") + \
-        ["/usr/sbin", "/sbin"]
-    return any(d and posix.access(d + "/nft", posix.X_OK) for d in dirs)
+    return posixfs.which("nft") is not None
 
 
 class Dataplane:

@@ -13,11 +13,10 @@ interface and profile names are checked before they reach an argument.
 
 import errno
 import posix
-import sys
 import zlib
-from _stat import S_ISDIR
 
 from . import nftables
+from .posixfs import which
 from .names import check_ifname, check_prefix
 
 TABLE = "microbroker"
@@ -520,25 +519,6 @@ def _after(parts, flag, default=None):
         return parts[parts.index(flag) + 1]
     except (ValueError, IndexError):
         return default
-
-
-def which(name):
-    """The tool's path on PATH or in /usr/sbin, /sbin (shutil.which would
-    import re on a CGI's path)."""
-    path = posix.environ.get(b"PATH", b"").decode(sys.getfilesystemencoding(),
-                                                 "surrogateescape")
-    for d in path.split(":") + ["/usr/sbin", "/sbin"]:
-        p = d + "/" + name
-        if d and posix.access(p, posix.X_OK) and not _is_dir(p):
-            return p
-    return None
-
-
-def _is_dir(path):
-    try:
-        return S_ISDIR(posix.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def probe(prefer=None):

@@ -7,8 +7,8 @@ the lease store.
 
 import errno
 import posix
-from _stat import S_ISDIR
 
+from microbroker import posixfs
 from microbroker.broker import Broker, BrokerError, _store_error
 
 
@@ -41,13 +41,6 @@ def dataplane_errors():
     return dp.IdInUse, dp.KernelUnavailable
 
 
-def _is_dir(path):
-    try:
-        return S_ISDIR(posix.stat(path).st_mode)
-    except OSError:
-        return False
-
-
 def open_store(config):
     """The LeaseStore for this config, creating the state directory."""
     from microbroker.leases import LeaseStore
@@ -55,7 +48,7 @@ def open_store(config):
         try:
             posix.mkdir(d or ".", 0o700)
         except FileExistsError:
-            if not _is_dir(d or "."):
+            if not posixfs.is_dir(d or "."):
                 raise BrokerError("store", "cannot create %s: %s"
                                   % (d, posix.strerror(errno.EEXIST)))
         except OSError:

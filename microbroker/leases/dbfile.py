@@ -29,9 +29,9 @@ releases, so CGI processes and server threads interleave safely.
 import posix
 import sys
 import time
-from _stat import S_ISREG
 
 from microbroker import jsonlite
+from microbroker.posixfs import exists as _exists, is_file as _isfile
 from microbroker.leases.errors import Busy, Corrupt, StoreError
 from microbroker.leases.lock import BUSY_RETRY, _FileLock
 from microbroker.leases.record import (
@@ -94,21 +94,6 @@ def _clock_gen(now=None):
     generations (a router without an RTC, before NTP) loses that order
     for scanned copies only; slots a and b are still told apart."""
     return int((time.time() if now is None else now) * 1e6)
-
-
-def _exists(path):
-    try:
-        posix.stat(path)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _isfile(path):
-    try:
-        return S_ISREG(posix.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def _fsync(path):

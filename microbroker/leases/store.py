@@ -545,7 +545,7 @@ def _free_ids(used, lo, hi, start):
 def _test_pause(step):
     """Tests only: MICROBROKER_TEST_PAUSE=STEP:SECONDS holds the race window
     open at STEP."""
-    want = posix.environ.get(b"MICROBROKER_TEST_PAUSE", b"").decode(
-        errors="surrogateescape")
+    from microbroker.posixfs import decoded
+    want = decoded(posix.environ.get(b"MICROBROKER_TEST_PAUSE", b""))
     if want and want.partition(":")[0] == step:
         time.sleep(float(want.partition(":")[2]))
