@@ -226,7 +226,10 @@ class Dataplane:
                 self.ovs_call("ensure_service", service, br, rt, bridge_mac(br))
             else:
                 try:
-                    rt.add_bridge(br, bridge_mac(br))
+                    # Snooping off, as netifd makes a bridge (igmp_snooping 0):
+                    # with it on, a port's add and up cost more the more
+                    # ports there are (bench/bridge_ports.py).
+                    rt.add_bridge(br, bridge_mac(br), mcast_snooping=False)
                 except rtnl.LinkExists:
                     # Ours (no `bridge` configured) but made without its MAC, by
                     # an older version or by hand: give it the stable one.

@@ -55,6 +55,7 @@ IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_KIND = 4
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_ISOLATED = 33
+IFLA_BR_MCAST_SNOOPING = 23
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
 # include/uapi/linux/if_tunnel.h
@@ -370,10 +371,15 @@ class Rtnl(nl.Closing):
             nl.attr_nest(IFLA_LINKINFO, info)
         self._do(RTM_NEWLINK, nl.NLM_F_CREATE | nl.NLM_F_EXCL, payload, "%s %s" % (kind, name))
 
-    def add_bridge(self, name, mac=None):
+    def add_bridge(self, name, mac=None, mcast_snooping=None):
         """A bridge; with a MAC of its own it keeps it, instead of taking the
-        lowest of its ports' each time a port comes or goes."""
-        self._new(name, "bridge", extra=nl.attr(IFLA_ADDRESS, _mac_bytes(mac)) if mac else b"")
+        lowest of its ports' each time a port comes or goes. mcast_snooping
+        None leaves the kernel's default (on)."""
+        data = b""
+        if mcast_snooping is not None:
+            data = nl.attr_u8(IFLA_BR_MCAST_SNOOPING, 1 if mcast_snooping else 0)
+        self._new(name, "bridge", data,
+                  extra=nl.attr(IFLA_ADDRESS, _mac_bytes(mac)) if mac else b"")
 
     def add_veth(self, name, peer):
         check_ifname(peer)

@@ -416,6 +416,25 @@ def test_restrict_map_elements_by_netlink_as_nft_lists_them(exit_net, monkeypatc
                                                          "microbroker", "forward", ns=ex)
 
 
+def test_our_bridge_is_made_without_multicast_snooping_as_netifd_makes_one(exit_net):
+    """netifd makes a bridge with igmp_snooping 0 unless told otherwise;
+    ours is the same (with snooping on, a port's up walks every port's
+    multicast state: bench/bridge_ports.py). An operator's bridge keeps
+    what they set."""
+    ex = exit_net.ns
+
+    def snooping(br):
+        return run("ip", "-d", "link", "show", br, ns=ex).split("mcast_snooping ")[1].split()[0]
+    run("ip", "link", "add", "br-op", "type", "bridge", "mcast_snooping", "1", ns=ex)
+    op = service("op")
+    op.bridge = "br-op"
+    with inside(ex):
+        exit_net.dp.ensure_service(service())
+        exit_net.dp.ensure_service(op)
+    assert snooping("br-exit") == "0"
+    assert snooping("br-op") == "1"
+
+
 def test_our_bridge_keeps_a_stable_mac_as_ports_come_and_go(exit_net):
     """A bridge takes its lowest port's MAC unless it was given one: ours
     gets bridge_mac(), also when it existed without it (made by hand or an
