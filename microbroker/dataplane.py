@@ -231,10 +231,12 @@ class Dataplane:
                     # ports there are (bench/bridge_ports.py).
                     rt.add_bridge(br, bridge_mac(br), mcast_snooping=False)
                 except rtnl.LinkExists:
-                    # Ours (no `bridge` configured) but made without its MAC, by
-                    # an older version or by hand: give it the stable one.
-                    if not service.bridge and rt.link(br).address != bridge_mac(br):
-                        rt.set_mac(br, bridge_mac(br))
+                    # Ours (no `bridge` configured) but made by an older
+                    # version or by hand: the stable MAC, snooping off.
+                    if not service.bridge:
+                        if rt.link(br).address != bridge_mac(br):
+                            rt.set_mac(br, bridge_mac(br))
+                        rt.set_mcast_snooping(br, False)
                 rt.set_up(br)
         finally:
             if own:

@@ -362,6 +362,14 @@ class Rtnl(nl.Closing):
             IFLA_INFO_SLAVE_DATA, nl.attr_u8(IFLA_BRPORT_ISOLATED, 1 if on else 0))
         self._set(name, attrs=nl.attr_nest(IFLA_LINKINFO, info), what="%s isolated" % name)
 
+    def set_mcast_snooping(self, name, on):
+        """A bridge's multicast snooping (`ip link set NAME type bridge
+        mcast_snooping 0|1`)."""
+        info = nl.attr_str(IFLA_INFO_KIND, "bridge") + nl.attr_nest(
+            IFLA_INFO_DATA, nl.attr_u8(IFLA_BR_MCAST_SNOOPING, 1 if on else 0))
+        self._set(name, attrs=nl.attr_nest(IFLA_LINKINFO, info),
+                  what="%s mcast_snooping" % name)
+
     def _new(self, name, kind, data=b"", extra=b""):
         check_ifname(name)
         info = nl.attr_str(IFLA_INFO_KIND, kind)
