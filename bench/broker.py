@@ -10,7 +10,9 @@
   same run, interleaved (each lease is from a client with none, and is
   removed again, untimed, before the next). CPU time (user + system, from
   the kernel's accounting of the child) moves less than wall time when
-  other work (a VM) shares the machine.
+  other work (a VM) shares the machine. The same requests again from a
+  copy of the package as the OpenWrt package installs it (.pyc only, no
+  sources: what an exit runs), beside the rows from the source tree.
 
 The lease file lives in memory (/dev/shm, or --state-dir), as the OpenWrt
 example config keeps it (/var/run is a tmpfs there); a lease and a renew
@@ -207,6 +209,26 @@ def measured_child(argv, env, stdin, hwm=False, after=None, cpu=False):
         return int(f.read())
 
 
+def installed_copy(where):
+    """The package as the OpenWrt package installs it (Py3Package's
+    CompileAll): legacy .pyc beside each other, no sources, so an import
+    reads one file and stats no source. The directory that holds it."""
+    import compileall
+    import shutil
+    dst = os.path.join(where, "installed")
+    shutil.copytree(os.path.join(ROOT, "microbroker"),
+                    os.path.join(dst, "microbroker"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    if not compileall.compile_dir(os.path.join(dst, "microbroker"), quiet=1,
+                                  legacy=True):
+        raise SystemExit("compileall failed on the installed copy")
+    for top, _dirs, files in os.walk(dst):
+        for f in files:
+            if f.endswith(".py"):
+                os.unlink(os.path.join(top, f))
+    return dst
+
+
 def cgi_env(cfgpath, method, path, client, body=b""):
     env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
            "REMOTE_ADDR": client, "SERVER_ADDR": "127.0.0.1",
@@ -275,15 +297,17 @@ def main():
     py = os.path.realpath(sys.executable)
     bare = ([py, "-I", "-S", "-c", "pass"], {}, b"")
 
-    def cgi_job(path, method, route, client, body=b""):
-        return ([py, "-I", "-S", "-c", CGI_BOOT],
+    installed = installed_copy(tmp)
+
+    def cgi_job(path, method, route, client, body=b"", boot=CGI_BOOT):
+        return ([py, "-I", "-S", "-c", boot],
                 cgi_env(path, method, route, client, body), body)
 
     # A new lease each time, from a client that holds none: one address
     # past the populated ones, its lease removed before the next run.
     newcomer = client_addr(n_leases)
 
-    def lease_and_renew(path, lease_path, held):
+    def lease_and_renew(path, lease_path, held, boot=CGI_BOOT):
         """(a new lease, what removes it after each run, a renew of held[0])."""
         store = LeaseStore(lease_path)
 
@@ -293,20 +317,29 @@ def main():
                 raise SystemExit("the CGI lease made %d leases" % len(mine))
             store.remove(mine[0].lease_id)
         c, lid, sec = held[0]
-        return (cgi_job(path, "POST", "/lease", newcomer, b"service=v4"),
+        return (cgi_job(path, "POST", "/lease", newcomer, b"service=v4",
+                        boot),
                 unlease,
                 cgi_job(path, "POST", "/renew", c,
-                        ("lease_id=%s&secret=%s" % (lid, sec)).encode()))
+                        ("lease_id=%s&secret=%s" % (lid, sec)).encode(), boot))
     cgi_lease, unlease, cgi_renew = lease_and_renew(cfgpath, cfg.lease_path,
                                                     leases)
     disk_lease, disk_unlease, disk_renew = lease_and_renew(
         disk_cfgpath, disk_cfg.lease_path, disk_leases)
+    inst_boot = CGI_BOOT.replace(repr(ROOT), repr(installed))
+    inst_lease, _, inst_renew = lease_and_renew(cfgpath, cfg.lease_path,
+                                                leases, inst_boot)
     jobs = (("bare", bare, None),
             ("offer", cgi_job(cfgpath, "GET", "/offer", leases[0][0]), None),
             ("lease", cgi_lease, unlease),
             ("renew", cgi_renew, None),
             ("lease, lease file on disk", disk_lease, disk_unlease),
-            ("renew, lease file on disk", disk_renew, None))
+            ("renew, lease file on disk", disk_renew, None),
+            ("offer, installed as .pyc", cgi_job(cfgpath, "GET", "/offer",
+                                                 leases[0][0], b"", inst_boot),
+             None),
+            ("lease, installed as .pyc", inst_lease, unlease),
+            ("renew, installed as .pyc", inst_renew, None))
     res = {name: [] for name, _, _ in jobs}
     for _, job, after in jobs:   # warm the page cache, pyc
         measured_child(*job, after=after)
