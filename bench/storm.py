@@ -297,6 +297,8 @@ def measure(world, n, exit_, start):
 def log_counts(text, row):
     row["reissued"] = text.count(" re-issued to ")
     row["granted"] = text.count(" granted to ")
+    # _take_down's line: "lease ID released (CLIENT, SERVICE)"
+    row["released"] = text.count(" released (")
 
 
 def scripts(world, n, fetcher):
@@ -422,8 +424,9 @@ def main():
             for status, k in sorted(r["refused"].items()):
                 print("         %d offers answered %d (counted as %.0f s)" % (k, status, OFFER_TIMEOUT))
         for what, r in rows:
-            print("%s N=%d: the clients said (lines, in how many clients / failures):"
-                  % (what, r["n"]))
+            print("%s N=%d: the exit released %d leases as the clients stopped; the clients"
+                  " said (lines, in how many clients / failures):" % (what, r["n"],
+                                                                       r.get("released", 0)))
             for line, k in r["said"]:
                 print("   %5d  %s" % (k, line))
             print("  serve warned:")

@@ -403,11 +403,11 @@ class App:
             if why:
                 raise BrokerError("bad_request", "a %s address cannot be a "
                                   "tunnel endpoint" % why)
-            answer = self._write(b.lease, client, local=local, **args)
+            answer = self._gated(b.lease, client, local=local, **args)
         elif route == "/renew":
-            answer = self._write(b.renew, client, **args)
+            answer = b.renew(client, **args)
         else:
-            answer = self._write(b.release, client, **args)
+            answer = b.release(client, **args)
         self._count(route, answer)
         return self.answer(200, answer, fmt[0])
 
@@ -429,8 +429,11 @@ class App:
             self.offers[key] = got
         return got
 
-    def _write(self, call, *args, **kwargs):
-        """A request that writes leases: through the gate where there is one."""
+    def _gated(self, call, *args, **kwargs):
+        """A lease request: through the gate where there is one. Renews and
+        releases do not wait behind builds: each is one store transaction
+        (a release one tunnel's removal more), and a release frees what
+        the leases queued in the gate are waiting for."""
         if self.gate is None:
             return call(*args, **kwargs)
         with self.gate:

@@ -209,6 +209,52 @@ def test_store_lock_held_answers_busy(tmp_path):
         assert st == 200
 
 
+def form(route, **fields):
+    body = "&".join("%s=%s" % kv for kv in fields.items()).encode()
+    return (b"POST %s HTTP/1.1\r\nContent-Type: application/x-www-form-"
+            b"urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+            % (route.encode(), len(body), body))
+
+
+def test_renews_and_releases_do_not_wait_behind_lease_builds(tmp_path):
+    """Every slot of the work gate held by builds: a new lease waits (here:
+    is answered busy), while a renew and a release, one store transaction
+    each, are answered at once: a storm of clients stopping is not told to
+    come back later for the release that frees what the queue waits for."""
+    with ServeDoor(config(tmp_path, request_rate=0)) as door:
+        st, _, out = ask(door, GOOD, form("/lease", service="v4"))
+        assert st == 200
+        import json
+        held = json.loads(out)
+        gate = door.app.gate
+        gate.wait = 0.2
+        done = threading.Event()
+
+        def build():                  # a lease build holding one slot
+            with gate:
+                done.wait(30)
+        builds = [threading.Thread(target=build) for _ in range(gate.slots)]
+        for t in builds:
+            t.start()
+        deadline = time.monotonic() + 10
+        while gate.busy < gate.slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.busy == gate.slots
+        try:
+            st, _, out = ask(door, "127.0.0.3", form("/lease", service="v4"))
+            assert st == 503 and b'"busy"' in out
+            ids = {"lease_id": held["lease_id"], "secret": held["secret"]}
+            st, _, out = ask(door, GOOD, form("/renew", **ids))
+            assert st == 200, out
+            st, _, out = ask(door, GOOD, form("/release", **ids))
+            assert st == 200 and json.loads(out)["released"] is True
+        finally:
+            done.set()
+            for t in builds:
+                t.join()
+        assert door.app.broker.store.count() == 0
+
+
 @pytest.mark.parametrize("exc,status,code", [
     (RuntimeError("x"), 500, "internal"),
     (RecursionError(), 500, "internal"),
