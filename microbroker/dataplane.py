@@ -234,9 +234,11 @@ class Dataplane:
                     # Ours (no `bridge` configured) but made by an older
                     # version or by hand: the stable MAC, snooping off.
                     if not service.bridge:
-                        if rt.link(br).address != bridge_mac(br):
+                        link = rt.link(br)
+                        if link.address != bridge_mac(br):
                             rt.set_mac(br, bridge_mac(br))
-                        rt.set_mcast_snooping(br, False)
+                        if link.mcast_snooping:
+                            rt.set_mcast_snooping(br, False)
                 rt.set_up(br)
         finally:
             if own:

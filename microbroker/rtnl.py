@@ -99,14 +99,17 @@ RTMSG = struct.Struct("=BBBBBBBBI")
 
 
 class Link(nl.Record):
-    """local, remote: the outer addresses of ip6gretap/ip6tnl links, else None."""
+    """local, remote: the outer addresses of ip6gretap/ip6tnl links, else None;
+    mcast_snooping: a bridge's (True/False) where the kernel said, else None."""
     __slots__ = ("index", "name", "flags", "mtu", "master", "kind", "address", "remote",
-                 "local")
+                 "local", "mcast_snooping")
 
-    def __init__(self, index, name, flags, mtu, master, kind, address, remote, local=None):
+    def __init__(self, index, name, flags, mtu, master, kind, address, remote, local=None,
+                 mcast_snooping=None):
         self.index, self.name, self.flags, self.mtu = index, name, flags, mtu
         self.master, self.kind, self.address = master, kind, address
         self.remote, self.local = remote, local
+        self.mcast_snooping = mcast_snooping
 
 
 class Route(nl.Record):
@@ -187,22 +190,27 @@ def _route_of(body):
 
 _PORT_ATTRS = frozenset((IFLA_IFNAME, IFLA_MTU, IFLA_MASTER))
 _LINK_ATTRS = frozenset((IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO))
+_BRIDGE_ATTRS = frozenset((IFLA_BR_MCAST_SNOOPING,))
 
 
 def _link(body):
     _fam, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
     attrs = nl.parse_attrs(body, IFINFOMSG.size, wanted=_LINK_ATTRS)
-    kind = remote = local = None
+    kind = remote = local = snooping = None
     if IFLA_LINKINFO in attrs:
         info = nl.parse_attrs(attrs[IFLA_LINKINFO])
         kind = nl.get_str(info, IFLA_INFO_KIND)
         if kind in _ENDS_ATTR and IFLA_INFO_DATA in info:
             data = nl.parse_attrs(info[IFLA_INFO_DATA])
             local, remote = (_ip6(data.get(a)) for a in _ENDS_ATTR[kind])
+        elif kind == "bridge" and IFLA_INFO_DATA in info:
+            raw = nl.parse_attrs(info[IFLA_INFO_DATA],
+                                 wanted=_BRIDGE_ATTRS).get(IFLA_BR_MCAST_SNOOPING)
+            snooping = bool(raw[0]) if raw else None
     addr = attrs.get(IFLA_ADDRESS)
     return Link(index, nl.get_str(attrs, IFLA_IFNAME), flags, nl.get_u32(attrs, IFLA_MTU),
                 nl.get_u32(attrs, IFLA_MASTER, 0), kind, _mac_str(addr) if addr else None,
-                remote, local)
+                remote, local, snooping)
 
 
 def _packed6(text):
