@@ -1,7 +1,7 @@
 """Where a bridge port's kernel time goes, at 0 and at N ports on one Linux bridge.
 
 Run in the VM (root, L2TP):
-    tests/vm/run exec /work/main/.venv/bin/python bench/bridge_ports.py [N]
+    tests/vm/run bench/bridge_ports.py [N]
 
 Each step of one L2TP port's build is its own request here (a lease sends
 MTU, master and up as one), timed for ROUNDS x SAMPLE scratch ports at 0

@@ -297,7 +297,8 @@ def measure(world, n, exit_, start):
 def log_counts(text, row):
     row["reissued"] = text.count(" re-issued to ")
     row["granted"] = text.count(" granted to ")
-    # _take_down's line: "lease ID released (CLIENT, SERVICE)"
+    # _take_down's line "lease ID released (CLIENT, SERVICE)": releases whose
+    # tunnel came down ("released but its tunnel stays" is not counted)
     row["released"] = text.count(" released (")
 
 

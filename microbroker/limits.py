@@ -1,7 +1,7 @@
 """Admission for `microbroker serve`: per source address a cap on open
 connections and a token bucket of requests (SourceLimits), the one
 thread that answers refused connections with a short 429 or 503
-(Refuser), and the gate in front of the lease file's writers (WorkGate).
+(Refuser), and the gate in front of lease builds (WorkGate).
 Knows nothing of http.server: server.py asks and hands over. Made
 before serve listens, so on the interpreter's C modules alone, like
 frontdoor.py.
@@ -87,7 +87,7 @@ class SourceLimits:
 
 
 class WorkGate:
-    """At most `slots` requests that write leases at once, let in in the
+    """At most `slots` lease or renew requests at once, let in in the
     order they came; one not let in within `wait` seconds, or with a queue
     ahead of it that takes longer to drain, is answered 503 busy with a
     Retry-After from that queue.

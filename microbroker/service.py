@@ -16,7 +16,7 @@ from microbroker.frontdoor import FrontDoor, encode_answer
 from microbroker.limits import Refuser, SourceLimits, WorkGate
 from microbroker.threads import Event, Slots
 
-# Lease, renew and release requests at once (the rest wait in order): a few
+# Lease and renew requests at once (the rest wait in order): a few
 # overlap one's kernel round trips with another's Python; more only share
 # one interpreter lock. A wait well inside a client's 10 s timeout.
 WORK_SLOTS = 4

@@ -405,7 +405,7 @@ class App:
                                   "tunnel endpoint" % why)
             answer = self._gated(b.lease, client, local=local, **args)
         elif route == "/renew":
-            answer = b.renew(client, **args)
+            answer = self._gated(b.renew, client, **args)
         else:
             answer = b.release(client, **args)
         self._count(route, answer)
@@ -430,10 +430,10 @@ class App:
         return got
 
     def _gated(self, call, *args, **kwargs):
-        """A lease request: through the gate where there is one. Renews and
-        releases do not wait behind builds: each is one store transaction
-        (a release one tunnel's removal more), and a release frees what
-        the leases queued in the gate are waiting for."""
+        """A lease or renew (whose heal may build a tunnel again): through
+        the gate where there is one. A release builds nothing and does not
+        wait behind builds: a storm of clients stopping at once was told
+        "busy" and left its leases to expire."""
         if self.gate is None:
             return call(*args, **kwargs)
         with self.gate:

@@ -425,7 +425,9 @@ def test_our_bridge_is_made_without_multicast_snooping_as_netifd_makes_one(exit_
     ex = exit_net.ns
 
     def snooping(br):
-        return run("ip", "-d", "link", "show", br, ns=ex).split("mcast_snooping ")[1].split()[0]
+        out = run("ip", "-d", "link", "show", br, ns=ex)
+        assert "mcast_snooping " in out, out
+        return out.split("mcast_snooping ")[1].split()[0]
     run("ip", "link", "add", "br-op", "type", "bridge", "mcast_snooping", "1", ns=ex)
     op = service("op")
     op.bridge = "br-op"

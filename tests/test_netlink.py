@@ -404,3 +404,34 @@ def test_a_refusal_names_its_object_and_reason_once():
     e = nl.NetlinkError(errno.EINVAL, "bad attr", "l2tp tunnel 5")
     assert str(l2tp._error(e, "l2tp tunnel 5")) == \
         "[Errno 22] l2tp tunnel 5: Invalid argument (bad attr)"
+
+
+def _captured(call):
+    """The (type, flags, payload) an Rtnl method would send, no socket."""
+    sent = []
+    rt = object.__new__(rtnl.Rtnl)
+    rt._do = lambda mtype, flags, payload, what: sent.append((mtype, flags, payload)) or []
+    call(rt)
+    return sent
+
+
+def test_bridge_snooping_is_sent_in_the_bridges_info_data_and_read_back():
+    # IFLA_LINKINFO { IFLA_INFO_KIND "bridge", IFLA_INFO_DATA (nested) {
+    # IFLA_BR_MCAST_SNOOPING (23): u8 0 } }, as `ip link add NAME type bridge
+    # mcast_snooping 0` asks (iproute2 leaves NLA_F_NESTED off; the kernel
+    # reads both)
+    data = struct.pack("=HHB3x", 5, 23, 0)
+    info = struct.pack("=HH", 11, 1) + b"bridge\0\0" + \
+        struct.pack("=HH", 4 + len(data), 2 | 0x8000) + data
+    for call in (lambda rt: rt.add_bridge("br-x", mcast_snooping=False),
+                 lambda rt: rt.set_mcast_snooping("br-x", False)):
+        [(mtype, _flags, payload)] = _captured(call)
+        assert mtype == rtnl.RTM_NEWLINK
+        attrs = nl.parse_attrs(payload, rtnl.IFINFOMSG.size)
+        assert attrs[rtnl.IFLA_LINKINFO] == info
+        # a link message carrying it (as a dump of the bridge does) reads as off
+        assert rtnl._link(payload).mcast_snooping is False
+    [(_t, _f, plain)] = _captured(lambda rt: rt.add_bridge("br-x"))
+    assert rtnl.IFLA_INFO_DATA not in nl.parse_attrs(
+        nl.parse_attrs(plain, rtnl.IFINFOMSG.size)[rtnl.IFLA_LINKINFO])
+    assert rtnl._link(plain).mcast_snooping is None
