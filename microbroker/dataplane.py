@@ -146,6 +146,24 @@ def nft_present(config):
     return posixfs.which("nft") is not None
 
 
+def _ensure_bridge(rt, br, ours):
+    """A Linux bridge up. Ours (no `bridge` configured) has the stable MAC
+    and multicast snooping off, as netifd makes a bridge (igmp_snooping
+    0): with it on, a port's join and up cost more the more ports there
+    are (bench/bridge_ports.py). One of ours made by an older version or by
+    hand gets them; a configured one is left as it is."""
+    try:
+        rt.add_bridge(br, bridge_mac(br), mcast_snooping=False)
+    except rtnl.LinkExists:
+        if ours:
+            link = rt.link(br)
+            if link.address != bridge_mac(br):
+                rt.set_mac(br, bridge_mac(br))
+            if link.mcast_snooping:
+                rt.set_mcast_snooping(br, False)
+    rt.set_up(br)
+
+
 class Dataplane:
     """The exit's kernel side, through our netlink modules."""
 
@@ -225,21 +243,7 @@ class Dataplane:
             if ovs_backed(service):
                 self.ovs_call("ensure_service", service, br, rt, bridge_mac(br))
             else:
-                try:
-                    # Snooping off, as netifd makes a bridge (igmp_snooping 0):
-                    # with it on, a port's add and up cost more the more
-                    # ports there are (bench/bridge_ports.py).
-                    rt.add_bridge(br, bridge_mac(br), mcast_snooping=False)
-                except rtnl.LinkExists:
-                    # Ours (no `bridge` configured) but made by an older
-                    # version or by hand: the stable MAC, snooping off.
-                    if not service.bridge:
-                        link = rt.link(br)
-                        if link.address != bridge_mac(br):
-                            rt.set_mac(br, bridge_mac(br))
-                        if link.mcast_snooping:
-                            rt.set_mcast_snooping(br, False)
-                rt.set_up(br)
+                _ensure_bridge(rt, br, ours=not service.bridge)
         finally:
             if own:
                 rt.close()
