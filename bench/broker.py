@@ -38,6 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchutil import package_copy  # noqa: E402 (beside this file)
+
 BOOT = ("import sys; sys.path.insert(0, %r); "
         "from microbroker.__main__ import main; sys.exit(main())" % ROOT)
 CGI_BOOT = ("import sys; sys.path.insert(0, %r); "
@@ -209,26 +211,6 @@ def measured_child(argv, env, stdin, hwm=False, after=None, cpu=False):
         return int(f.read())
 
 
-def installed_copy(where):
-    """The package as the OpenWrt package installs it (Py3Package's
-    CompileAll): legacy .pyc beside each other, no sources, so an import
-    reads one file and stats no source. The directory that holds it."""
-    import compileall
-    import shutil
-    dst = os.path.join(where, "installed")
-    shutil.copytree(os.path.join(ROOT, "microbroker"),
-                    os.path.join(dst, "microbroker"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    if not compileall.compile_dir(os.path.join(dst, "microbroker"), quiet=1,
-                                  legacy=True):
-        raise SystemExit("compileall failed on the installed copy")
-    for top, _dirs, files in os.walk(dst):
-        for f in files:
-            if f.endswith(".py"):
-                os.unlink(os.path.join(top, f))
-    return dst
-
-
 def cgi_env(cfgpath, method, path, client, body=b""):
     env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
            "REMOTE_ADDR": client, "SERVER_ADDR": "127.0.0.1",
@@ -297,7 +279,7 @@ def main():
     py = os.path.realpath(sys.executable)
     bare = ([py, "-I", "-S", "-c", "pass"], {}, b"")
 
-    installed = installed_copy(tmp)
+    installed = package_copy(tmp, sourceless=True)
 
     def cgi_job(path, method, route, client, body=b"", boot=CGI_BOOT):
         return ([py, "-I", "-S", "-c", boot],

@@ -25,6 +25,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from nsutil import Namespaces, inside  # noqa: E402
 
+from benchutil import exit_and_client, package_copy  # noqa: E402 (beside this file)
+
 EXIT6 = "fc00:1::1"
 CONFIG = """
 config broker
@@ -71,14 +73,9 @@ def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     ns = Namespaces()
     tmp = tempfile.mkdtemp()
-    root = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    shutil.copytree(os.path.join(ROOT, "microbroker"), os.path.join(root, "microbroker"))
+    root = package_copy()
     try:
-        ex, cl = ns.add("x"), ns.add("c")
-        ns.link(ex, cl, EXIT6 + "/64", "fc00:1::2/64")
-        cfg = os.path.join(tmp, "microbroker")
-        with open(cfg, "w") as f:
-            f.write(CONFIG % {"state": os.path.join(tmp, "state"), "exit": EXIT6})
+        ex, _cl, cfg = exit_and_client(ns, tmp, CONFIG, EXIT6)
         cgi(ex, root, cfg, "/lease", client(0), b"service=exit")     # bridge, tables
         res = {"bare": [], "lease": [], "renew": []}
         for i in range(1, rounds + 1):

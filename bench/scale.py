@@ -37,6 +37,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from microbroker import broker as mb, config as mbconfig, dataplane, l2tp, reconcile, wiring  # noqa: E402
 from nsutil import Namespaces, inside, run, wait_for  # noqa: E402
 
+from benchutil import exit_and_client, package_copy  # noqa: E402 (beside this file)
+
 EXIT6 = "fc00:1::1"
 SAMPLE = 20
 ROUNDS = 3      # of SAMPLE per point: the VM's medians of 20 moved 30-49 ms
@@ -206,16 +208,6 @@ def kernel_part(ex, rows):
                 rows.append(("    %s" % what, time.perf_counter() - t0, "s"))
 
 
-def installed_copy():
-    """The package copied to the VM's memory, compiled, as it sits on an
-    exit's own filesystem: the source tree reaches the VM over 9p, where
-    every file a start opens costs a round trip through the emulator."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = tempfile.mkdtemp(dir=base)
-    shutil.copytree(os.path.join(ROOT, "microbroker"), os.path.join(root, "microbroker"))
-    return root
-
-
 def restart(ex, rows, root=ROOT, where="source tree"):
     """serve started on the lease file with every lease live: when it
     answers an offer, when its start-up reconcile is done, what it dropped."""
@@ -328,11 +320,7 @@ def main():
     tmp = tempfile.mkdtemp()
     rows = []
     try:
-        ex_ns, cl = ns.add("x"), ns.add("c")
-        ns.link(ex_ns, cl, EXIT6 + "/64", "fc00:1::2/64")
-        path = os.path.join(tmp, "microbroker")
-        with open(path, "w") as f:
-            f.write(CONFIG % {"state": os.path.join(tmp, "state"), "exit": EXIT6})
+        ex_ns, cl, path = exit_and_client(ns, tmp, CONFIG, EXIT6)
         ex = Exit(ex_ns, path)
         # Restricted against unrestricted, side by side at (nearly) 0 live;
         # the first of each builds its bridge and tables and is left out.
@@ -372,7 +360,7 @@ def main():
         rows.append(("no-op reconcile at %d live (median of 5; goal <= 0.5 s)"
                      % ex.store.count(), statistics.median(recs), "s"))
         restart(ex, rows)
-        copy = installed_copy()
+        copy = package_copy()
         try:
             restart(ex, rows, copy, "installed in memory")
         finally:
